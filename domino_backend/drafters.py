@@ -1,0 +1,116 @@
+"""Draft proposers, one per method, all behind the same per-request interface.
+
+A proposer is created per request (it holds that request's draft state) and is driven by the
+engine loop: `commit(tokens, feats)` after every verification with the tokens now in the target's
+KV cache (and their captured features when `layer_ids` is set), then `propose(anchor, pos, k, ...)`
+for the next block, where `anchor` is the last committed token, not yet in the target cache, at
+absolute position `pos`.
+
+- `ar`: proposes nothing; verification of [anchor] alone is plain decoding.
+- `ngram`: prompt lookup (longest recent suffix match in prompt + output), a deterministic draft.
+- `dflash`: DFlash block drafter, base logits only (head off, even if the checkpoint has one).
+- `domino`: DFlash block drafter + Domino head rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .draft_model import DraftCache, DraftModel
+from .head import rollout
+from .sampling import SamplingParams
+from .target import Target
+
+METHODS = ("ar", "ngram", "dflash", "domino")
+
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class NgramConfig:
+    max_ngram: int = 3  # longest suffix tried first
+    min_ngram: int = 1
+    num_draft: int = 8  # tokens proposed per round; verify cost on CPU grows with it
+
+
+class ArProposer:
+    layer_ids = None
+    max_k = 0
+
+    def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
+        pass
+
+    def propose(self, anchor, pos, k, params, generator):
+        return _EMPTY, None
+
+
+class NgramProposer:
+    layer_ids = None
+
+    def __init__(self, cfg: NgramConfig):
+        self.cfg = cfg
+        self.max_k = cfg.num_draft
+        self.history: list[int] = []
+
+    def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
+        self.history.extend(tokens)
+
+    def propose(self, anchor, pos, k, params, generator):
+        seq = self.history + [anchor]
+        n_seq = len(seq)
+        for n in range(min(self.cfg.max_ngram, n_seq - 1), self.cfg.min_ngram - 1, -1):
+            suffix = seq[-n:]
+            # Most recent earlier occurrence wins: it tends to continue the current context.
+            for start in range(n_seq - n - 1, -1, -1):
+                if seq[start:start + n] == suffix:
+                    cont = seq[start + n:start + n + k]
+                    if cont:
+                        return torch.tensor(cont, dtype=torch.long), None
+        return _EMPTY, None
+
+
+class BlockProposer:
+    """DFlash block drafting (+ the Domino head when `use_head`)."""
+
+    def __init__(self, model: DraftModel, target: Target, use_head: bool):
+        self.model, self.target, self.use_head = model, target, use_head
+        self.layer_ids = list(model.cfg.target_layer_ids)
+        self.max_k = model.cfg.num_drafts
+        self.cache = DraftCache(model.cfg.num_hidden_layers)
+        self.pending: list[torch.Tensor] = []  # features of committed tokens not yet in the draft cache
+
+    def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
+        self.pending.append(feats)
+
+    @torch.inference_mode()
+    def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator):
+        cfg, dev = self.model.cfg, self.target.device
+        if k == 0:
+            return _EMPTY, None
+        block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
+        block[0, 0] = anchor
+        positions = torch.arange(pos, pos + cfg.block_size, device=dev)[None]
+        new_ctx = torch.cat(self.pending, dim=0)[None]
+        self.pending = []
+        z = self.model.forward_block(self.target.embed(block), positions, new_ctx, self.cache)
+        z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
+        base = self.target.lm_head(z).float()  # [1, K, V]
+        anchor_t = block[:, 0]
+        tokens, probs = rollout(self.model, z, base, anchor_t, self.target.embed, params, generator, self.use_head)
+        return tokens[0].cpu(), None if probs is None else probs[0]
+
+
+def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: NgramConfig):
+    if method == "ar":
+        return ArProposer()
+    if method == "ngram":
+        return NgramProposer(ngram)
+    if method in ("dflash", "domino"):
+        if draft is None:
+            raise ValueError(f"method {method!r} needs a drafter checkpoint (--draft)")
+        if method == "domino" and not draft.has_head:
+            raise ValueError("method 'domino' needs a Domino head; this drafter is plain DFlash (use 'dflash')")
+        return BlockProposer(draft, target, use_head=method == "domino")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,227 @@
+"""The speculative decoding engine: draft -> verify -> accept, one loop for every method.
+
+Round invariant: the target's KV cache holds every committed token except the last one, the
+`anchor`, at position `pos = cache length`. A round drafts K tokens after the anchor, runs the
+target once on [anchor, d_1..d_K], accepts a prefix of a drafts plus one bonus token (so every
+round makes progress), and rolls the cache back to pos + a + 1. With K = 0 this is plain
+decoding, which is how `ar` runs through the same code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .draft_model import DraftModel
+from .drafters import NgramConfig, make_proposer
+from .sampling import SamplingParams, select, verify_chain
+from .target import Target
+
+
+@dataclass
+class GenerationRequest:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    method: str = "domino"
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class Stats:
+    method: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    pos_tried: list[int] = field(default_factory=list)  # rounds that drafted >= j+1 tokens
+    pos_accepted: list[int] = field(default_factory=list)  # rounds that accepted draft j+1
+    accept_hist: list[int] = field(default_factory=list)  # rounds by accepted count a (index a)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+
+    def record(self, k: int, a: int) -> None:
+        self.rounds += 1
+        self.drafted += k
+        self.accepted += a
+        for arr, n in ((self.pos_tried, k), (self.pos_accepted, a), (self.accept_hist, a + 1)):
+            arr.extend([0] * (n - len(arr)))
+        for j in range(k):
+            self.pos_tried[j] += 1
+        for j in range(a):
+            self.pos_accepted[j] += 1
+        self.accept_hist[a] += 1
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per verify round (accepted drafts + the bonus token)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        acc = self.pos_accepted + [0] * (len(self.pos_tried) - len(self.pos_accepted))
+        return [a / tried for a, tried in zip(acc, self.pos_tried)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
+            "per_position_acceptance": self.per_position_acceptance, "accept_hist": self.accept_hist,
+            "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
+            "total_s": self.total_s, "tokens_per_s": self.tokens_per_s,
+        }
+
+
+class Engine:
+    """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
+
+    def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig()):
+        self.target, self.draft, self.ngram = target, draft, ngram
+        if draft is not None:
+            from .checkpoint import check_compatible
+
+            check_compatible(draft.cfg, target.model.config)
+            draft.to(device=target.device, dtype=target.dtype)
+
+    def stream(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
+        if not prompt_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        if req.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
+        limit = self.target.max_context
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context limit is {limit}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.target.vocab_size})")
+        return Generation(self, list(prompt_ids), req)
+
+    def generate(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
+        gen = self.stream(prompt_ids, req)
+        for _ in gen:
+            pass
+        return gen
+
+    def token_rounds(self, prompt_ids: list[int], req: GenerationRequest, stats: Stats) -> Iterator[list[int]]:
+        """Yield the tokens committed by prefill, then by each round, until the consumer stops."""
+        t, params = self.target, req.sampling()
+        rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+        proposer = make_proposer(req.method, t, self.draft, self.ngram)
+        sess = t.session()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            prompt = torch.tensor(prompt_ids, dtype=torch.long, device=t.device)
+            out = sess.forward(prompt, proposer.layer_ids, keep_last=1)
+            proposer.commit(prompt_ids, out.feats)
+            anchor = int(select(out.logits[-1], params, rng)[0])
+            stats.prefill_s = time.perf_counter() - t0
+            yield [anchor]
+            produced = 1
+            while True:
+                pos = sess.length
+                # Never draft past the token budget or the context window: the bonus token is free.
+                k = max(0, min(proposer.max_k, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
+                t0 = time.perf_counter()
+                drafts, q = proposer.propose(anchor, pos, k, params, rng)
+                t1 = time.perf_counter()
+                ids = torch.cat([torch.tensor([anchor]), drafts]).to(t.device)
+                out = sess.forward(ids, proposer.layer_ids)
+                a, bonus = verify_chain(drafts, q, out.logits, params, rng)
+                sess.rollback(pos + a + 1)
+                committed = [anchor] + drafts[:a].tolist()
+                proposer.commit(committed, None if out.feats is None else out.feats[: a + 1])
+                stats.draft_s += t1 - t0
+                stats.verify_s += time.perf_counter() - t1
+                stats.record(drafts.shape[0], a)
+                anchor = bonus
+                new = committed[1:] + [bonus]
+                produced += len(new)
+                yield new
+
+
+class Generation:
+    """An in-flight request: iterate for text deltas (str); `cancel()` (any thread) stops it between rounds.
+
+    After iteration: `token_ids`, `text`, `finish_reason` (stop | length | cancelled) and `stats`.
+    """
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], req: GenerationRequest):
+        self.engine, self.prompt_ids, self.req = engine, prompt_ids, req
+        self.stats = Stats(method=req.method, prompt_tokens=len(prompt_ids))
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+        self._started = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated once")
+        self._started = True
+        tok = self.engine.target.tokenizer
+        eos = self.engine.target.eos_ids
+        budget = min(self.req.max_new_tokens, self.engine.target.max_context - len(self.prompt_ids))
+        stops = [s for s in self.req.stop if s]
+        emitted = 0  # characters of self.text already yielded
+        t0 = time.perf_counter()
+        rounds = self.engine.token_rounds(self.prompt_ids, self.req, self.stats)
+        try:
+            for new in rounds:
+                for tid in new:
+                    if tid in eos:
+                        self.finish_reason = "stop"
+                        break
+                    self.token_ids.append(tid)
+                    if len(self.token_ids) >= budget:
+                        self.finish_reason = "length"
+                        break
+                if tok is not None:
+                    self.text = tok.decode(self.token_ids, skip_special_tokens=True)
+                    hit = min((i for i in (self.text.find(s) for s in stops) if i >= 0), default=-1)
+                    if hit >= 0:
+                        self.text, self.finish_reason = self.text[:hit], "stop"
+                    safe = len(self.text) if self.finish_reason else _safe_prefix_len(self.text, stops)
+                    if safe > emitted:
+                        yield self.text[emitted:safe]
+                        emitted = safe
+                if self.finish_reason is None and self._cancel.is_set():
+                    self.finish_reason = "cancelled"
+                if self.finish_reason:
+                    break
+        finally:
+            rounds.close()
+            self.stats.new_tokens = len(self.token_ids)
+            self.stats.total_s = time.perf_counter() - t0
+
+
+def _safe_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of text that can be shown now: hold back an incomplete UTF-8 tail and any suffix that
+    could still grow into a stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    for s in stops:
+        for m in range(min(len(s) - 1, n), 0, -1):
+            if text[:n].endswith(s[:m]):
+                n -= m
+                break
+    return n

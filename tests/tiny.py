@@ -1,0 +1,49 @@
+"""Tiny random targets and drafters that the tests build themselves (fp32, CPU, milliseconds)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from domino_backend.config import DraftConfig
+from domino_backend.draft_model import DraftModel
+from domino_backend.target import Target
+
+HIDDEN = 32
+
+
+def tiny_target(family: str = "qwen3", vocab: int = 64, layers: int = 4, seed: int = 0, peak: float = 1.0) -> Target:
+    """A random causal LM. `peak` scales the LM head: larger = more confident, more repetitive text."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+    )
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(peak)
+    model.eval().requires_grad_(False)
+    return Target(model, tokenizer=None)
+
+
+def tiny_draft_config(target: Target, **overrides) -> DraftConfig:
+    n = target.num_layers
+    cfg = dict(
+        hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=target.vocab_size, max_position_embeddings=256,
+        block_size=8, num_target_layers=n, target_layer_ids=[1, n - 2], mask_token_id=target.vocab_size - 1,
+        projector_type="domino", shift_label=True, pure_draft_prefix_len=1, gru_hidden_dim=12, emb_dim=10,
+    )
+    cfg.update(overrides)
+    return DraftConfig(**cfg)
+
+
+def tiny_draft(target: Target, seed: int = 0, **overrides) -> DraftModel:
+    torch.manual_seed(seed)
+    return DraftModel(tiny_draft_config(target, **overrides)).eval().requires_grad_(False)
