@@ -131,6 +131,8 @@ class DraftConfig:
         if "mask_token_id" not in dc:
             raise CheckpointError("config.json lacks dflash_config.mask_token_id")
         n_layers = cfg.get("num_target_layers", dc.get("num_target_layers"))
+        if n_layers is None:
+            raise CheckpointError("config.json lacks num_target_layers (top level or dflash_config)")
         layer_ids = dc.get("target_layer_ids") or build_target_layer_ids(n_layers, cfg["num_hidden_layers"])
         known = {
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

