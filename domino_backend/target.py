@@ -14,6 +14,12 @@ import torch
 from transformers import DynamicCache
 
 
+END_TOKENS = (
+    "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
+    "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",
+)
+
+
 @dataclass
 class ForwardOut:
     logits: torch.Tensor  # [T_kept, V] fp32
@@ -97,9 +103,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
         if eos is None:
             continue
         ids.update([eos] if isinstance(eos, int) else eos)
-    # Chat models end turns with <|im_end|> / <|endoftext|>; treat both as end of sequence.
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok) if tokenizer is not None else None
-        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
-            ids.add(tid)
+    # Turn ends and FIM/repo markers: normal text never contains them, and a completion that emits
+    # one has left the hole (Qwen2.5-Coder FIM stop tokens).
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
     return ids

@@ -1,0 +1,126 @@
+"""Side-by-side benchmark of decoding methods on the same prompts, in one process (greedy).
+
+Methods run prompt-major (every method on prompt 1, then on prompt 2, ...) so slow drift of a shared
+machine hits them alike. Reported per method: tokens/s, speedup vs `ar`, tau (mean tokens per
+verify round), per-position acceptance, and `lossless` = every output identical to `ar`'s. The
+extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .drafters import METHODS
+from .engine import Engine, GenerationRequest, Stats
+from .prompts import encode_record
+
+BENCH_METHODS = METHODS + ("hf",)
+
+
+@dataclass
+class MethodResult:
+    stats: Stats
+    outputs: list[list[int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+    if not records:
+        raise ValueError(f"{path} has no prompts")
+    return records
+
+
+def hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    t = engine.target
+    eos = sorted(t.eos_ids) or None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = t.model.generate(
+            torch.tensor([ids], device=t.device), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos[0] if eos else None,
+        )
+    dt = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    cut = next((i for i, x in enumerate(new) if x in t.eos_ids), len(new))
+    return new[:cut], dt
+
+
+def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_tokens: int,
+              warmup: bool = True) -> dict:
+    bad = [m for m in methods if m not in BENCH_METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join(BENCH_METHODS)}")
+    if "ar" not in methods:
+        methods = ["ar", *methods]  # the reference for speedup and losslessness
+    tok = engine.target.tokenizer
+    prompts = [encode_record(tok, r) for r in records]
+    results = {m: MethodResult(Stats(method=m)) for m in methods}
+    if warmup:  # first calls pay one-off allocation / kernel selection costs
+        for m in methods:
+            _run_one(engine, prompts[0], m, 8)
+    for ids in tqdm(prompts, desc="bench", unit="prompt"):
+        for m in methods:
+            toks, stats = _run_one(engine, ids, m, max_new_tokens)
+            r = results[m]
+            r.outputs.append(toks)
+            r.texts.append(tok.decode(toks, skip_special_tokens=True))
+            _accumulate(r.stats, stats)
+    ref = results["ar"]
+    report = {"max_new_tokens": max_new_tokens, "num_prompts": len(prompts), "methods": {}, "speedup": {}, "lossless": {}}
+    for m, r in results.items():
+        s = r.stats
+        report["methods"][m] = {
+            "tokens_per_s": s.tokens_per_s, "tau": s.tau, "per_position_acceptance": s.per_position_acceptance,
+            "accept_hist": s.accept_hist, "new_tokens": s.new_tokens, "total_s": s.total_s,
+            "draft_s": s.draft_s, "verify_s": s.verify_s, "outputs": r.texts, "output_ids": r.outputs,
+        }
+        report["speedup"][m] = s.tokens_per_s / ref.stats.tokens_per_s if ref.stats.tokens_per_s else 0.0
+        report["lossless"][m] = r.outputs == ref.outputs
+    return report
+
+
+def _run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int) -> tuple[list[int], Stats]:
+    if method == "hf":
+        toks, dt = hf_generate(engine, ids, max_new_tokens)
+        return toks, Stats(method="hf", new_tokens=len(toks), total_s=dt)
+    gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=method))
+    return gen.token_ids, gen.stats
+
+
+def _accumulate(total: Stats, s: Stats) -> None:
+    total.new_tokens += s.new_tokens
+    total.total_s += s.total_s
+    total.draft_s += s.draft_s
+    total.verify_s += s.verify_s
+    total.prefill_s += s.prefill_s
+    total.rounds += s.rounds
+    total.drafted += s.drafted
+    total.accepted += s.accepted
+    for name in ("pos_tried", "pos_accepted", "accept_hist"):
+        a, b = getattr(total, name), getattr(s, name)
+        a.extend([0] * (len(b) - len(a)))
+        for i, x in enumerate(b):
+            a[i] += x
+
+
+def format_table(report: dict) -> str:
+    rows = [f"{'method':<8} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'lossless':>9}  per-position acceptance (1..)"]
+    for m, r in report["methods"].items():
+        acc = " ".join(f"{a:.2f}" for a in r["per_position_acceptance"][:16])
+        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        rows.append(f"{m:<8} {r['tokens_per_s']:>8.2f} {report['speedup'][m]:>7.2f}x {tau:>6} "
+                    f"{str(report['lossless'][m]):>9}  {acc}")
+    return "\n".join(rows)
