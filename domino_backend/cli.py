@@ -21,15 +21,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="profile name, Hugging Face model folder or hub id")
     p.add_argument("--draft", default=None,
                    help="drafter checkpoint folder or hub id; 'none' for ar/ngram only (default: the profile's)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _engine(args):
-    import torch
-
     target = args.target or args.profile or DEFAULT_PROFILE
-    return build_engine(target, args.draft, dtype=getattr(torch, args.dtype), threads=args.threads)
+    return build_engine(target, args.draft, dtype=args.dtype, threads=args.threads)
 
 
 def cmd_generate(args) -> int:
@@ -56,6 +55,7 @@ def cmd_bench(args) -> int:
     report = run_bench(engine, read_prompts(args.prompts), methods, args.max_new_tokens)
     report["target"] = args.target or args.profile or DEFAULT_PROFILE
     report["draft"] = args.draft
+    report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

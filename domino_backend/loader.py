@@ -48,12 +48,34 @@ def random_drafter(target: Target, mask_token_id: int, seed: int = 0) -> DraftMo
     return DraftModel(cpu_draft_config(target, mask_token_id)).eval().requires_grad_(False)
 
 
-def build_engine(target: str = "coder", draft: str | None = None, dtype: torch.dtype = torch.bfloat16,
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are only fast with native support (AVX512-BF16 or AMX); elsewhere torch emulates
+    them, and a 17-token verify costs ~M times a 1-token step instead of about the same."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto": bf16 where the CPU has native bf16 (or on GPU), else fp32; or an explicit torch dtype name."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def build_engine(target: str = "coder", draft: str | None = None, dtype: str | torch.dtype = "auto",
                  threads: int | None = None) -> Engine:
     """target: profile name, HF folder or hub id. draft: checkpoint folder/hub id, "none" (ar/ngram
     only), or None for the profile's shipped drafter (a random-init one when none is shipped yet)."""
     if threads:
         torch.set_num_threads(threads)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype)
     model, tokenizer = load_target(target, dtype=dtype)
     t = Target(model, tokenizer)
     if draft == "none":

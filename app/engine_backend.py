@@ -1,0 +1,121 @@
+"""The in-process Domino engine behind the Backend interface."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+
+from domino_backend.drafters import METHODS
+from domino_backend.engine import GenerationRequest
+
+from .backend import GenRequest, RequestError, StreamJob, clamp_stop
+from .config import ServerConfig
+from .prompting import build_prompt
+from .scheduler import Scheduler, Task
+
+log = logging.getLogger("domino.server")
+
+NEEDS_DRAFTER = ("dflash", "domino")
+
+
+class EngineBackend:
+    name = "engine"
+
+    def __init__(self, cfg: ServerConfig, engine=None):
+        """engine: an already built Engine (tests, embedding); None = build from cfg in start()."""
+        self.cfg = cfg
+        self.engine = engine
+        self.model_id = cfg.target
+        self.default_method = cfg.method
+        self.scheduler: Scheduler | None = None
+        self._status, self._error = "loading", None
+        self._loader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Prompt encoding runs off the event loop, concurrently with the engine worker decoding on
+        # the engine's tokenizer; HF fast tokenizers raise "Already borrowed" when one object is
+        # used from two threads at once, so prompts get their own copy, guarded by its own lock.
+        self._tok = None
+        self._tok_lock = threading.Lock()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.engine is not None:
+            self._ready()
+        else:  # load in the background so the server binds at once and /health can say "loading"
+            self._loader = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        from domino_backend.loader import build_engine
+
+        c = self.cfg
+        try:
+            self.engine = await asyncio.to_thread(build_engine, c.target, c.draft, c.dtype, c.threads)
+        except Exception as e:  # noqa: BLE001 - reported through /health and every request
+            log.exception("model load failed")
+            self._status, self._error = "error", f"model load failed: {type(e).__name__}: {e}"
+            return
+        self._ready()
+
+    def _ready(self) -> None:
+        e = self.engine
+        if e.draft is None and self.default_method in NEEDS_DRAFTER:
+            log.warning("no drafter loaded: default method %s -> ar", self.default_method)
+            self.default_method = "ar"
+        self._tok = copy.deepcopy(e.target.tokenizer)
+        self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue)
+        self.scheduler.start()
+        self._status = "ok"
+        log.info("engine ready: target=%s method=%s max_context=%d", self.model_id, self.default_method,
+                 e.target.max_context)
+
+    async def close(self) -> None:
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.stop)
+
+    def health(self) -> dict:
+        h = {"status": self._status, "backend": self.name, "model": self.model_id}
+        if self._error:
+            h["error"] = self._error
+        if self._status == "ok":
+            h["default_method"] = self.default_method
+            h["methods"] = [m for m in METHODS if m not in NEEDS_DRAFTER or self.engine.draft is not None]
+        return h
+
+    def load(self) -> dict:
+        return self.scheduler.load() if self.scheduler else {"active": 0, "queued": 0}
+
+    def _encode(self, req: GenRequest) -> list[int]:
+        with self._tok_lock:
+            return build_prompt(self._tok, req)
+
+    async def submit(self, req: GenRequest) -> StreamJob:
+        if self._status != "ok":
+            msg = self._error or "the model is still loading; poll /health"
+            raise RequestError("unavailable", msg, 503)
+        cfg = self.cfg
+        method = req.method or self.default_method
+        if method not in METHODS:
+            raise RequestError("invalid_request", f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method in NEEDS_DRAFTER and self.engine.draft is None:
+            raise RequestError("invalid_request", f"method {method!r} needs a drafter; this server runs without one")
+        if not 1 <= req.max_tokens <= cfg.max_tokens_limit:
+            raise RequestError("invalid_request", f"max_tokens must be between 1 and {cfg.max_tokens_limit}, "
+                                                  f"got {req.max_tokens}")
+        stop = clamp_stop(req.stop, cfg.max_stop_strings)
+        ids = await asyncio.to_thread(self._encode, req)
+        limit = min(cfg.max_prompt_tokens, self.engine.target.max_context - 1)
+        if len(ids) > limit:
+            raise RequestError("prompt_too_long", f"the prompt has {len(ids)} tokens; the limit is {limit}")
+        greq = GenerationRequest(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                 top_k=req.top_k, stop=stop, seed=req.seed, method=method)
+        holder: list[Task] = []
+        job = StreamJob(self._loop, on_cancel=lambda: holder and self.scheduler.cancel(holder[0]))
+        task = Task(job, ids, greq, req.received, req.deadline, req.single_line, req.tag)
+        holder.append(task)
+        self.scheduler.submit(task)
+        log.debug("queued %s: %d prompt tokens, method %s", req.tag, len(ids), method)
+        return job

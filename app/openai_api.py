@@ -1,0 +1,255 @@
+"""OpenAI-compatible HTTP: `/v1/models`, `/v1/completions` (with `suffix` = fill-in-the-middle) and
+`/v1/chat/completions`, streaming (SSE) and not. Works with the official `openai` client.
+
+Conventions as in SGLang/vLLM (anchors §3.4): SSE lines `data: {json}` ending with `data: [DONE]`;
+`stream_options.include_usage` adds a last chunk with `usage` and no choices. Speculative decoding
+stats and timings ride in an extension field `domino` ({finish_reason, timings, spec}) on the
+response, or on the last choice chunk when streaming. Extensions accepted in the body (the openai
+client sends them with `extra_body`): `method`, `single_line`, `deadline_ms`, `top_k`.
+
+OpenAI finish reasons are stop | length: a `deadline` finish is reported as "length" (the text was
+cut by a budget), with the precise reason in `domino.finish_reason`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .backend import GenRequest, Job, RequestError, Result
+
+router = APIRouter()
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI (and vLLM) default for legacy completions
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    # Unknown OpenAI parameters are ignored (clients send many); the unsupported ones that would
+    # change the output are refused in `_check_unsupported`.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # the OpenAI default
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    # extensions
+    top_k: int = Field(0, ge=0)
+    method: str | None = None
+    single_line: bool = False
+    deadline_ms: int | None = Field(None, ge=1, le=3_600_000)
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str]
+    suffix: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatContentPart] | None = None
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list | None = None
+
+
+def _check_unsupported(body: _Common) -> None:
+    bad = []
+    if body.n != 1:
+        bad.append("n (only n=1)")
+    if getattr(body, "echo", False):
+        bad.append("echo")
+    if getattr(body, "logprobs", None):
+        bad.append("logprobs")
+    if (getattr(body, "best_of", None) or 1) != 1:
+        bad.append("best_of")
+    if getattr(body, "tools", None):
+        bad.append("tools")
+    if bad:
+        raise RequestError("invalid_request", f"unsupported parameter(s): {', '.join(bad)}")
+
+
+def _stops(stop) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def completion_request(body: CompletionBody, received: float) -> GenRequest:
+    _check_unsupported(body)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise RequestError("invalid_request", "prompt lists must hold exactly one string (batches: send one request each)")
+        prompt = prompt[0]
+    common = dict(max_tokens=body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, temperature=body.temperature,
+                  top_p=body.top_p, top_k=body.top_k, stop=_stops(body.stop), seed=body.seed, method=body.method,
+                  single_line=body.single_line, deadline_ms=body.deadline_ms, received=received)
+    if body.suffix is not None:
+        return GenRequest(kind="fim", prefix=prompt, suffix=body.suffix, tag="http:completions", **common)
+    return GenRequest(kind="text", prompt=prompt, tag="http:completions", **common)
+
+
+def chat_request(body: ChatBody, default_max_tokens: int, received: float) -> GenRequest:
+    _check_unsupported(body)
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return GenRequest(kind="chat", messages=messages,
+                      max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+                      temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=_stops(body.stop),
+                      seed=body.seed, method=body.method, single_line=body.single_line,
+                      deadline_ms=body.deadline_ms, received=received, tag="http:chat")
+
+
+def openai_finish(r: Result) -> str:
+    return "length" if r.finish_reason in ("length", "deadline") else "stop"
+
+
+def extension(r: Result) -> dict:
+    return {"finish_reason": r.finish_reason, "timings": r.timings, "spec": r.spec}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Non-streaming requests: a client that hangs up must free its engine slot too."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+async def _run(request: Request, req: GenRequest, stream: bool, include_usage: bool, chat: bool):
+    st = request.app.state
+    api = "openai"
+    kind = "chat" if chat else req.kind
+    try:
+        job = await st.backend.submit(req)
+    except RequestError as e:
+        st.metrics.error(api, e.code)
+        return error_response(e.status, e.code, e.message)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    model = st.backend.model_id
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None = None, ext: dict | None = None, first: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if ext is not None:
+            payload["domino"] = ext
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    if stream:
+        async def events():
+            try:
+                if chat:
+                    yield chunk(None, first=True)
+                async for ev in job:
+                    if isinstance(ev, str):
+                        yield chunk(ev)
+                        continue
+                    st.metrics.observe(ev, api, kind)
+                    if ev.finish_reason == "error":
+                        err = {"error": {"message": ev.error or "generation failed", "type": "server_error",
+                                         "param": None, "code": "internal"}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                    else:
+                        yield chunk(None if chat else "", openai_finish(ev), extension(ev))
+                        if include_usage:
+                            usage = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                                     "usage": ev.usage}
+                            yield f"data: {json.dumps(usage)}\n\n"
+                    yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()  # no-op when finished; frees the slot when the client went away
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        result: Result | None = None
+        async for ev in job:
+            if isinstance(ev, Result):
+                result = ev
+    finally:
+        watcher.cancel()
+        job.cancel()
+    st.metrics.observe(result, api, kind)
+    if result.finish_reason == "error":
+        return error_response(500, "internal", result.error or "generation failed")
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                  "finish_reason": openai_finish(result)}
+    else:
+        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": openai_finish(result)}
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                         "model": model, "choices": [choice], "usage": result.usage, "domino": extension(result)})
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    b = request.app.state.backend
+    return {"object": "list", "data": [{"id": b.model_id, "object": "model", "created": 0, "owned_by": "domino"}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: Request):
+    received = time.perf_counter()
+    try:
+        req = completion_request(body, received)
+    except RequestError as e:
+        request.app.state.metrics.error("openai", e.code)
+        return error_response(e.status, e.code, e.message)
+    inc = bool(body.stream_options and body.stream_options.include_usage)
+    return await _run(request, req, body.stream, inc, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatBody, request: Request):
+    received = time.perf_counter()
+    try:
+        req = chat_request(body, request.app.state.cfg.default_max_tokens, received)
+    except RequestError as e:
+        request.app.state.metrics.error("openai", e.code)
+        return error_response(e.status, e.code, e.message)
+    inc = bool(body.stream_options and body.stream_options.include_usage)
+    return await _run(request, req, body.stream, inc, chat=True)

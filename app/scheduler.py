@@ -1,0 +1,205 @@
+"""Serve many requests on one engine: a worker thread interleaves their rounds fairly.
+
+The engine decodes one sequence per call (no cross-request batching yet), and one `next()` on a
+`Generation` is one engine round (prefill first, then one target verify per round). So the worker
+runs up to `max_active` generations round-robin: every active request advances one round per
+cycle, a short completion is not stuck behind a long chat answer, and a cancel or deadline takes
+effect at the next round. Requests beyond `max_active` wait in a FIFO; beyond `max_active +
+max_queue` in total, `submit` refuses with `overloaded` (HTTP 429) instead of letting latency grow
+without bound.
+
+Cancelling a queued request removes it at once (no engine work at all); cancelling a running one
+stops it after the current round (a prefill forward cannot be interrupted, so at worst after the
+prefill). Only the worker thread touches Generation objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from domino_backend.engine import GenerationRequest
+
+from .backend import RequestError, Result, SingleLine, StreamJob
+
+log = logging.getLogger("domino.server")
+
+
+@dataclass(eq=False)
+class Task:
+    job: StreamJob
+    prompt_ids: list[int]
+    req: GenerationRequest
+    received: float  # perf_counter() at arrival
+    deadline: float | None = None  # perf_counter() time
+    single_line: bool = False
+    tag: str = ""
+    gen: Any = None  # domino_backend.engine.Generation once started
+    it: Iterator[str] | None = None
+    started: float | None = None
+    first: float | None = None
+    text: str = ""
+    line: SingleLine | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.single_line:
+            self.line = SingleLine()
+
+
+def spec_stats(stats) -> dict:
+    return {
+        "method": stats.method, "tau": round(stats.tau, 4), "rounds": stats.rounds,
+        "drafted": stats.drafted, "accepted": stats.accepted,
+        "per_position": [round(x, 4) for x in stats.per_position_acceptance],
+        "accepted_per_position": list(stats.pos_accepted),  # counts, for Prometheus counters
+    }
+
+
+class Scheduler:
+    def __init__(self, engine, max_active: int = 8, max_queue: int = 64):
+        self.engine = engine
+        self.max_active, self.max_queue = max_active, max_queue
+        self._cv = threading.Condition()
+        self._pending: deque[Task] = deque()
+        self._active: list[Task] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="domino-scheduler", daemon=True)
+
+    # ---- called from the asyncio side -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, task: Task) -> None:
+        with self._cv:
+            if self._stop:
+                raise RequestError("unavailable", "the server is shutting down", 503)
+            if len(self._pending) + len(self._active) >= self.max_active + self.max_queue:
+                raise RequestError(
+                    "overloaded",
+                    f"server busy: {len(self._active)} running and {len(self._pending)} queued requests; retry later",
+                    429,
+                )
+            self._pending.append(task)
+            self._cv.notify()
+
+    def cancel(self, task: Task) -> None:
+        """Thread-safe. A queued task ends now; a running one at the end of its current round."""
+        with self._cv:
+            queued = task in self._pending
+            if queued:
+                self._pending.remove(task)
+            else:
+                self._cv.notify()
+        gen = task.gen  # read once: the worker may clear it concurrently
+        if queued:
+            self._finish(task, "cancelled")
+        elif gen is not None:
+            gen.cancel()
+
+    def load(self) -> dict:
+        with self._cv:
+            return {"active": len(self._active), "queued": len(self._pending)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cv:
+            left = list(self._pending) + list(self._active)
+            self._pending.clear()
+            self._active.clear()
+        for t in left:
+            self._finish(t, "cancelled")
+
+    # ---- worker thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            expired: list[Task] = []
+            with self._cv:
+                while not self._stop and not self._pending and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                now = time.perf_counter()
+                for t in list(self._pending):  # deadlines pass while waiting too
+                    if t.deadline is not None and now >= t.deadline:
+                        self._pending.remove(t)
+                        expired.append(t)
+                while self._pending and len(self._active) < self.max_active:
+                    self._active.append(self._pending.popleft())
+                cycle = list(self._active)
+            for t in expired:
+                self._finish(t, "deadline")
+            for t in cycle:
+                if self._stop:
+                    return
+                if self._step(t):
+                    with self._cv:
+                        self._active.remove(t)
+
+    def _step(self, t: Task) -> bool:
+        """Advance `t` by one engine round; True when it has finished."""
+        if t.job.cancelled.is_set():
+            return self._finish(t, "cancelled")
+        if t.deadline is not None and time.perf_counter() >= t.deadline:
+            return self._finish(t, "deadline")
+        if t.gen is None:
+            t.started = time.perf_counter()
+            try:
+                t.gen = self.engine.stream(t.prompt_ids, t.req)
+            except ValueError as e:  # the engine's own validation (context size, method, ...)
+                return self._finish(t, "error", str(e))
+            t.it = iter(t.gen)
+        try:
+            delta = next(t.it)
+        except StopIteration:
+            return self._finish(t, t.gen.finish_reason or "stop")
+        except Exception as e:  # noqa: BLE001 - one broken request must not stop the others
+            log.exception("engine error in %s", t.tag)
+            return self._finish(t, "error", f"engine error: {type(e).__name__}")
+        line_done = False
+        if t.line is not None:
+            delta, line_done = t.line.feed(delta)
+        if delta:
+            if t.first is None:
+                t.first = time.perf_counter()
+            t.text += delta
+            t.job.put(delta)
+        if line_done:
+            return self._finish(t, "stop")
+        if t.gen.finish_reason in ("stop", "length"):  # saves one worker cycle per request
+            return self._finish(t, t.gen.finish_reason)
+        if t.gen.finish_reason == "cancelled" or t.job.cancelled.is_set():
+            return self._finish(t, "cancelled")
+        if t.deadline is not None and time.perf_counter() >= t.deadline:
+            return self._finish(t, "deadline")
+        return False
+
+    def _finish(self, t: Task, reason: str, error: str | None = None) -> bool:
+        if t.it is not None:
+            t.it.close()  # runs the Generation's cleanup (stats totals) and frees its KV cache
+            t.it = None
+        now = time.perf_counter()
+        gen = t.gen
+        stats = gen.stats if gen is not None else None
+        result = Result(
+            text=t.text,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(t.prompt_ids),
+            completion_tokens=len(gen.token_ids) if gen is not None else 0,
+            queue_ms=((t.started or now) - t.received) * 1000,
+            prefill_ms=stats.prefill_s * 1000 if stats else 0.0,
+            ttft_ms=(t.first - t.received) * 1000 if t.first else None,
+            total_ms=(now - t.received) * 1000,
+            spec=spec_stats(stats) if stats and stats.rounds else None,
+            error=error,
+        )
+        t.gen = None  # drop the reference to the KV cache now, not when the job is collected
+        t.job.finish(result)
+        return True

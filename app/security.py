@@ -1,0 +1,131 @@
+"""API key, Origin allow-list, request body limit, and keeping secrets out of logs."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from urllib.parse import urlsplit
+
+from .config import ServerConfig
+
+# Paths anyone may read: load balancers and the UI poll /health without a key.
+PUBLIC_PATHS = ("/health",)
+
+
+def presented_key(headers, query_params) -> str | None:
+    """The key a client sent: `Authorization: Bearer K`, `X-API-Key: K`, or `?token=K` (browsers cannot
+    set headers on a WebSocket handshake, so the query parameter is the only way for them)."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return headers.get("x-api-key") or query_params.get("token") or None
+
+
+def key_ok(cfg: ServerConfig, headers, query_params) -> bool:
+    if cfg.api_key is None:
+        return True
+    got = presented_key(headers, query_params)
+    # constant time: the comparison must not leak how many leading characters matched
+    return got is not None and hmac.compare_digest(got.encode(), cfg.api_key.encode())
+
+
+def origin_ok(cfg: ServerConfig, origin: str | None) -> bool:
+    """No Origin header (IDE extensions, curl, the openai client): allowed. A browser Origin must match
+    an entry: "*", "scheme://*", "scheme://host" (any port) or "scheme://host:port"."""
+    if not origin:
+        return True
+    try:
+        o = urlsplit(origin)
+        o_host, o_port = o.hostname, o.port
+    except ValueError:
+        return False
+    for entry in cfg.allowed_origins:
+        if entry == "*":
+            return True
+        e = urlsplit(entry)
+        if e.scheme != o.scheme:
+            continue
+        if e.netloc == "*":
+            return True
+        try:
+            if e.hostname == o_host and (e.port is None or e.port == o_port):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class BodyLimit:
+    """ASGI middleware: refuse HTTP bodies over `limit` bytes with 413, whether or not the client sent
+    Content-Length (chunked bodies are counted as they arrive)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._refuse(send)
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.limit} bytes", "type": "invalid_request_error",
+                                     "param": None, "code": "message_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+_TOKEN_RE = re.compile(r"([?&](?:token|api_key|key)=)[^&\s\"]*", re.I)
+
+
+class RedactSecrets(logging.Filter):
+    """uvicorn's access log prints the full URL, which would include `?token=...`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_RE.sub(r"\1***", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "domino.server"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in lg.filters):
+            lg.addFilter(RedactSecrets())

