@@ -1,0 +1,108 @@
+"""`python -m domino_backend.training STEP` — one command per pipeline step, each resumable:
+
+  prompts   build code (stdlib prefixes + FIM holes, held-out split by file) and chat prompts
+  generate  regenerate responses with the target (greedy + sampled), appending to a JSONL file
+  capture   teacher-forced target pass, caching the drafter's input features (memory-mapped)
+  train     train a drafter; checkpoints + resume, log.jsonl, curves.png, final/ in the public layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..loader import cpu_draft_config, resolve_dtype
+from ..models import PROFILES, load_target
+from ..target import Target
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m domino_backend.training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("prompts")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--n-code", type=int, default=1200)
+    p.add_argument("--n-chat", type=int, default=300)
+    p.add_argument("--holdout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("generate", "capture", "train"):
+        s = sub.add_parser(name)
+        s.add_argument("--target", default="coder", help="profile, HF folder or hub id")
+        s.add_argument("--dtype", default="float32")
+        s.add_argument("--threads", type=int, default=None)
+    g = sub.choices["generate"]
+    g.add_argument("--prompts", type=Path, required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--sample-frac", type=float, default=0.3)
+    c = sub.choices["capture"]
+    c.add_argument("--records", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--split", default="train")
+    c.add_argument("--num-feature-layers", type=int, default=5)
+    t = sub.choices["train"]
+    t.add_argument("--data", type=Path, required=True, help="capture folder")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--lr", type=float, default=6e-4)
+    t.add_argument("--num-anchors", type=int, default=32)
+    t.add_argument("--block-size", type=int, default=16)
+    t.add_argument("--draft-layers", type=int, default=2)
+    t.add_argument("--gru-hidden", type=int, default=256)
+    t.add_argument("--emb-dim", type=int, default=64)
+    t.add_argument("--no-head", action="store_true", help="DFlash ablation")
+    t.add_argument("--no-curriculum", action="store_true", help="lambda = 0 from the start")
+    t.add_argument("--lambda-decay-ratio", type=float, default=1.0)
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--save-every", type=int, default=200)
+    args = ap.parse_args(argv)
+
+    if args.step == "prompts":
+        from .data import build_prompts
+
+        path = build_prompts(args.out, args.n_code, args.n_chat, args.seed, args.holdout)
+        print(f"wrote {sum(1 for _ in path.open())} prompts to {path}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_target(args.target, dtype=resolve_dtype(args.dtype))
+    if args.step == "generate":
+        from .data import generate_responses
+
+        n = generate_responses(model, tok, args.prompts, args.out, args.max_new_tokens, args.batch_size,
+                               args.sample_frac, eos_ids=Target(model, tok).eos_ids)
+        print(f"generated {n} responses into {args.out}")
+    elif args.step == "capture":
+        from ..config import build_target_layer_ids
+        from .capture import capture
+
+        layers = build_target_layer_ids(model.config.num_hidden_layers, args.num_feature_layers)
+        n = capture(model, args.records, args.out, layers, args.split)
+        print(f"captured {n} sequences into {args.out}")
+    else:
+        from .capture import CapturedData
+        from .trainer import TrainConfig, train
+
+        data = CapturedData(args.data)
+        mask = PROFILES[args.target].mask_token_id if args.target in PROFILES else model.config.vocab_size - 1
+        dcfg = cpu_draft_config(Target(model, tok), mask).replace(
+            num_hidden_layers=args.draft_layers, block_size=args.block_size, gru_hidden_dim=args.gru_hidden,
+            emb_dim=args.emb_dim, target_layer_ids=data.layer_ids,
+            projector_type=None if args.no_head else "domino")
+        cfg = TrainConfig(steps=args.steps, lr=args.lr, num_anchors=args.num_anchors, use_head=not args.no_head,
+                          curriculum=not args.no_curriculum, lambda_decay_ratio=args.lambda_decay_ratio,
+                          bf16=args.bf16, save_every=args.save_every,
+                          gamma={16: 7.0, 10: 5.0, 8: 4.0}.get(args.block_size, args.block_size / 2.3))
+        train(dcfg, model, data, args.out, cfg)
+        print(json.dumps({"exported": str(args.out / "final")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

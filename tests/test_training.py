@@ -1,0 +1,164 @@
+"""Training pipeline on a tiny random target: objective pieces, an end-to-end run, exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from domino_backend.checkpoint import load_draft
+from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.training.capture import CapturedData, capture
+from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
+from domino_backend.training.trainer import TrainConfig, lr_at, train
+from tiny import tiny_draft_config, tiny_target
+
+
+def test_lambda_decays_linearly_over_the_whole_run_and_clips():
+    assert lambda_base(0, 1000) == 1.0
+    assert lambda_base(250, 1000) == pytest.approx(0.75)
+    assert lambda_base(500, 1000) == pytest.approx(0.5)
+    assert lambda_base(1000, 1000) == 0.0
+    assert lambda_base(5000, 1000) == 0.0
+    assert lambda_base(250, 1000, decay_ratio=0.5) == pytest.approx(0.5)  # script default halves the window
+    assert lambda_base(600, 1000, decay_ratio=0.5) == 0.0
+    assert lambda_base(0, 1000, start=3.0) == 1.0  # clipped to [0, 1]
+    assert lambda_base(0, 0) == 1.0  # a zero-length run still has a valid window
+
+
+def test_anchors_stay_on_response_tokens_and_inside_the_sequence():
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[10:20] = True
+    mask[30:50] = True
+    for seed in range(20):
+        a = sample_anchors(mask, 8, torch.Generator().manual_seed(seed))
+        assert len(a) == 8 and (a[1:] > a[:-1]).all()  # sorted, distinct
+        assert mask[a].all() and mask[a + 1].all()  # anchor and its first label are response tokens
+        assert (a <= 48).all()
+    assert sample_anchors(torch.zeros(10, dtype=torch.bool), 4, torch.Generator()).numel() == 0
+
+
+def test_blocks_mask_labels_and_weights():
+    ids = torch.arange(100, 130)
+    mask = torch.ones(30, dtype=torch.bool)
+    mask[:5] = False
+    mask[20] = False  # a non-response token inside the window
+    anchors = torch.tensor([5, 16, 26])
+    b = build_blocks(ids, mask, anchors, block_size=4, num_drafts=4, mask_token_id=7, gamma=2.0)
+    assert b.block_ids[:, 0].tolist() == [105, 116, 126] and (b.block_ids[:, 1:] == 7).all()
+    assert b.positions[1].tolist() == [16, 17, 18, 19]
+    assert b.labels[0].tolist() == [106, 107, 108, 109]
+    assert b.weights[0].tolist() == pytest.approx([1.0, 0.60653, 0.36788, 0.22313], rel=1e-4)
+    assert b.weights[1, 3] == 0  # label at 20 is not a response token
+    assert b.weights[2, 3] == 0 and b.labels[2, 3] == 0  # label past the end
+    m = b.mask[0, 0]
+    q = 4 * 1  # first query of block 1 (anchor 16)
+    assert m[q, :16].all() and not m[q, 16:30].any()  # context strictly before its anchor
+    assert m[q, 30 + 4:30 + 8].all() and not m[q, 30:30 + 4].any() and not m[q, 30 + 8:].any()
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(5e-4, rel=0.05)
+    assert lr_at(99, cfg) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    """Target-regenerated data: the tiny target writes its own responses, then features are captured."""
+    target = tiny_target("qwen3", vocab=48, peak=3.0, seed=5)
+    engine = Engine(target)
+    tmp = tmp_path_factory.mktemp("train")
+    recs = tmp / "records.jsonl"
+    with recs.open("w") as f:
+        for i in range(12):
+            g = torch.Generator().manual_seed(i)
+            prompt = torch.randint(0, 40, (6,), generator=g).tolist()
+            resp = engine.generate(prompt, GenerationRequest(max_new_tokens=40, method="ar", temperature=0.0 if i % 3 else 0.7, seed=i)).token_ids
+            f.write(json.dumps({"id": i, "split": "train" if i < 10 else "heldout", "prompt_ids": prompt,
+                                "response_ids": resp}) + "\n")
+    layers = [1, 2]
+    assert capture(target.model, recs, tmp / "cap", layers) == 10
+    assert capture(target.model, recs, tmp / "cap", layers) == 0  # resume: nothing left to do
+    return target, CapturedData(tmp / "cap"), tmp
+
+
+def test_capture_matches_a_fresh_forward(captured):
+    target, data, _ = captured
+    seq = data[3]
+    with torch.no_grad():
+        o = target.model(input_ids=seq.ids[None], output_hidden_states=True)
+    ref = torch.cat([o.hidden_states[2][0], o.hidden_states[3][0]], -1)
+    assert torch.allclose(seq.feats, ref, atol=2e-3, rtol=1e-3)  # stored as float16
+    assert seq.loss_mask.sum() == 40 and not seq.loss_mask[:6].any()
+
+
+def _cfg(target, **kw):
+    return tiny_draft_config(target, block_size=4, target_layer_ids=[1, 2], **kw)
+
+
+def test_tiny_training_run_learns_and_exports_a_loadable_public_checkpoint(captured, tmp_path):
+    target, data, _ = captured
+    cfg = TrainConfig(steps=150, lr=8e-3, num_anchors=16, gamma=4.0, save_every=75)
+    model = train(_cfg(target), target.model, data, tmp_path / "run", cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 150 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    first, last = sum(r["loss_final"] for r in log[:10]) / 10, sum(r["loss_final"] for r in log[-10:]) / 10
+    assert last < first * 0.8
+    lams = [r["lambda"] for r in log]
+    assert lams[0] == 1.0 and lams[-1] < 0.05 and all(a >= b for a, b in zip(lams, lams[1:]))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    exported = load_draft(tmp_path / "run" / "final")
+    names = set(exported.state_dict())
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "prefix_gru.weight_ih_l0", "embed_proj.2.weight"} <= names
+    raw = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert raw["architectures"] == ["DFlashDraftModel"] and raw["dflash_config"]["projector_type"] == "domino"
+    # The trained drafter runs in the engine and stays lossless.
+    engine = Engine(target, exported.float())
+    seq = data[0]
+    prompt = seq.ids[~seq.loss_mask].tolist()
+    ref = engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="ar")).token_ids
+    assert engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="domino")).token_ids == ref
+    assert model.training is False
+
+
+def test_resume_continues_exactly(captured, tmp_path):
+    target, data, _ = captured
+    cfg = TrainConfig(steps=12, lr=3e-3, num_anchors=8, gamma=4.0, save_every=6)
+    straight = train(_cfg(target), target.model, data, tmp_path / "a", cfg, progress=False)
+    # Simulate a crash after the checkpoint at step 6: keep ckpt at 6, then resume.
+    cfg6 = TrainConfig(**{**cfg.__dict__, "steps": 12})
+    partial_dir = tmp_path / "b"
+    import domino_backend.training.trainer as tr
+
+    real_save = tr._save
+    calls = []
+
+    def crash_after_first_save(*a, **k):
+        real_save(*a, **k)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    tr._save = crash_after_first_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(_cfg(target), target.model, data, partial_dir, cfg6, progress=False)
+    finally:
+        tr._save = real_save
+    resumed = train(_cfg(target), target.model, data, partial_dir, cfg6, progress=False)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    steps = [json.loads(line)["step"] for line in (partial_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_ablation_flags_change_the_objective(captured, tmp_path):
+    target, data, _ = captured
+    cfg = TrainConfig(steps=4, num_anchors=8, gamma=4.0, curriculum=False)
+    train(_cfg(target), target.model, data, tmp_path / "nocur", cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "nocur" / "log.jsonl").read_text().splitlines()]
+    assert all(r["lambda"] == 0.0 for r in log)
+    cfg = TrainConfig(steps=4, num_anchors=8, gamma=4.0, use_head=False)
+    m = train(_cfg(target, projector_type=None), target.model, data, tmp_path / "dflash", cfg, progress=False)
+    assert not m.has_head
