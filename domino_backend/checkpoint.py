@@ -25,9 +25,12 @@ _HEAD_NESTS = ("logit_head.", "domino_head.", "logits_correction.")
 
 
 def canonical_name(name: str) -> str:
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+    stripped = True
+    while stripped:  # e.g. "draft_model.model.layers.0..." from nested wrappers
+        stripped = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
     for nest in _HEAD_NESTS:
         if name.startswith(nest):
             name = name[len(nest):]

@@ -133,7 +133,9 @@ class DraftConfig:
         n_layers = cfg.get("num_target_layers", dc.get("num_target_layers"))
         if n_layers is None:
             raise CheckpointError("config.json lacks num_target_layers (top level or dflash_config)")
-        layer_ids = dc.get("target_layer_ids") or build_target_layer_ids(n_layers, cfg["num_hidden_layers"])
+        layer_ids = dc.get("target_layer_ids")
+        if layer_ids is None:  # absent: the DFlash default spacing; present but empty is an error below
+            layer_ids = build_target_layer_ids(n_layers, cfg["num_hidden_layers"])
         known = {
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
