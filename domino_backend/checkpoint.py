@@ -80,7 +80,7 @@ def load_draft(path_or_id: str | Path, dtype: torch.dtype | None = None, device:
     state = read_state_dict(path)
     model = DraftModel(cfg)
     load_state_strict(model, state)
-    model.to(device=device, dtype=dtype or next(iter(state.values())).dtype)
+    model.to(device=device, dtype=dtype or next(t.dtype for t in state.values() if t.is_floating_point()))
     return model.eval().requires_grad_(False)
 
 
@@ -117,7 +117,8 @@ def save_draft(model: DraftModel, path: str | Path, dtype: torch.dtype = torch.b
     """Write config.json + model.safetensors in the public layout (flat names, no prefix)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.cfg.to_hf_dict()
     cfg["dtype"] = str(dtype).removeprefix("torch.")

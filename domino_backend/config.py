@@ -52,6 +52,10 @@ class DraftConfig:
     pure_draft_prefix_len: int = 1
     gru_hidden_dim: int = 1024
     emb_dim: int = 256
+    # Reduced draft vocabulary (our extension, absent from public checkpoints): the drafter scores
+    # only these many target tokens, listed by the `d2t` tensor (token = index + d2t[index], the
+    # EAGLE-3/TRT-LLM convention). None = the full target vocabulary, as SGLang requires.
+    draft_vocab_size: int | None = None
     # Pass-through keys (bos/eos ids, dtype...) kept so a load/save round trip is lossless.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +82,8 @@ class DraftConfig:
             )
         if self.has_head and self.pure_draft_prefix_len < 1:
             raise CheckpointError("pure_draft_prefix_len must be >= 1")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise CheckpointError(f"draft_vocab_size {self.draft_vocab_size} must be in [1, {self.vocab_size}]")
         if self.has_head and self.pure_draft_prefix_len >= self.num_drafts:
             raise CheckpointError(
                 f"pure_draft_prefix_len {self.pure_draft_prefix_len} leaves no corrected slot "
@@ -97,6 +103,11 @@ class DraftConfig:
     def num_drafts(self) -> int:
         """Draft tokens per block (HF reference semantics): 16 with shift_label, 15 without."""
         return self.block_size - self.slot_offset
+
+    @property
+    def scored_vocab(self) -> int:
+        """Rows of the drafter's logits (base and head delta)."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def suffix_start(self) -> int:
@@ -161,6 +172,7 @@ class DraftConfig:
             pure_draft_prefix_len=dc.get("pure_draft_prefix_len", 1),
             gru_hidden_dim=dc.get("gru_hidden_dim", 1024),
             emb_dim=emb_dim if emb_dim is not None else 256,
+            draft_vocab_size=dc.get("draft_vocab_size"),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -209,6 +221,8 @@ class DraftConfig:
                 emb_dim=self.emb_dim,
                 gru_hidden_dim=self.gru_hidden_dim,
             )
+        if self.draft_vocab_size is not None:
+            dc["draft_vocab_size"] = self.draft_vocab_size
         cfg["dflash_config"] = dc
         return cfg
 

@@ -156,8 +156,11 @@ class DraftModel(nn.Module):
             self.embed_proj = nn.Sequential(
                 nn.Linear(h + cfg.gru_hidden_dim, cfg.emb_dim, bias=False),
                 nn.SiLU(),
-                nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False),
+                nn.Linear(cfg.emb_dim, cfg.scored_vocab, bias=False),
             )
+        if cfg.draft_vocab_size is not None:
+            self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its draft rows)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -171,6 +174,38 @@ class DraftModel(nn.Module):
     @property
     def has_head(self) -> bool:
         return self.cfg.has_head
+
+    # -- vocabulary: draft index <-> target token id (identity for full-vocabulary drafters) --------
+
+    def draft_token_ids(self) -> torch.Tensor | None:
+        """[V_draft] target ids of the scored tokens, or None for a full-vocabulary drafter."""
+        if self.cfg.draft_vocab_size is None:
+            return None
+        return torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Choose the scored target tokens (e.g. the most frequent ones in the training data)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() != self.cfg.draft_vocab_size or ids.unique().numel() != ids.numel():
+            raise ValueError(f"need {self.cfg.draft_vocab_size} distinct token ids, got {ids.numel()}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError("draft vocabulary ids must lie in the target vocabulary")
+        ids = ids.sort().values
+        self.d2t.copy_(ids - torch.arange(ids.numel()))
+        self._head_rows = None
+
+    def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.cfg.draft_vocab_size is None else idx + self.d2t[idx]
+
+    def base_logits(self, z: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """The target's frozen LM head applied to slot hiddens, restricted to the draft vocabulary."""
+        ids = self.draft_token_ids()
+        if ids is None:
+            return lm_head(z.to(lm_head.weight.dtype))
+        w = lm_head.weight
+        if self._head_rows is None or self._head_rows[0] is not w:  # slice once, reuse every round
+            self._head_rows = (w, w.detach()[ids].contiguous())
+        return F.linear(z.to(w.dtype), self._head_rows[1])
 
     def head_delta(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """z [..., H] slot hidden, s [..., G] GRU state -> logit delta [..., V] (cat-then-Linear form)."""

@@ -96,7 +96,7 @@ class BlockProposer:
         self.pending = []
         z = self.model.forward_block(self.target.embed(block), positions, new_ctx, self.cache)
         z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
-        base = self.target.lm_head(z).float()  # [1, K, V]
+        base = self.model.base_logits(z, self.target.lm_head).float()  # [1, K, V_draft]
         anchor_t = block[:, 0]
         tokens, probs = rollout(self.model, z, base, anchor_t, self.target.embed, params, generator, self.use_head)
         return tokens[0].cpu(), None if probs is None else probs[0]

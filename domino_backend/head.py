@@ -30,15 +30,16 @@ def rollout(
     """Draft K tokens per block.
 
     z [B, K, H] slot hiddens and base [B, K, V] base logits, restricted to the K draft slots;
-    anchor [B] the slot-0 token; embed the target's input embedding. Returns tokens [B, K] and the
-    draft distributions [B, K, V] they were drawn from (None when greedy). With use_head=False (or
+    anchor [B] the slot-0 token; embed the target's input embedding. Returns target token ids [B, K]
+    and the draft distributions over the target vocabulary [B, K, V] (None when greedy). base has
+    V_draft columns for a reduced-vocabulary drafter; picks are mapped back to target ids. With use_head=False (or
     a plain DFlash checkpoint) every draft is picked from base logits alone.
     """
     b, k, _ = base.shape
     p = model.cfg.pure_draft_prefix_len
     if not (use_head and model.has_head) or k <= p:
-        return select(base, params, generator)
-    tokens = torch.empty(b, k, dtype=torch.long, device=base.device)
+        return _to_target(model, *select(base, params, generator))
+    tokens = torch.empty(b, k, dtype=torch.long, device=base.device)  # draft-vocabulary indices
     probs = None if params.greedy else torch.empty(b, k, base.shape[-1], device=base.device)
     tok, pr = select(base[:, :p], params, generator)
     tokens[:, :p] = tok
@@ -46,7 +47,7 @@ def rollout(
         probs[:, :p] = pr
     # Prime the GRU from zero on [anchor, d_0 .. d_{P-1}].
     h = z.new_zeros(b, model.cfg.gru_hidden_dim, dtype=model.prefix_gru.weight_hh_l0.dtype)
-    prime = torch.cat([anchor[:, None], tokens[:, :p]], dim=1)
+    prime = torch.cat([anchor[:, None], model.to_target_ids(tokens[:, :p])], dim=1)
     for x in embed(prime).unbind(1):
         h = model.head_gru_step(x, h)
     for j in range(p, k):
@@ -56,8 +57,21 @@ def rollout(
         if probs is not None:
             probs[:, j] = pr
         if j < k - 1:  # no GRU step after the last draft
-            h = model.head_gru_step(embed(tok), h)
-    return tokens, probs
+            h = model.head_gru_step(embed(model.to_target_ids(tok)), h)
+    return _to_target(model, tokens, probs)
+
+
+def _to_target(model: DraftModel, idx: torch.Tensor, probs: torch.Tensor | None):
+    """Draft-vocabulary picks -> target ids, and their distributions spread over the target
+    vocabulary (zero outside the draft vocabulary) so the verifier sees the real q."""
+    ids = model.draft_token_ids()
+    if ids is None:
+        return idx, probs
+    full = None
+    if probs is not None:
+        full = probs.new_zeros(*probs.shape[:-1], model.cfg.vocab_size)
+        full[..., ids] = probs
+    return model.to_target_ids(idx), full
 
 
 def teacher_forced_logits(

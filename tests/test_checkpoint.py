@@ -639,3 +639,20 @@ def test_sglang_tiny_config_round_trips(tmp_path):
     assert loaded.cfg.replace(extra={}) == cfg.replace(extra={})
     _assert_same_weights(model, loaded)
     assert torch.equal(_block_forward(model), _block_forward(loaded))
+
+
+def test_reduced_draft_vocabulary_round_trips_with_its_d2t_table(tmp_path):
+    target = tiny_target("qwen3", vocab=64)
+    model = tiny_draft(target, draft_vocab_size=20)
+    save_draft(model, tmp_path / "ck", dtype=torch.float32)
+    raw = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert raw["dflash_config"]["draft_vocab_size"] == 20
+    loaded = load_draft(tmp_path / "ck")
+    assert torch.equal(loaded.draft_token_ids(), model.draft_token_ids())
+    assert loaded.embed_proj[2].weight.shape == (20, model.cfg.emb_dim)
+    # A reduced-vocabulary config without its table is rejected.
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    del state["d2t"]
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="d2t"):
+        load_draft(tmp_path / "ck")

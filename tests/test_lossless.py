@@ -131,3 +131,38 @@ def test_mismatched_drafter_is_rejected():
     other = tiny_target("qwen3", vocab=80)
     with pytest.raises(CheckpointError, match="vocab"):
         Engine(target, tiny_draft(other))
+
+
+@pytest.mark.parametrize("shift_label", [True, False])
+def test_reduced_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(shift_label):
+    target = tiny_target("qwen3", vocab=16, peak=4.0, seed=7)
+    draft = tiny_draft(target, seed=2, block_size=6, draft_vocab_size=10, shift_label=shift_label)
+    allowed = set(draft.draft_token_ids().tolist())
+    engine = Engine(target, draft)
+    seen = set()
+    proposer_cls = engine_mod.make_proposer
+
+    def spy(*a):
+        prop = proposer_cls(*a)
+        inner = prop.propose
+
+        def propose(*args):
+            toks, q = inner(*args)
+            seen.update(toks.tolist())
+            if q is not None:  # the verifier sees q over the full vocabulary, zero outside the draft vocab
+                outside = [t for t in range(16) if t not in allowed]
+                assert q.shape[-1] == 16 and float(q[:, outside].sum()) == 0.0
+            return toks, q
+
+        prop.propose = propose
+        return prop
+
+    engine_mod.make_proposer, saved = spy, engine_mod.make_proposer
+    try:
+        for prompt in PROMPTS[:3]:
+            ref = run(engine, prompt, "ar").token_ids
+            assert run(engine, prompt, "domino").token_ids == ref
+            run(engine, prompt, "domino", temperature=0.8, seed=3)
+    finally:
+        engine_mod.make_proposer = saved
+    assert seen and seen <= allowed

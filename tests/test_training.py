@@ -162,3 +162,16 @@ def test_ablation_flags_change_the_objective(captured, tmp_path):
     cfg = TrainConfig(steps=4, num_anchors=8, gamma=4.0, use_head=False)
     m = train(_cfg(target, projector_type=None), target.model, data, tmp_path / "dflash", cfg, progress=False)
     assert not m.has_head
+
+
+def test_reduced_vocabulary_training_scores_the_most_frequent_tokens(captured, tmp_path):
+    target, data, _ = captured
+    cfg = TrainConfig(steps=6, num_anchors=8, gamma=4.0)
+    model = train(_cfg(target, draft_vocab_size=24), target.model, data, tmp_path / "rv", cfg, progress=False)
+    ids = set(model.draft_token_ids().tolist())
+    assert len(ids) == 24
+    counts = torch.zeros(target.vocab_size, dtype=torch.long)
+    for i in range(len(data)):
+        counts += torch.bincount(data[i].ids, minlength=target.vocab_size)
+    assert int(counts[list(ids)].min()) >= int(counts[[t for t in range(target.vocab_size) if t not in ids]].max())
+    assert torch.equal(load_draft(tmp_path / "rv" / "final").draft_token_ids(), model.draft_token_ids())

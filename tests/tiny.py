@@ -45,5 +45,9 @@ def tiny_draft_config(target: Target, **overrides) -> DraftConfig:
 
 
 def tiny_draft(target: Target, seed: int = 0, **overrides) -> DraftModel:
+    """A random drafter; with draft_vocab_size=N it scores a random subset of N target tokens."""
     torch.manual_seed(seed)
-    return DraftModel(tiny_draft_config(target, **overrides)).eval().requires_grad_(False)
+    model = DraftModel(tiny_draft_config(target, **overrides)).eval().requires_grad_(False)
+    if model.cfg.draft_vocab_size is not None:
+        model.set_draft_vocab(torch.randperm(target.vocab_size)[: model.cfg.draft_vocab_size])
+    return model

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--draft-layers", type=int, default=2)
     t.add_argument("--gru-hidden", type=int, default=256)
     t.add_argument("--emb-dim", type=int, default=64)
+    t.add_argument("--draft-vocab", type=int, default=None,
+                   help="score only the N most frequent tokens of the data (CPU speed); default: full vocabulary")
     t.add_argument("--no-head", action="store_true", help="DFlash ablation")
     t.add_argument("--no-curriculum", action="store_true", help="lambda = 0 from the start")
     t.add_argument("--lambda-decay-ratio", type=float, default=1.0)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         mask = PROFILES[args.target].mask_token_id if args.target in PROFILES else model.config.vocab_size - 1
         dcfg = cpu_draft_config(Target(model, tok), mask).replace(
             num_hidden_layers=args.draft_layers, block_size=args.block_size, gru_hidden_dim=args.gru_hidden,
-            emb_dim=args.emb_dim, target_layer_ids=data.layer_ids,
+            emb_dim=args.emb_dim, target_layer_ids=data.layer_ids, draft_vocab_size=args.draft_vocab,
             projector_type=None if args.no_head else "domino")
         cfg = TrainConfig(steps=args.steps, lr=args.lr, num_anchors=args.num_anchors, use_head=not args.no_head,
                           curriculum=not args.no_curriculum, lambda_decay_ratio=args.lambda_decay_ratio,

@@ -78,6 +78,14 @@ class CapturedData:
         self.feats = np.memmap(path / "feats.f16", dtype=np.float16, mode="r", shape=(rows, self.width))
         self.num_tokens = sum(e["length"] - e["prompt_len"] for e in self.index)
 
+    def top_tokens(self, n: int, vocab_size: int) -> torch.Tensor:
+        """The n most frequent token ids across all captured sequences (ties: lower id first)."""
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for e in self.index:
+            counts += torch.bincount(torch.tensor(e["ids"]), minlength=vocab_size)[:vocab_size]
+        order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
+        return torch.tensor(order[:n])
+
     def __len__(self) -> int:
         return len(self.index)
 

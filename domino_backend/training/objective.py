@@ -90,12 +90,22 @@ def sequence_loss(model: DraftModel, embed, lm_head, feats: torch.Tensor, ids: t
         emb = embed(blk.block_ids).to(dtype).reshape(1, n * b, -1)
     z = model.forward_train(emb, blk.positions.reshape(1, -1), feats[None].to(dtype), blk.mask)
     z = z.reshape(n, b, -1)[:, cfg.slot_offset:cfg.slot_offset + cfg.num_drafts]  # [N, K, H]
-    base = lm_head(z.to(lm_head.weight.dtype)).float()  # [N, K, V]
-    wsum = blk.weights.sum().clamp_min(1e-6)
+    base = model.base_logits(z, lm_head).float()  # [N, K, V_draft]
+    # Targets in the drafter's own vocabulary; a label the draft vocabulary lacks cannot be drafted,
+    # so it gets no weight (identity for full-vocabulary drafters).
+    labels, weights = blk.labels, blk.weights
+    ids = model.draft_token_ids()
+    if ids is not None:
+        t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+        t2d[ids.cpu()] = torch.arange(ids.numel())
+        labels = t2d[blk.labels]
+        weights = weights * (labels >= 0)
+        labels = labels.clamp_min(0)
+    wsum = weights.sum().clamp_min(1e-6)
 
     def weighted_ce(logits):
-        ce = F.cross_entropy(logits.flatten(0, 1), blk.labels.flatten(), reduction="none").view_as(blk.weights)
-        return (ce * blk.weights).sum() / wsum
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(weights)
+        return (ce * weights).sum() / wsum
 
     loss_base = weighted_ce(base)
     metrics = {"loss_base": loss_base.item()}
@@ -110,11 +120,11 @@ def sequence_loss(model: DraftModel, embed, lm_head, feats: torch.Tensor, ids: t
         final, loss = base, loss_base
         metrics["loss_final"] = loss_base.item()
     with torch.no_grad():
-        sup = blk.weights > 0
+        sup = weights > 0
         for name, logits in (("base", base), ("final", final)):
             pred = logits.argmax(-1)
-            metrics[f"acc_{name}"] = ((pred == blk.labels) & sup).sum().item() / max(1, int(sup.sum()))
-            metrics[f"accept_len_{name}"] = accept_length(pred, blk.labels, blk.weights).mean().item()
+            metrics[f"acc_{name}"] = ((pred == labels) & sup).sum().item() / max(1, int(sup.sum()))
+            metrics[f"accept_len_{name}"] = accept_length(pred, labels, weights).mean().item()
     metrics["loss"] = loss.item()
     metrics["lambda"] = lam
     metrics["anchors"] = n
