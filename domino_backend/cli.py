@@ -1,4 +1,5 @@
-"""`python -m domino_backend generate|bench` — stream a completion or benchmark methods side by side."""
+"""`python -m domino_backend generate|bench|serve-sglang` — stream a completion, benchmark methods side by side,
+or launch SGLang on GPU with a drafter."""
 
 from __future__ import annotations
 
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", default=None, help="write the full report here")
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
+
+    from .sglang import launch as sglang_launch  # no sglang import: only builds the command
+
+    s = sub.add_parser("serve-sglang", help="build and run the SGLang (GPU) server command for a drafter")
+    sglang_launch.add_arguments(s)
+    s.set_defaults(fn=sglang_launch.main)
 
     args = ap.parse_args(argv)
     try:

@@ -18,6 +18,48 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+
+# Reductions, scans and sigmoid are spelled `tl.reduce` / `tl.associative_scan` with triton's own
+# combine functions (exactly what `tl.max` / `tl.sum` / `tl.cumsum` expand to) instead of calling
+# those helpers: they are `@triton.jit` functions decorated when `triton` is first imported, so if
+# anything imported triton before TRITON_INTERPRET=1 was set (transformers does), the interpreter
+# refuses to call them (the same holds for `tl.zeros`: we use `tl.full`), while it runs triton's combine functions (fast, through numpy) either way.
+# Our own combine functions below are the fallback for a triton that renames the private ones.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _argmax_left(v1, i1, v2, i2):
+    take1 = (v1 > v2) | ((v1 == v2) & (i1 < i2))
+    return tl.where(take1, v1, v2), tl.where(take1, i1, i2)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+_std = getattr(tl, "standard", None)
+_SUM = getattr(_std, "_sum_combine", _add)
+_MAX = getattr(_std, "_elementwise_max", _maximum)
+_MIN = getattr(_std, "_elementwise_min", _minimum)
+_ARGMAX = getattr(_std, "_argmax_combine_tie_break_left", _argmax_left)
+
+
 # ---------------------------------------------------------------------------------------------
 # GRU step from the [V, 3G] input-projection table
 
@@ -42,13 +84,13 @@ def _gru_table_kernel(
         gh_r = tl.load(gh + j, mask=m, other=0.0).to(tl.float32)
         gh_z = tl.load(gh + G + j, mask=m, other=0.0).to(tl.float32)
         gh_n = tl.load(gh + 2 * G + j, mask=m, other=0.0).to(tl.float32)
-        r = tl.sigmoid(gi_r + gh_r)
-        z = tl.sigmoid(gi_z + gh_z)
+        r = _sigmoid(gi_r + gh_r)
+        z = _sigmoid(gi_z + gh_z)
         a = gi_n + r * gh_n
     else:  # h == 0: W_hh · h vanishes
-        z = tl.sigmoid(gi_z)
+        z = _sigmoid(gi_z)
         a = gi_n
-    n = 2.0 * tl.sigmoid(2.0 * a) - 1.0  # tanh (libdevice is unavailable in the interpreter)
+    n = 2.0 * _sigmoid(2.0 * a) - 1.0  # tanh (libdevice is unavailable in the interpreter)
     out = (1.0 - z) * n + z * h
     tl.store(out_ptr + row * stride_out + j, out.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -89,7 +131,7 @@ def _head_tile_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < B
     cmask = cols < V
-    acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
+    acc = tl.full((BLOCK_B, BLOCK_V), 0.0, tl.float32)
     if HAS_W2:
         for e0 in range(0, E, BLOCK_E):
             ee = e0 + tl.arange(0, BLOCK_E)
@@ -98,7 +140,7 @@ def _head_tile_kernel(
             a = tl.load(pre_ptr + rows[:, None] * stride_pre + ee[None, :], mask=am, other=0.0).to(tl.float32)
             if HAS_PRE2:
                 a += tl.load(pre2_ptr + rows[:, None] * stride_pre2 + ee[None, :], mask=am, other=0.0).to(tl.float32)
-            a = a * tl.sigmoid(a)  # SiLU; padded entries stay 0
+            a = a * _sigmoid(a)  # SiLU; padded entries stay 0
             # W2^T tile [BLOCK_E, BLOCK_V] (W2 is [V, E], row-major)
             w = tl.load(w2_ptr + cols[None, :] * stride_w2 + ee[:, None], mask=cmask[None, :] & emask[:, None], other=0.0)
             if IEEE:
@@ -111,7 +153,8 @@ def _head_tile_kernel(
     if STORE_LOGITS:
         tl.store(logits_ptr + rows[:, None] * stride_logits + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
     x = tl.where(cmask[None, :], acc, float("-inf"))
-    tmax, targ = tl.max(x, axis=1, return_indices=True)  # ties -> lowest column
+    cidx = tl.full((BLOCK_B, BLOCK_V), 0, tl.int32) + tl.arange(0, BLOCK_V)[None, :]
+    tmax, targ = tl.reduce((x, cidx), 1, _ARGMAX)  # ties -> lowest column
     off = rows * n_tiles + pid_v
     tl.store(tmax_ptr + off, tmax, mask=rmask)
     tl.store(targ_ptr + off, (targ + pid_v * BLOCK_V).to(tl.int64), mask=rmask)
@@ -119,7 +162,7 @@ def _head_tile_kernel(
         inv_t = tl.load(inv_t_ptr + rows, mask=rmask, other=1.0)
         s = x * inv_t[:, None]
         smax = tmax * inv_t
-        tl.store(tsum_ptr + off, tl.sum(tl.exp(s - smax[:, None]), axis=1), mask=rmask)
+        tl.store(tsum_ptr + off, tl.reduce(tl.exp(s - smax[:, None]), 1, _SUM), mask=rmask)
 
 
 @triton.jit
@@ -132,7 +175,7 @@ def _head_reduce_kernel(
     t = tl.arange(0, BLOCK_T)
     tm = t < n_tiles
     tmax = tl.load(tmax_ptr + row * n_tiles + t, mask=tm, other=float("-inf"))
-    best, best_t = tl.max(tmax, axis=0, return_indices=True)  # ties -> lowest tile
+    best, best_t = tl.reduce((tmax, t), 0, _ARGMAX)  # ties -> lowest tile
     top1 = tl.load(targ_ptr + row * n_tiles + best_t)
     if SAMPLE:
         temp = tl.load(temp_ptr + row).to(tl.float32)
@@ -141,19 +184,19 @@ def _head_reduce_kernel(
         m = best * inv_t
         tsum = tl.load(tsum_ptr + row * n_tiles + t, mask=tm, other=0.0)
         w = tl.where(tm, tsum * tl.exp(tmax * inv_t - m), 0.0)  # tile masses relative to the row max
-        z = tl.sum(w, axis=0)
+        z = tl.reduce(w, 0, _SUM)
         target = tl.load(u_ptr + row).to(tl.float32) * z
-        c = tl.cumsum(w, axis=0)
-        tstar = tl.min(tl.where((c > target) & tm, t, BLOCK_T), axis=0)
-        tstar = tl.minimum(tstar, tl.max(tl.where((w > 0) & tm, t, -1), axis=0))  # round-off guard
-        prev = tl.sum(tl.where(t == tstar - 1, c, 0.0), axis=0)
+        c = tl.associative_scan(w, 0, _SUM)
+        tstar = tl.reduce(tl.where((c > target) & tm, t, BLOCK_T), 0, _MIN)
+        tstar = tl.minimum(tstar, tl.reduce(tl.where((w > 0) & tm, t, -1), 0, _MAX))  # round-off guard
+        prev = tl.reduce(tl.where(t == tstar - 1, c, 0.0), 0, _SUM)
         cols = tstar * BLOCK_V + tl.arange(0, BLOCK_V)
         cm = cols < V
         lg = tl.load(logits_ptr + row * stride_logits + cols, mask=cm, other=float("-inf"))
         p = tl.where(cm, tl.exp(lg * inv_t - m), 0.0)
-        cp = tl.cumsum(p, axis=0) + prev
-        idx = tl.min(tl.where((cp > target) & cm, cols, V), axis=0)
-        idx = tl.minimum(idx, tl.max(tl.where((p > 0) & cm, cols, -1), axis=0))  # round-off guard
+        cp = tl.associative_scan(p, 0, _SUM) + prev
+        idx = tl.reduce(tl.where((cp > target) & cm, cols, V), 0, _MIN)
+        idx = tl.minimum(idx, tl.reduce(tl.where((p > 0) & cm, cols, -1), 0, _MAX))  # round-off guard
         tok = tl.where(greedy, top1, idx.to(tl.int64))
         tl.store(tok_ptr + row, tok)
         tl.store(logz_ptr + row, tl.where(greedy, 0.0, m + tl.log(z)))
@@ -243,7 +286,7 @@ def _accept_kernel(
     d = tl.load(drafts_ptr + row * stride_d + j, mask=j < K, other=0)
     t = tl.load(top1_ptr + row * stride_t + j, mask=j < K, other=0)
     bad = (d != t) | (valid == 0)
-    a = tl.min(tl.where(bad, j, BLOCK_K), axis=0)
+    a = tl.reduce(tl.where(bad, j, BLOCK_K), 0, _MIN)
     a = tl.minimum(a, K)
     tl.store(acc_ptr + row, a.to(tl.int64))
     tl.store(bonus_ptr + row, tl.load(top1_ptr + row * stride_t + a).to(tl.int64))

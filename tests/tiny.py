@@ -51,3 +51,18 @@ def tiny_draft(target: Target, seed: int = 0, **overrides) -> DraftModel:
     if model.cfg.draft_vocab_size is not None:
         model.set_draft_vocab(torch.randperm(target.vocab_size)[: model.cfg.draft_vocab_size])
     return model
+
+
+class CharTokenizer:
+    """One character per token id (a-z, A-Z, digits, punctuation...): enough to test text streaming."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?0123456789-_()[]{}<>=+*/\n"
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+    def convert_tokens_to_ids(self, tok):
+        return None
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(self.ALPHABET[i % len(self.ALPHABET)] for i in ids)

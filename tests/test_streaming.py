@@ -1,0 +1,59 @@
+"""Streaming text, stop strings and cancellation."""
+
+import threading
+
+from domino_backend.engine import Engine, GenerationRequest
+from tiny import CharTokenizer, tiny_draft, tiny_target
+
+
+def engine_with_text():
+    target = tiny_target("qwen3", peak=1.5, seed=11)
+    target.tokenizer = CharTokenizer()
+    return Engine(target, tiny_draft(target))
+
+
+def test_streamed_deltas_concatenate_to_the_final_text():
+    engine = engine_with_text()
+    for method in ("ar", "domino", "ngram"):
+        gen = engine.stream([1, 2, 3], GenerationRequest(max_new_tokens=50, method=method))
+        deltas = list(gen)
+        assert len(deltas) > 1
+        assert "".join(deltas) == gen.text == CharTokenizer().decode(gen.token_ids)
+
+
+def test_stop_string_truncates_and_is_never_streamed():
+    engine = engine_with_text()
+    full = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=60, method="ar")).text
+    stop = full[20:23]
+    cut = full.find(stop)
+    for method in ("ar", "domino"):
+        gen = engine.stream([1, 2, 3], GenerationRequest(max_new_tokens=60, method=method, stop=["zzzz-none", stop]))
+        streamed = "".join(gen)
+        assert gen.finish_reason == "stop"
+        assert streamed == gen.text == full[:cut]
+        assert stop not in streamed
+
+
+def test_cancel_from_another_thread_stops_between_rounds():
+    engine = engine_with_text()
+    gen = engine.stream([1, 2, 3], GenerationRequest(max_new_tokens=200, method="domino"))
+    it = iter(gen)
+    first = next(it)  # the request is running
+    t = threading.Thread(target=gen.cancel)
+    t.start()
+    t.join()
+    rest = list(it)
+    assert gen.finish_reason == "cancelled"
+    assert len(gen.token_ids) < 200
+    assert first + "".join(rest) == gen.text
+
+
+def test_generation_can_only_be_iterated_once():
+    engine = engine_with_text()
+    gen = engine.generate([1, 2], GenerationRequest(max_new_tokens=5, method="ar"))
+    try:
+        list(gen)
+    except RuntimeError as e:
+        assert "once" in str(e)
+    else:
+        raise AssertionError("second iteration should fail")
