@@ -59,7 +59,7 @@ def hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> tuple[li
 
 
 def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_tokens: int,
-              warmup: bool = True) -> dict:
+              warmup: bool = True, max_drafts: int | None = None) -> dict:
     bad = [m for m in methods if m not in BENCH_METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; choose from {', '.join(BENCH_METHODS)}")
@@ -70,16 +70,17 @@ def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_t
     results = {m: MethodResult(Stats(method=m)) for m in methods}
     if warmup:  # first calls pay one-off allocation / kernel selection costs
         for m in methods:
-            _run_one(engine, prompts[0], m, 8)
+            _run_one(engine, prompts[0], m, 8, max_drafts)
     for ids in tqdm(prompts, desc="bench", unit="prompt"):
         for m in methods:
-            toks, stats = _run_one(engine, ids, m, max_new_tokens)
+            toks, stats = _run_one(engine, ids, m, max_new_tokens, max_drafts)
             r = results[m]
             r.outputs.append(toks)
             r.texts.append(tok.decode(toks, skip_special_tokens=True))
             _accumulate(r.stats, stats)
     ref = results["ar"]
-    report = {"max_new_tokens": max_new_tokens, "num_prompts": len(prompts), "methods": {}, "speedup": {}, "lossless": {}}
+    report = {"max_new_tokens": max_new_tokens, "max_drafts": max_drafts, "num_prompts": len(prompts),
+              "methods": {}, "speedup": {}, "lossless": {}}
     for m, r in results.items():
         s = r.stats
         report["methods"][m] = {
@@ -92,11 +93,12 @@ def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_t
     return report
 
 
-def _run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int) -> tuple[list[int], Stats]:
+def _run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
+             max_drafts: int | None = None) -> tuple[list[int], Stats]:
     if method == "hf":
         toks, dt = hf_generate(engine, ids, max_new_tokens)
         return toks, Stats(method="hf", new_tokens=len(toks), total_s=dt)
-    gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=method))
+    gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=method, max_drafts=max_drafts))
     return gen.token_ids, gen.stats
 
 

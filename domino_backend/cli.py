@@ -36,7 +36,8 @@ def cmd_generate(args) -> int:
     engine = _engine(args)
     ids = encode(engine.target.tokenizer, prompt=args.prompt, chat=args.chat)
     req = GenerationRequest(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, stop=args.stop, seed=args.seed, method=args.method)
+                            top_k=args.top_k, stop=args.stop, seed=args.seed, method=args.method,
+                            max_drafts=args.max_drafts)
     gen = engine.stream(ids, req)
     for delta in gen:
         sys.stdout.write(delta)
@@ -53,7 +54,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     engine = _engine(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = run_bench(engine, read_prompts(args.prompts), methods, args.max_new_tokens)
+    report = run_bench(engine, read_prompts(args.prompts), methods, args.max_new_tokens, max_drafts=args.max_drafts)
     report["target"] = args.target or args.profile or DEFAULT_PROFILE
     report["draft"] = args.draft
     report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round (15 = SGLang's window)")
     _add_model_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--methods", default="ar,ngram,dflash,domino", help=f"comma list of {', '.join(BENCH_METHODS)}")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", default=None, help="write the full report here")
+    b.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round for every method")
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
 

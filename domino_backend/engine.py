@@ -31,6 +31,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     method: str = "domino"
+    # Cap on drafts verified per round (None: the method's own, 16 for a shift_label b16 drafter).
+    # 15 reproduces SGLang's window for shift_label drafters; smaller caps trade tau for cheaper
+    # verification on slow CPUs.
+    max_drafts: int | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -104,6 +108,8 @@ class Engine:
             raise ValueError("empty prompt: at least one token is needed")
         if req.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
+        if req.max_drafts is not None and req.max_drafts < 0:
+            raise ValueError(f"max_drafts must be >= 0, got {req.max_drafts}")
         limit = self.target.max_context
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context limit is {limit}")
@@ -136,7 +142,8 @@ class Engine:
             while True:
                 pos = sess.length
                 # Never draft past the token budget or the context window: the bonus token is free.
-                k = max(0, min(proposer.max_k, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
+                cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
+                k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
                 t0 = time.perf_counter()
                 drafts, q = proposer.propose(anchor, pos, k, params, rng)
                 t1 = time.perf_counter()

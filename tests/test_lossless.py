@@ -166,3 +166,15 @@ def test_reduced_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(shif
     finally:
         engine_mod.make_proposer = saved
     assert seen and seen <= allowed
+
+
+def test_draft_cap_limits_each_round_and_stays_lossless():
+    target = tiny_target("qwen3", vocab=12, peak=4.0, seed=1)
+    engine = Engine(target, tiny_draft(target, seed=1, block_size=8))
+    ref = run(engine, [1, 2, 3], "ar", n=50).token_ids
+    for cap in (0, 1, 3, 7):
+        gen = run(engine, [1, 2, 3], "domino", n=50, max_drafts=cap)
+        assert gen.token_ids == ref
+        assert len(gen.stats.pos_tried) <= cap
+    with pytest.raises(ValueError, match="max_drafts"):
+        run(engine, [1], "domino", max_drafts=-1)
