@@ -17,6 +17,7 @@ from domino_backend.config import DraftConfig
 from domino_backend.draft_model import DraftModel, gru_cell
 from domino_backend.head import rollout, teacher_forced_logits
 from domino_backend.sampling import SamplingParams, probs_from_logits
+from tiny import strong_head
 
 H, V, G, E, S = 16, 40, 6, 7, 8  # hidden, vocab, GRU width, MLP bottleneck, block size
 GREEDY = SamplingParams()
@@ -30,17 +31,7 @@ def make_model(shift_label: bool = True, prefix: int = 1, projector: str | None 
     )
     torch.manual_seed(seed)
     model = DraftModel(cfg).eval().requires_grad_(False)
-    if model.has_head:
-        # The default init (std 0.02) makes the delta negligible next to the base logits, and a small
-        # GRU state barely moves it. Scale both up so the head changes most tokens and its choice
-        # depends on the GRU state (anchor, previous drafts): otherwise the parity tests could not fail.
-        with torch.no_grad():
-            model.prefix_gru.weight_ih_l0.normal_(0, 0.8)
-            model.prefix_gru.weight_hh_l0.normal_(0, 0.8)
-            model.embed_proj[0].weight[:, :H].normal_(0, 0.3)  # z columns
-            model.embed_proj[0].weight[:, H:].normal_(0, 2.0)  # GRU-state columns
-            model.embed_proj[2].weight.normal_(0, 0.5)
-    return model
+    return strong_head(model) if model.has_head else model
 
 
 def make_embed(seed: int = 0) -> nn.Embedding:

@@ -28,6 +28,7 @@ from domino_backend.sampling import SamplingParams
 from domino_backend.sglang import plugin, upstream
 from domino_backend.sglang.export import export_for_sglang, parse_with_sglang, sglang_problems, tensor_problems
 from domino_backend.sglang.rollout import domino_rollout, proposal_slots
+from tiny import strong_head
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +61,7 @@ def make_draft(v=300, block=8, shift_label=True, prefix=1, projector="domino", s
     )
     torch.manual_seed(seed)
     model = DraftModel(cfg).eval().requires_grad_(False)
-    if model.has_head:
-        with torch.no_grad():  # a head strong enough to change most drafts (see tests/test_head.py)
-            model.prefix_gru.weight_ih_l0.normal_(0, 0.8)
-            model.prefix_gru.weight_hh_l0.normal_(0, 0.8)
-            model.embed_proj[0].weight[:, :H].normal_(0, 0.3)
-            model.embed_proj[0].weight[:, H:].normal_(0, 2.0)
-            model.embed_proj[2].weight.normal_(0, 0.5)
-    return model
+    return strong_head(model) if model.has_head else model
 
 
 def sglang_inputs(model: DraftModel, batch: int, seed: int) -> dict:

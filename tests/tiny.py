@@ -66,3 +66,17 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return "".join(self.ALPHABET[i % len(self.ALPHABET)] for i in ids)
+
+
+def strong_head(model: DraftModel) -> DraftModel:
+    """Scale a random Domino head up. The default init (std 0.02) makes the delta negligible next to
+    the base logits and the GRU state barely moves it; scaled, the head changes most drafts and its
+    choice depends on the GRU state (anchor, previous drafts), so head parity tests can fail."""
+    h = model.cfg.hidden_size
+    with torch.no_grad():
+        model.prefix_gru.weight_ih_l0.normal_(0, 0.8)
+        model.prefix_gru.weight_hh_l0.normal_(0, 0.8)
+        model.embed_proj[0].weight[:, :h].normal_(0, 0.3)  # z columns
+        model.embed_proj[0].weight[:, h:].normal_(0, 2.0)  # GRU-state columns
+        model.embed_proj[2].weight.normal_(0, 0.5)
+    return model
