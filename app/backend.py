@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
@@ -87,7 +88,7 @@ class Result:
 
     @property
     def timings(self) -> dict:
-        r = lambda x: None if x is None else round(x, 2)  # noqa: E731
+        r = lambda x: None if x is None else round(x, 2)
         return {"queue_ms": r(self.queue_ms), "prefill_ms": r(self.prefill_ms), "ttft_ms": r(self.ttft_ms),
                 "total_ms": r(self.total_ms)}
 

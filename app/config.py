@@ -16,6 +16,7 @@ from domino_backend.drafters import METHODS
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "DOMINO_API_KEY"
+BACKEND_KEY_ENV = "DOMINO_BACKEND_API_KEY"
 
 
 class ServerConfig(BaseModel):
@@ -30,8 +31,10 @@ class ServerConfig(BaseModel):
     target: str = "coder"  # profile name, HF folder or hub id
     draft: str | None = None  # None = the profile's default drafter, "none" = ar/ngram only
     dtype: str = "auto"
-    threads: int | None = None
-    method: str = "domino"  # default decoding method when a request names none
+    threads: int | None = None  # torch threads; None = cores - 1 (see engine_backend.engine_threads)
+    # Default decoding method when a request names none. "auto": domino with a trained drafter, ar
+    # while the drafter is the random placeholder (lossless either way; the placeholder only costs time).
+    method: str = "auto"
     backend_url: str | None = None  # e.g. http://gpu-box:30000/v1 (SGLang, vLLM, llama.cpp, another Domino)
     backend_model: str | None = None  # model name sent to the remote backend (default: its first model)
     backend_api_key: str | None = None  # sent as Bearer to the remote backend, never logged
@@ -65,8 +68,8 @@ class ServerConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHODS)}")
+        if v != "auto" and v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose from auto, {', '.join(METHODS)}")
         return v
 
     @field_validator("api_key", "backend_api_key")
@@ -75,10 +78,12 @@ class ServerConfig(BaseModel):
         return v or None
 
     @classmethod
-    def with_env(cls, **kw) -> "ServerConfig":
-        """Like the constructor, but an unset api_key comes from $DOMINO_API_KEY."""
+    def with_env(cls, **kw) -> ServerConfig:
+        """Like the constructor, but unset keys come from $DOMINO_API_KEY / $DOMINO_BACKEND_API_KEY."""
         if not kw.get("api_key"):
             kw["api_key"] = os.environ.get(API_KEY_ENV) or None
+        if not kw.get("backend_api_key"):
+            kw["backend_api_key"] = os.environ.get(BACKEND_KEY_ENV) or None
         return cls(**kw)
 
     def safe_dict(self) -> dict:

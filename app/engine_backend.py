@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import threading
 
 from domino_backend.drafters import METHODS
@@ -18,6 +19,14 @@ from .scheduler import Scheduler, Task
 log = logging.getLogger("domino.server")
 
 NEEDS_DRAFTER = ("dflash", "domino")
+
+
+def engine_threads() -> int:
+    """Default torch threads for serving: one core fewer than the machine has. The event loop,
+    tokenizer and sockets need a core, and OpenMP threads that find their core busy spin-wait:
+    on the 2-core dev box a tiny-model forward took 35x longer with 2 threads than with 1 while
+    another process was busy."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 class EngineBackend:
@@ -51,8 +60,8 @@ class EngineBackend:
 
         c = self.cfg
         try:
-            self.engine = await asyncio.to_thread(build_engine, c.target, c.draft, c.dtype, c.threads)
-        except Exception as e:  # noqa: BLE001 - reported through /health and every request
+            self.engine = await asyncio.to_thread(build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads())
+        except Exception as e:
             log.exception("model load failed")
             self._status, self._error = "error", f"model load failed: {type(e).__name__}: {e}"
             return
@@ -60,6 +69,8 @@ class EngineBackend:
 
     def _ready(self) -> None:
         e = self.engine
+        if self.default_method == "auto":
+            self.default_method = "domino" if e.draft is not None and not e.placeholder_draft else "ar"
         if e.draft is None and self.default_method in NEEDS_DRAFTER:
             log.warning("no drafter loaded: default method %s -> ar", self.default_method)
             self.default_method = "ar"
@@ -90,7 +101,10 @@ class EngineBackend:
 
     def _encode(self, req: GenRequest) -> list[int]:
         with self._tok_lock:
-            return build_prompt(self._tok, req)
+            ids = build_prompt(self._tok, req)
+            if log.isEnabledFor(logging.DEBUG):  # the exact prompt, for "why is my completion empty"; never at info
+                log.debug("prompt for %s (%d tokens): %r", req.tag, len(ids), self._tok.decode(ids)[:4000])
+            return ids
 
     async def submit(self, req: GenRequest) -> StreamJob:
         if self._status != "ok":

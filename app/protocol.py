@@ -9,7 +9,7 @@ working with older servers.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -70,7 +70,7 @@ class Ping(_Msg):
     id: str | None = Field(None, max_length=128)
 
 
-ClientMessage = Annotated[Union[Complete, Chat, Cancel, Ping], Field(discriminator="type")]
+ClientMessage = Annotated[Complete | Chat | Cancel | Ping, Field(discriminator="type")]
 _client = TypeAdapter(ClientMessage)
 CLIENT_TYPES = ("complete", "chat", "cancel", "ping")
 
@@ -89,7 +89,7 @@ def parse_client(text: str) -> Complete | Chat | Cancel | Ping:
         raise ProtocolError("bad_json", f"not valid JSON: {e}"[:300]) from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object with a \"type\" field")
-    rid = data.get("id") if isinstance(data.get("id"), str) and len(data["id"]) <= 128 else None
+    rid = data.get("id") if isinstance(data.get("id"), str) and 0 < len(data["id"]) <= 128 else None
     mtype = data.get("type")
     if mtype not in CLIENT_TYPES:
         shown = mtype if isinstance(mtype, str) and len(mtype) < 64 else type(mtype).__name__

@@ -141,7 +141,7 @@ class RemoteBackend:
             reason = "cancelled"  # job.cancel(): leaving the `async with` closed the HTTP stream
         except httpx.HTTPError as e:
             reason, error = "error", f"remote backend failed: {type(e).__name__}"
-        except Exception as e:  # noqa: BLE001 - report, never crash the server
+        except Exception as e:
             log.exception("remote request %s failed", req.tag)
             reason, error = "error", f"remote backend failed: {type(e).__name__}"
         finally:

@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from domino_backend.engine import GenerationRequest
 
@@ -160,7 +161,7 @@ class Scheduler:
             delta = next(t.it)
         except StopIteration:
             return self._finish(t, t.gen.finish_reason or "stop")
-        except Exception as e:  # noqa: BLE001 - one broken request must not stop the others
+        except Exception as e:
             log.exception("engine error in %s", t.tag)
             return self._finish(t, "error", f"engine error: {type(e).__name__}")
         line_done = False

@@ -58,8 +58,9 @@ def origin_ok(cfg: ServerConfig, origin: str | None) -> bool:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse HTTP bodies over `limit` bytes with 413, whether or not the client sent
-    Content-Length (chunked bodies are counted as they arrive)."""
+    """ASGI middleware: refuse HTTP bodies over `limit` bytes with 413. With Content-Length the header
+    decides (the HTTP parser holds the body to it); without (chunked), the body is read here up to the
+    limit and replayed to the app, so the app never sees a partial body."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -67,36 +68,38 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        length = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    length = int(value)
                 except ValueError:
-                    too_big = False
-                if too_big:
-                    return await self._refuse(send)
-        seen = 0
-        started = False
-
-        async def counted_receive():
-            nonlocal seen
+                    length = None
+        if length is not None:
+            if length > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        chunks, seen, more = [], 0, True
+        while more:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return msg
+            if msg["type"] != "http.request":  # disconnected while sending
+                return
+            body = msg.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                return await self._refuse(send)
+            chunks.append(body)
+            more = msg.get("more_body", False)
+        replayed = False
 
-        async def tracked_send(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send):
         body = json.dumps({"error": {"message": f"request body over {self.limit} bytes", "type": "invalid_request_error",
@@ -106,11 +109,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
-
-
-_TOKEN_RE = re.compile(r"([?&](?:token|api_key|key)=)[^&\s\"]*", re.I)
+_TOKEN_RE = re.compile(r"([?&](?:token|api_key|key)=)[^&\s\"]*", re.IGNORECASE)
 
 
 class RedactSecrets(logging.Filter):

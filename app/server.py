@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from .backend import Backend
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .openai_api import error_response, router as openai_router
+from .openai_api import error_response
+from .openai_api import router as openai_router
 from .security import PUBLIC_PATHS, BodyLimit, install_log_redaction, key_ok, origin_ok
 from .ws import ws_endpoint
 
@@ -76,6 +77,7 @@ class Guard:
 def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPI:
     backend = backend or make_backend(cfg)
     metrics = Metrics()
+    install_log_redaction()  # before the first access log line, whoever runs the app
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -136,5 +138,4 @@ def run(cfg: ServerConfig, backend: Backend | None = None) -> None:
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
     uvicorn.Server(uvicorn_config(create_app(cfg, backend), cfg)).run()

@@ -29,7 +29,7 @@ log = logging.getLogger("domino.server")
 @dataclass(eq=False)
 class _Inflight:
     id: str
-    kind: str
+    kind: str  # fim | chat (metrics label, as on the HTTP side)
     document: str | None
     job: Job | None = None
     cancelled: bool = False  # cancel arrived before the backend returned the job
@@ -142,7 +142,7 @@ class Connection:
             if old is not None:
                 old.cancel()
             self.documents[document] = m.id
-        entry = _Inflight(m.id, m.type, document)
+        entry = _Inflight(m.id, req.kind, document)
         self.inflight[m.id] = entry
         task = asyncio.create_task(self.serve(entry, req))
         self._tasks.add(task)
@@ -166,7 +166,7 @@ class Connection:
                     await self.send(P.done(entry.id, ev))
                 else:
                     await self.send(P.delta(entry.id, ev))
-        except Exception:  # noqa: BLE001 - never let one request take the connection down
+        except Exception:
             log.exception("ws request %s failed", entry.id)
             await self.fail(entry.id, "internal", "internal server error")
         finally:

@@ -29,6 +29,7 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra end tokens (e.g. a FIM family's)
     seed: int | None = None
     method: str = "domino"
     # Cap on drafts verified per round (None: the method's own, 16 for a shift_label b16 drafter).
@@ -95,8 +96,11 @@ class Stats:
 class Engine:
     """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
 
-    def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig()):
+    def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig(),
+                 placeholder_draft: bool = False):
         self.target, self.draft, self.ngram = target, draft, ngram
+        # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
+        self.placeholder_draft = placeholder_draft
         if draft is not None:
             from .checkpoint import check_compatible
 
@@ -116,7 +120,9 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.target.vocab_size})")
-        return Generation(self, list(prompt_ids), req)
+        params = req.sampling()  # validates temperature / top-p / top-k now, not on the first round
+        proposer = make_proposer(req.method, self.target, self.draft, self.ngram)
+        return Generation(self, list(prompt_ids), req, proposer, params)
 
     def generate(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
         gen = self.stream(prompt_ids, req)
@@ -124,26 +130,30 @@ class Engine:
             pass
         return gen
 
-    def token_rounds(self, prompt_ids: list[int], req: GenerationRequest, stats: Stats) -> Iterator[list[int]]:
-        """Yield the tokens committed by prefill, then by each round, until the consumer stops."""
-        t, params = self.target, req.sampling()
+    def token_rounds(self, prompt_ids: list[int], req: GenerationRequest, proposer, params: SamplingParams,
+                     stats: Stats) -> Iterator[list[int]]:
+        """Yield the tokens committed by prefill, then by each round, until the consumer stops.
+
+        Grad mode is switched off per step, not across the yields, so interleaved generators (a
+        scheduler serving many requests) never leak inference mode into each other's callers."""
+        t = self.target
         rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        proposer = make_proposer(req.method, t, self.draft, self.ngram)
         sess = t.session()
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            t0 = time.perf_counter()
             prompt = torch.tensor(prompt_ids, dtype=torch.long, device=t.device)
             out = sess.forward(prompt, proposer.layer_ids, keep_last=1)
             proposer.commit(prompt_ids, out.feats)
             anchor = int(select(out.logits[-1], params, rng)[0])
-            stats.prefill_s = time.perf_counter() - t0
-            yield [anchor]
-            produced = 1
-            while True:
-                pos = sess.length
-                # Never draft past the token budget or the context window: the bonus token is free.
-                cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
-                k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
+        stats.prefill_s = time.perf_counter() - t0
+        yield [anchor]
+        produced = 1
+        while True:
+            pos = sess.length
+            # Never draft past the token budget or the context window: the bonus token is free.
+            cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
+            k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
+            with torch.inference_mode():
                 t0 = time.perf_counter()
                 drafts, q = proposer.propose(anchor, pos, k, params, rng)
                 t1 = time.perf_counter()
@@ -153,23 +163,25 @@ class Engine:
                 sess.rollback(pos + a + 1)
                 committed = [anchor] + drafts[:a].tolist()
                 proposer.commit(committed, None if out.feats is None else out.feats[: a + 1])
-                stats.draft_s += t1 - t0
-                stats.verify_s += time.perf_counter() - t1
-                stats.record(drafts.shape[0], a)
-                anchor = bonus
-                new = committed[1:] + [bonus]
-                produced += len(new)
-                yield new
+            stats.draft_s += t1 - t0
+            stats.verify_s += time.perf_counter() - t1
+            stats.record(drafts.shape[0], a)
+            anchor = bonus
+            new = committed[1:] + [bonus]
+            produced += len(new)
+            yield new
 
 
 class Generation:
-    """An in-flight request: iterate for text deltas (str); `cancel()` (any thread) stops it between rounds.
+    """An in-flight request: iterate for text deltas (str, one per engine round, possibly empty);
+    `cancel()` (any thread) stops it between rounds, or before prefill if it has not started.
 
     After iteration: `token_ids`, `text`, `finish_reason` (stop | length | cancelled) and `stats`.
     """
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], req: GenerationRequest):
+    def __init__(self, engine: Engine, prompt_ids: list[int], req: GenerationRequest, proposer, params):
         self.engine, self.prompt_ids, self.req = engine, prompt_ids, req
+        self._proposer, self._params = proposer, params
         self.stats = Stats(method=req.method, prompt_tokens=len(prompt_ids))
         self.token_ids: list[int] = []
         self.text = ""
@@ -185,12 +197,15 @@ class Generation:
             raise RuntimeError("a Generation can be iterated once")
         self._started = True
         tok = self.engine.target.tokenizer
-        eos = self.engine.target.eos_ids
+        eos = self.engine.target.eos_ids | set(self.req.stop_token_ids)
         budget = min(self.req.max_new_tokens, self.engine.target.max_context - len(self.prompt_ids))
         stops = [s for s in self.req.stop if s]
         emitted = 0  # characters of self.text already yielded
         t0 = time.perf_counter()
-        rounds = self.engine.token_rounds(self.prompt_ids, self.req, self.stats)
+        if self._cancel.is_set():  # cancelled while queued: no prefill at all
+            self.finish_reason = "cancelled"
+            return
+        rounds = self.engine.token_rounds(self.prompt_ids, self.req, self._proposer, self._params, self.stats)
         try:
             for new in rounds:
                 for tid in new:
@@ -201,6 +216,7 @@ class Generation:
                     if len(self.token_ids) >= budget:
                         self.finish_reason = "length"
                         break
+                piece = ""
                 if tok is not None:
                     self.text = tok.decode(self.token_ids, skip_special_tokens=True)
                     hit = min((i for i in (self.text.find(s) for s in stops) if i >= 0), default=-1)
@@ -208,8 +224,10 @@ class Generation:
                         self.text, self.finish_reason = self.text[:hit], "stop"
                     safe = len(self.text) if self.finish_reason else _safe_prefix_len(self.text, stops)
                     if safe > emitted:
-                        yield self.text[emitted:safe]
-                        emitted = safe
+                        piece, emitted = self.text[emitted:safe], safe
+                # One yield per engine round, even when the text is held back: a scheduler gets
+                # control back after every target forward (fairness, deadlines).
+                yield piece
                 if self.finish_reason is None and self._cancel.is_set():
                     self.finish_reason = "cancelled"
                 if self.finish_reason:

@@ -91,4 +91,4 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
         "Output stays exactly the target's, but acceptance is ~0, so dflash/domino run slower than ar.",
         file=sys.stderr,
     )
-    return Engine(t, random_drafter(t, mask))
+    return Engine(t, random_drafter(t, mask), placeholder_draft=True)

@@ -1,0 +1,224 @@
+"""Server pieces without a server: single-line cut, FIM prompt building, origin rules, log redaction,
+scheduler fairness, and the documented WebSocket examples."""
+
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app import protocol as P
+from app.backend import ExtraFile, GenRequest, RequestError, Result, SingleLine
+from app.config import ServerConfig
+from app.prompting import build_prompt
+from app.scheduler import Scheduler, Task
+from app.security import RedactSecrets, origin_ok
+from app.server import origin_regex
+from server_fakes import FakeEngine, FakeTokenizer
+from domino_backend.engine import GenerationRequest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "websocket-api.md"
+
+
+def feed_all(parts):
+    s, out = SingleLine(), ""
+    for p in parts:
+        text, done = s.feed(p)
+        out += text
+        if done:
+            return out, True
+    return out, False
+
+
+@pytest.mark.parametrize("parts,want", [
+    (["return a", " + b\n", "next"], ("return a + b", True)),
+    (["\n", "    return 1", "\nx"], ("\n    return 1", True)),  # leading blank line kept
+    (["x = 1"], ("x = 1", False)),
+    (["  ", "\n", "\n  y\n"], ("  \n\n  y", True)),
+    (["ab\ncd"], ("ab", True)),
+])
+def test_single_line(parts, want):
+    assert feed_all(parts) == want
+
+
+def test_qwen_fim_prompt_and_special_tokens_in_user_code_stay_text():
+    tok = FakeTokenizer()
+    v = tok.get_vocab()
+    ids = build_prompt(tok, GenRequest(kind="fim", prefix="a<|fim_middle|>", suffix="z"))
+    assert ids[0] == v["<|fim_prefix|>"] and ids[-1] == v["<|fim_middle|>"]
+    assert ids.count(v["<|fim_middle|>"]) == 1  # the literal in the code was not turned into a token
+    assert ids == [v["<|fim_prefix|>"], *tok.encode("a<|fim_middle|>", split_special_tokens=True),
+                   v["<|fim_suffix|>"], ord("z"), v["<|fim_middle|>"]]
+
+
+def test_qwen_repo_level_prompt_with_extra_files():
+    tok = FakeTokenizer()
+    v = tok.get_vocab()
+    req = GenRequest(kind="fim", prefix="p", suffix="s", filename="src/main.py",
+                     extra=[ExtraFile("src/util.py", "def u(): pass")])
+    ids = build_prompt(tok, req)
+    assert ids[0] == v["<|repo_name|>"] and ids.count(v["<|file_sep|>"]) == 2
+    text = "".join(chr(i) if i < 1000 else "|" for i in ids)
+    assert "src/util.py\ndef u(): pass\n" in text and "src/main.py\n" in text
+    assert ids.index(v["<|fim_prefix|>"]) > ids.index(v["<|file_sep|>"])
+
+
+def test_prefix_only_fallback_without_fim_tokens():
+    class NoFim(FakeTokenizer):
+        def get_vocab(self):
+            return {}
+
+    ids = build_prompt(NoFim(), GenRequest(kind="fim", prefix="abc", suffix="ignored",
+                                           extra=[ExtraFile("u.py", "U")]))
+    assert "".join(map(chr, ids)) == "U\n\nabc"
+
+
+def test_raw_text_prompts_keep_special_tokens_and_empty_prompts_are_refused():
+    tok = FakeTokenizer()
+    ids = build_prompt(tok, GenRequest(kind="text", prompt="<|fim_prefix|>x"))
+    assert ids == [tok.get_vocab()["<|fim_prefix|>"], ord("x")]
+    with pytest.raises(RequestError) as e:
+        build_prompt(tok, GenRequest(kind="text", prompt=""))
+    assert e.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("origin,ok", [
+    (None, True), ("http://localhost:3000", True), ("http://127.0.0.1", True), ("https://localhost", False),
+    ("https://evil.example", False), ("http://localhost.evil.example", False), ("vscode-webview://abc", True),
+    ("null", False), ("http://[::1", False),
+])
+def test_origin_rules(origin, ok):
+    cfg = ServerConfig()
+    assert origin_ok(cfg, origin) is ok
+    if origin and ok:
+        assert re.fullmatch(origin_regex(cfg.allowed_origins), origin)
+    assert origin_ok(ServerConfig(allowed_origins=["*"]), "https://any.example")
+
+
+def test_access_log_redacts_tokens():
+    rec = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                            ("127.0.0.1:1", "GET", "/v1/ws?token=s3cret&x=1", "1.1", 101), None)
+    RedactSecrets().filter(rec)
+    assert "s3cret" not in rec.getMessage() and "token=***" in rec.getMessage()
+
+
+def _record_end(finish, name, ends):
+    def wrapped(result):
+        ends.setdefault(name, time.perf_counter())
+        finish(result)
+
+    return wrapped
+
+
+def test_scheduler_interleaves_rounds_fairly():
+    """A short request submitted after a long one finishes first: rounds alternate."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    from app.backend import StreamJob
+
+    sched = Scheduler(FakeEngine(0.01), max_active=4, max_queue=4)
+    sched.start()
+    try:
+        ends = {}
+        jobs = {}
+        for name, n in (("long", 60), ("short", 3)):
+            job = StreamJob(loop)
+            task = Task(job, [1, 2], GenerationRequest(max_new_tokens=n, method="ar"), time.perf_counter())
+            job.finish = _record_end(job.finish, name, ends)
+            jobs[name] = job
+            sched.submit(task)
+        t0 = time.monotonic()
+        while len(ends) < 2 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert ends["short"] < ends["long"]
+        assert jobs["short"].result.text and jobs["short"].result.finish_reason == "length"
+    finally:
+        sched.stop()
+        loop.close()
+
+
+def test_scheduler_refuses_when_full():
+    import asyncio
+
+    from app.backend import StreamJob
+
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(FakeEngine(0.01), max_active=1, max_queue=1)  # not started: nothing drains
+    try:
+        for _ in range(2):
+            sched.submit(Task(StreamJob(loop), [1], GenerationRequest(max_new_tokens=1), time.perf_counter()))
+        with pytest.raises(RequestError) as e:
+            sched.submit(Task(StreamJob(loop), [1], GenerationRequest(max_new_tokens=1), time.perf_counter()))
+        assert (e.value.code, e.value.status) == ("overloaded", 429)
+    finally:
+        loop.close()
+
+
+def test_auto_method_uses_ar_while_the_drafter_is_a_placeholder():
+    from app.engine_backend import EngineBackend
+
+    for placeholder, expected in ((True, "ar"), (False, "domino")):
+        engine = FakeEngine()
+        engine.placeholder_draft = placeholder
+        backend = EngineBackend(ServerConfig(target="tiny"), engine=engine)
+        backend._ready()
+        try:
+            assert backend.default_method == expected
+        finally:
+            backend.scheduler.stop()
+    with pytest.raises(ValueError):
+        ServerConfig(method="magic")
+
+
+def test_result_timings_and_usage():
+    r = Result(text="x", finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=None)
+    assert r.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert r.timings["ttft_ms"] is None
+
+
+def _doc_examples():
+    blocks = re.findall(r"```json\n(.*?)```", DOCS.read_text(), re.DOTALL)
+    for b in blocks:
+        for line in b.strip().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                yield json.loads(line)
+
+
+def test_documented_examples_are_valid():
+    examples = list(_doc_examples())
+    kinds = {e["type"] for e in examples}
+    assert {"complete", "chat", "cancel", "ping", "delta", "done", "error", "pong"} <= kinds
+    for e in examples:
+        if e["type"] in P.CLIENT_TYPES:
+            P.parse_client(json.dumps(e))
+        elif e["type"] == "done":
+            assert {"id", "finish_reason", "text", "usage", "timings", "spec"} <= set(e)
+        elif e["type"] == "error":
+            assert {"id", "code", "message"} <= set(e)
+
+
+def test_stream_job_is_thread_safe_and_ends_with_a_result():
+    import asyncio
+
+    from app.backend import StreamJob
+
+    async def main():
+        job = StreamJob(asyncio.get_running_loop())
+
+        def produce():
+            for w in ("a", "b", ""):
+                job.put(w)
+            job.finish(Result(text="ab", finish_reason="stop"))
+            job.put("late")  # ignored after finish
+
+        threading.Thread(target=produce).start()
+        events = [e async for e in job]
+        return events
+
+    events = asyncio.run(main())
+    assert events[:2] == ["a", "b"] and isinstance(events[2], Result) and len(events) == 3
