@@ -97,8 +97,9 @@ class Engine:
     """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
 
     def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig(),
-                 placeholder_draft: bool = False):
+                 placeholder_draft: bool = False, prefill_chunk: int = 512):
         self.target, self.draft, self.ngram = target, draft, ngram
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
         if draft is not None:
@@ -139,13 +140,21 @@ class Engine:
         t = self.target
         rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         sess = t.session()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            prompt = torch.tensor(prompt_ids, dtype=torch.long, device=t.device)
-            out = sess.forward(prompt, proposer.layer_ids, keep_last=1)
-            proposer.commit(prompt_ids, out.feats)
-            anchor = int(select(out.logits[-1], params, rng)[0])
-        stats.prefill_s = time.perf_counter() - t0
+        # Prefill in chunks, yielding nothing between them: a long prompt can then be cancelled
+        # mid-prefill and does not stall the rounds of other requests sharing the worker.
+        chunk = self.prefill_chunk
+        for start in range(0, len(prompt_ids), chunk):
+            piece = prompt_ids[start:start + chunk]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = sess.forward(torch.tensor(piece, dtype=torch.long, device=t.device), proposer.layer_ids,
+                                   keep_last=1)
+                proposer.commit(piece, out.feats)
+                if start + chunk >= len(prompt_ids):
+                    anchor = int(select(out.logits[-1], params, rng)[0])
+            stats.prefill_s += time.perf_counter() - t0
+            if start + chunk < len(prompt_ids):
+                yield []
         yield [anchor]
         produced = 1
         while True:

@@ -57,3 +57,25 @@ def test_generation_can_only_be_iterated_once():
         assert "once" in str(e)
     else:
         raise AssertionError("second iteration should fail")
+
+
+def test_long_prompt_prefills_in_chunks_and_can_be_cancelled_mid_prefill():
+    engine = engine_with_text()
+    prompt = [(7 * i) % 60 for i in range(150)]
+    ref = engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="domino")).token_ids
+    engine.prefill_chunk = 32  # 5 chunks
+    for method in ("ar", "domino", "ngram"):
+        assert engine.generate(prompt, GenerationRequest(max_new_tokens=30, method=method)).token_ids == ref
+    gen = engine.stream(prompt, GenerationRequest(max_new_tokens=30, method="domino"))
+    it = iter(gen)
+    assert next(it) == ""  # first chunk done, nothing generated yet
+    gen.cancel()
+    assert list(it) == []
+    assert gen.finish_reason == "cancelled" and gen.token_ids == [] and gen.stats.rounds == 0
+
+
+def test_cancel_before_start_runs_no_prefill():
+    engine = engine_with_text()
+    gen = engine.stream([1, 2, 3], GenerationRequest(max_new_tokens=10, method="domino"))
+    gen.cancel()
+    assert list(gen) == [] and gen.finish_reason == "cancelled" and gen.stats.prefill_s == 0.0
