@@ -55,7 +55,7 @@ def split_of(key: str, holdout_frac: float) -> str:
     return "heldout" if h < holdout_frac else "train"
 
 
-def code_prompts(root: Path, n: int, rng: random.Random, holdout_frac: float, max_prefix_chars: int = 1500) -> list[dict]:
+def code_prompts(root: Path, n: int, rng: random.Random, holdout_frac: float, max_prefix_chars: int = 800) -> list[dict]:
     files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and p.stat().st_size > 2000)
     rng.shuffle(files)
     out = []
@@ -73,7 +73,7 @@ def code_prompts(root: Path, n: int, rng: random.Random, holdout_frac: float, ma
         rec = {"file": str(path.relative_to(root)), "split": split_of(str(path.relative_to(root)), holdout_frac)}
         if rng.random() < 0.5:  # FIM: a hole of 1-6 lines, the rest of the window as suffix
             hole = rng.randint(1, 6)
-            rec.update(kind="fim", prefix=prefix, suffix="".join(lines[cut + hole:cut + hole + 30])[:800])
+            rec.update(kind="fim", prefix=prefix, suffix="".join(lines[cut + hole:cut + hole + 30])[:400])
         else:
             rec.update(kind="prefix", prefix=prefix)
         out.append(rec)
