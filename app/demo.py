@@ -12,7 +12,7 @@ import sys
 from domino_backend.engine import GenerationRequest
 from domino_backend.loader import build_engine
 from domino_backend.models import DEFAULT_PROFILE, PROFILES
-from domino_backend.prompts import encode, has_fim
+from domino_backend.prompts import encode, fim_template
 
 DEMOS = [
     ("chat", dict(messages=[{"role": "user", "content": "In two sentences: what is speculative decoding?"}])),
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(args.profile, args.draft)
     tok = engine.target.tokenizer
     for name, spec in DEMOS:
-        if name == "fim" and not has_fim(tok):
+        if name == "fim" and fim_template(tok) is None:
             continue
         ids = encode(tok, **spec)
         for method in args.methods.split(","):

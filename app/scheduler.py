@@ -116,7 +116,10 @@ class Scheduler:
             self._pending.clear()
             self._active.clear()
         for t in left:
-            self._finish(t, "cancelled")
+            try:
+                self._finish(t, "cancelled")
+            except ValueError:  # "generator already executing": the worker is still mid-forward
+                log.warning("request %s still running at shutdown", t.tag)
 
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -145,7 +148,19 @@ class Scheduler:
                         self._active.remove(t)
 
     def _step(self, t: Task) -> bool:
-        """Advance `t` by one engine round; True when it has finished."""
+        """Advance `t` by one engine round; True when it has finished. Never raises: an unexpected
+        error ends this request with `error` and the worker goes on serving everyone else."""
+        try:
+            return self._advance(t)
+        except Exception as e:
+            log.exception("scheduler error in %s", t.tag)
+            try:
+                return self._finish(t, "error", f"internal error: {type(e).__name__}")
+            except Exception:
+                log.exception("could not finish %s", t.tag)
+                return True
+
+    def _advance(self, t: Task) -> bool:
         if t.job.cancelled.is_set():
             return self._finish(t, "cancelled")
         if t.deadline is not None and time.perf_counter() >= t.deadline:
@@ -198,7 +213,7 @@ class Scheduler:
             prefill_ms=stats.prefill_s * 1000 if stats else 0.0,
             ttft_ms=(t.first - t.received) * 1000 if t.first else None,
             total_ms=(now - t.received) * 1000,
-            spec=spec_stats(stats) if stats and stats.rounds else None,
+            spec=spec_stats(stats) if stats else None,
             error=error,
         )
         t.gen = None  # drop the reference to the KV cache now, not when the job is collected

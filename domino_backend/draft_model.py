@@ -161,6 +161,9 @@ class DraftModel(nn.Module):
         if cfg.draft_vocab_size is not None:
             self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its draft rows)
+        self._draft_ids: torch.Tensor | None = None
+        # Both caches derive from d2t / the LM head: drop them whenever weights are (re)loaded.
+        self.register_load_state_dict_post_hook(lambda m, _keys: m._drop_vocab_caches())
         self.apply(self._init_weights)
 
     @staticmethod
@@ -181,7 +184,9 @@ class DraftModel(nn.Module):
         """[V_draft] target ids of the scored tokens, or None for a full-vocabulary drafter."""
         if self.cfg.draft_vocab_size is None:
             return None
-        return torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device) + self.d2t
+        if self._draft_ids is None or self._draft_ids.device != self.d2t.device:  # derived from d2t, kept
+            self._draft_ids = torch.arange(self.cfg.draft_vocab_size, device=self.d2t.device) + self.d2t
+        return self._draft_ids
 
     def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
         """Choose the scored target tokens (e.g. the most frequent ones in the training data)."""
@@ -192,7 +197,10 @@ class DraftModel(nn.Module):
             raise ValueError("draft vocabulary ids must lie in the target vocabulary")
         ids = ids.sort().values
         self.d2t.copy_(ids - torch.arange(ids.numel()))
-        self._head_rows = None
+        self._drop_vocab_caches()
+
+    def _drop_vocab_caches(self) -> None:
+        self._head_rows = self._draft_ids = None
 
     def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.cfg.draft_vocab_size is None else idx + self.d2t[idx]

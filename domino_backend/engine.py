@@ -22,6 +22,9 @@ from .sampling import SamplingParams, select, verify_chain
 from .target import Target
 
 
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # bounds the per-round stop-string scan
+
+
 @dataclass
 class GenerationRequest:
     max_new_tokens: int = 128
@@ -113,6 +116,8 @@ class Engine:
             raise ValueError("empty prompt: at least one token is needed")
         if req.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
+        if len(req.stop) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in req.stop):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
         if req.max_drafts is not None and req.max_drafts < 0:
             raise ValueError(f"max_drafts must be >= 0, got {req.max_drafts}")
         limit = self.target.max_context
@@ -253,9 +258,11 @@ def _safe_prefix_len(text: str, stops: list[str]) -> int:
     n = len(text)
     while n and text[n - 1] == "\ufffd":
         n -= 1
-    for s in stops:
+    shown = text[:n]
+    for s in stops:  # stop strings are at most MAX_STOP_CHARS long (checked in Engine.stream)
         for m in range(min(len(s) - 1, n), 0, -1):
-            if text[:n].endswith(s[:m]):
+            if shown.endswith(s[:m]):
                 n -= m
+                shown = text[:n]
                 break
     return n

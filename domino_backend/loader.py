@@ -59,9 +59,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """"auto": bf16 where the CPU has native bf16 (or on GPU), else fp32; or an explicit torch dtype name."""
+    """"auto": bf16 where the CPU has native bf16, else fp32 (the engine runs on the CPU); or an
+    explicit torch dtype name."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")

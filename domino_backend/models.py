@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .prompts import TEMPLATES
+
 try:  # POSIX only; elsewhere the atomic rename-if-absent below still keeps the cache consistent.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -55,7 +57,7 @@ class Profile:
     fim: bool  # tokenizer has <|fim_prefix|>/<|fim_suffix|>/<|fim_middle|>
 
 
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+FIM_TOKENS = TEMPLATES[0].tokens  # the Qwen2.5-Coder FIM tokens the coder cache must keep
 
 PROFILES: dict[str, Profile] = {
     "coder": Profile(

@@ -1,14 +1,77 @@
 """Turn user input into prompt token ids: raw text, chat messages (the model's chat template), or
-fill-in-the-middle (prefix/suffix) when the tokenizer has FIM tokens."""
+fill-in-the-middle (prefix/suffix) with the model family's FIM template.
+
+FIM templates, Qwen2.5-Coder first:
+
+    [<|repo_name|>workspace\n <|file_sep|>{path}\n{text} ... <|file_sep|>{filename}\n]
+    <|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>
+
+(the repo-level part only when extra files are given). The target's end tokens already hold every
+Qwen FIM/repo marker, so generation ends when the model leaves the hole. Models without FIM tokens
+get the prefix alone (extra files prepended), like llama.cpp's fallback. User code in a FIM request
+is tokenized with `split_special_tokens`: a file containing the literal "<|fim_middle|>" cannot
+inject a control token.
+"""
 
 from __future__ import annotations
 
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+from dataclasses import dataclass
+
+REPO_NAME = "workspace"  # Qwen's repo-level format wants a name; IDEs do not send one
 
 
-def has_fim(tokenizer) -> bool:
-    vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+@dataclass(frozen=True)
+class FimTemplate:
+    family: str
+    prefix: str
+    suffix: str
+    middle: str
+    repo: str | None = None
+    file_sep: str | None = None
+
+    @property
+    def tokens(self) -> tuple[str, str, str]:
+        return self.prefix, self.suffix, self.middle
+
+
+# Add a family here together with its stop tokens in domino_backend.target.END_TOKENS.
+TEMPLATES = (
+    FimTemplate("qwen-coder", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|repo_name|>", "<|file_sep|>"),
+)
+
+
+def _has_token(tokenizer, token: str) -> bool:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None)
+
+
+def fim_template(tokenizer) -> FimTemplate | None:
+    for t in TEMPLATES:
+        if all(_has_token(tokenizer, x) for x in t.tokens):
+            return t
+    return None
+
+
+def _text(tokenizer, s: str) -> list[int]:
+    return list(tokenizer.encode(s, add_special_tokens=False, split_special_tokens=True)) if s else []
+
+
+def build_fim(tokenizer, prefix: str, suffix: str = "", extra=(), filename: str | None = None) -> list[int]:
+    """extra: context files, objects with `.filename` and `.text`."""
+    t = fim_template(tokenizer)
+    if t is None:  # prefix-only fallback: context files first, then the code before the cursor
+        return _text(tokenizer, "".join(f"{f.text}\n\n" for f in extra) + prefix)
+    special = tokenizer.convert_tokens_to_ids
+    ids: list[int] = []
+    if extra and t.repo and t.file_sep:
+        ids += [special(t.repo)] + _text(tokenizer, REPO_NAME + "\n")
+        for f in extra:
+            ids += [special(t.file_sep)] + _text(tokenizer, f"{f.filename}\n{f.text}\n")
+        ids += [special(t.file_sep)] + _text(tokenizer, f"{filename or 'current'}\n")
+    ids += [special(t.prefix)] + _text(tokenizer, prefix)
+    ids += [special(t.suffix)] + _text(tokenizer, suffix)
+    ids += [special(t.middle)]
+    return ids
 
 
 def encode(tokenizer, *, prompt: str | None = None, messages: list[dict] | None = None,
@@ -28,10 +91,7 @@ def encode(tokenizer, *, prompt: str | None = None, messages: list[dict] | None 
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     if prefix is not None:
-        if has_fim(tokenizer):
-            text = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix or ''}{FIM_MIDDLE}"
-            return tokenizer.encode(text, add_special_tokens=False)
-        prompt = prefix
+        return build_fim(tokenizer, prefix, suffix or "")
     return tokenizer.encode(prompt, add_special_tokens=False)
 
 

@@ -83,14 +83,15 @@ def verify_chain(
     k = draft.shape[0]
     if params.greedy:
         best = target_logits.argmax(-1)
-        a = int((draft == best[:k]).int().cumprod(0).sum()) if k else 0
+        a = int((draft.to(best.device) == best[:k]).int().cumprod(0).sum()) if k else 0
         return a, int(best[a])
     p = probs_from_logits(target_logits, params)  # [K+1, V]
     if k:
-        idx = torch.arange(k)
+        draft = draft.to(p.device)
+        idx = torch.arange(k, device=p.device)
         p_d = p[idx, draft]
-        q_d = draft_probs[idx, draft] if draft_probs is not None else torch.ones_like(p_d)
-        u = torch.rand(k, generator=generator)
+        q_d = draft_probs[idx, draft].to(p_d) if draft_probs is not None else torch.ones_like(p_d)
+        u = torch.rand(k, generator=generator).to(p.device)  # the generator lives on the CPU
         ok = u * q_d < p_d  # u < p/q without dividing by a possibly tiny q
         a = int(ok.int().cumprod(0).sum())
     else:
@@ -98,7 +99,7 @@ def verify_chain(
     if a == k:
         return a, int(sample(p[k], generator))
     if draft_probs is not None:
-        residual = (p[a] - draft_probs[a]).clamp_min(0)
+        residual = (p[a] - draft_probs[a].to(p)).clamp_min(0)
     else:
         residual = p[a].clone()
         residual[draft[a]] = 0

@@ -67,8 +67,8 @@ class FakeTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {t: 1000 + i for i, t in enumerate(self.SPECIAL)}
 
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return self.get_vocab()[token]
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.get_vocab().get(token)  # like HF: no exception for an unknown token
 
     def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
         ids, i = [], 0

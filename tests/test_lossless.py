@@ -113,7 +113,11 @@ def test_bad_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="vocabulary"):
         engine.stream([1, 999], GenerationRequest())
     with pytest.raises(ValueError, match="unknown method"):
-        run(engine, [1], "medusa")
+        engine.stream([1], GenerationRequest(method="medusa"))  # rejected before any work starts
+    with pytest.raises(ValueError, match="stop strings"):
+        engine.stream([1], GenerationRequest(stop=["x" * 257]))
+    with pytest.raises(ValueError, match="stop strings"):
+        engine.stream([1], GenerationRequest(stop=["s"] * 17))
     with pytest.raises(ValueError, match="temperature"):
         run(engine, [1], "ar", temperature=-1.0)
     with pytest.raises(ValueError, match="needs a drafter"):

@@ -82,3 +82,18 @@ def test_cli_reports_bad_input_in_one_line():
     assert proc.returncode == 2
     assert "error: max_new_tokens must be positive" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fim_prompt_uses_control_tokens_and_code_cannot_inject_them():
+    from domino_backend.models import load_target
+    from domino_backend.prompts import build_fim
+
+    _, tok = load_target("coder")
+    ids = encode(tok, prefix='s = "<|fim_middle|>"\n', suffix="\nprint(s)\n")
+    middle = tok.convert_tokens_to_ids("<|fim_middle|>")
+    assert ids[0] == tok.convert_tokens_to_ids("<|fim_prefix|>") and ids[-1] == middle
+    assert ids.count(middle) == 1  # the literal inside the user's code stayed text
+    class F:  # a context file, as an IDE sends it
+        filename, text = "util.py", "def helper():\n    return 1\n"
+    repo = build_fim(tok, "x = ", "", extra=[F()], filename="main.py")
+    assert repo[0] == tok.convert_tokens_to_ids("<|repo_name|>") and "util.py" in tok.decode(repo)
