@@ -18,6 +18,7 @@ import torch
 
 from .draft_model import DraftModel
 from .drafters import NgramConfig, make_proposer
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, select, verify_chain
 from .target import Target
 
@@ -48,6 +49,7 @@ class GenerationRequest:
 class Stats:
     method: str
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens restored from the prefix cache instead of prefilled
     new_tokens: int = 0
     rounds: int = 0
     drafted: int = 0
@@ -88,7 +90,8 @@ class Stats:
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "method": self.method, "prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
+            "new_tokens": self.new_tokens,
             "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
             "per_position_acceptance": self.per_position_acceptance, "accept_hist": self.accept_hist,
             "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
@@ -100,9 +103,11 @@ class Engine:
     """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
 
     def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig(),
-                 placeholder_draft: bool = False, prefill_chunk: int = 512):
+                 placeholder_draft: bool = False, prefill_chunk: int = 512, prefix_cache: int = 4):
         self.target, self.draft, self.ngram = target, draft, ngram
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
+        # Snapshots of recent prompts' KV caches for prefix reuse (0 disables it).
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
         if draft is not None:
@@ -144,21 +149,35 @@ class Engine:
         scheduler serving many requests) never leak inference mode into each other's callers."""
         t = self.target
         rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        sess = t.session()
+        # Start from the longest cached prefix of this prompt (an earlier request's snapshot).
+        hit = self.prefix_cache.lookup(prompt_ids, proposer.layer_ids) if self.prefix_cache else None
+        reused = hit[1] if hit else 0
+        feats = []
+        with torch.inference_mode():
+            sess = t.session(hit[0].kv, reused) if hit else t.session()
+            if hit:
+                feats = [hit[0].feats[:reused]] if proposer.layer_ids is not None else []
+                proposer.commit(prompt_ids[:reused], feats[0] if feats else None)
+        stats.reused_tokens = reused
         # Prefill in chunks, yielding nothing between them: a long prompt can then be cancelled
         # mid-prefill and does not stall the rounds of other requests sharing the worker.
-        chunk = self.prefill_chunk
-        for start in range(0, len(prompt_ids), chunk):
+        chunk, n = self.prefill_chunk, len(prompt_ids)
+        for start in range(reused, n, chunk):
             piece = prompt_ids[start:start + chunk]
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = sess.forward(torch.tensor(piece, dtype=torch.long, device=t.device), proposer.layer_ids,
                                    keep_last=1)
                 proposer.commit(piece, out.feats)
-                if start + chunk >= len(prompt_ids):
+                if out.feats is not None:
+                    feats.append(out.feats)
+                if start + chunk >= n:
                     anchor = int(select(out.logits[-1], params, rng)[0])
+                    if self.prefix_cache:
+                        self.prefix_cache.store(prompt_ids, sess.cache, torch.cat(feats) if feats else None,
+                                                proposer.layer_ids)
             stats.prefill_s += time.perf_counter() - t0
-            if start + chunk < len(prompt_ids):
+            if start + chunk < n:
                 yield []
         yield [anchor]
         produced = 1

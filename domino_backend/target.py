@@ -54,8 +54,13 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def session(self) -> "TargetSession":
-        return TargetSession(self)
+    def session(self, prefix_kv: list | None = None, length: int = 0) -> "TargetSession":
+        """A fresh sequence; with prefix_kv (per-layer keys/values) it starts from their first
+        `length` positions instead of an empty cache."""
+        sess = TargetSession(self)
+        for i, (k, v) in enumerate(prefix_kv or []):
+            sess.cache.update(k[..., :length, :], v[..., :length, :], i)
+        return sess
 
 
 class TargetSession:

@@ -61,6 +61,7 @@ def test_generation_can_only_be_iterated_once():
 
 def test_long_prompt_prefills_in_chunks_and_can_be_cancelled_mid_prefill():
     engine = engine_with_text()
+    engine.prefix_cache = None  # every request prefills the whole prompt
     prompt = [(7 * i) % 60 for i in range(150)]
     ref = engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="domino")).token_ids
     engine.prefill_chunk = 32  # 5 chunks
@@ -79,3 +80,29 @@ def test_cancel_before_start_runs_no_prefill():
     gen = engine.stream([1, 2, 3], GenerationRequest(max_new_tokens=10, method="domino"))
     gen.cancel()
     assert list(gen) == [] and gen.finish_reason == "cancelled" and gen.stats.prefill_s == 0.0
+
+
+def test_prefix_reuse_across_requests_changes_nothing_but_the_prefill():
+    fresh, cached = engine_with_text(), engine_with_text()
+    fresh.prefix_cache = None
+    base = [(5 * i + 3) % 60 for i in range(80)]
+    # Keystrokes: each prompt extends the previous one; then an edit in the middle.
+    prompts = [base, base + [7], base + [7, 9, 11], base[:50] + [1, 2, 3] + base[53:]]
+    for method in ("domino", "ar", "ngram", "dflash"):
+        for p in prompts:
+            want = fresh.generate(p, GenerationRequest(max_new_tokens=20, method=method)).token_ids
+            got = cached.generate(p, GenerationRequest(max_new_tokens=20, method=method))
+            assert got.token_ids == want, (method, len(p))
+    # The domino pass stored snapshots with drafter features; later prompts reuse all but their tail.
+    g = cached.generate(base + [7, 9, 11, 13], GenerationRequest(max_new_tokens=5, method="domino"))
+    assert g.stats.reused_tokens == len(base) + 3
+    g = cached.generate(base[:50] + [1, 2, 3] + base[53:], GenerationRequest(max_new_tokens=5, method="ar"))
+    assert g.stats.reused_tokens == len(base) - 1  # the very same prompt: all but the last token
+
+
+def test_snapshots_without_drafter_features_are_not_used_by_block_drafting():
+    engine = engine_with_text()
+    p = [(3 * i) % 60 for i in range(40)]
+    engine.generate(p, GenerationRequest(max_new_tokens=4, method="ar"))
+    assert engine.generate(p + [5], GenerationRequest(max_new_tokens=4, method="ngram")).stats.reused_tokens == 40
+    assert engine.generate(p + [5], GenerationRequest(max_new_tokens=4, method="domino")).stats.reused_tokens == 0

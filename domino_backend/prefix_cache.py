@@ -1,0 +1,69 @@
+"""Prompt-prefix reuse across requests: an IDE sends a new completion on (almost) every keystroke,
+and consecutive prompts share all but their last few tokens. After each prefill the engine keeps a
+snapshot of the prompt's target KV cache (and the captured drafter features); a later prompt with
+a common prefix restores it and prefills only the rest. Output is unchanged: the restored K/V are
+exactly what a fresh prefill of those tokens would hold (up to the chunking of the matmuls).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(eq=False)  # identity: entries hold tensors
+class PrefixEntry:
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, T, head_dim]
+    feats: torch.Tensor | None  # [T, L*H] drafter input features, or None when none were captured
+    layer_ids: tuple[int, ...] | None  # which target layers `feats` holds
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """A small LRU of prompt snapshots (thread-safe; entries are immutable once stored)."""
+
+    def __init__(self, capacity: int = 4, min_reuse: int = 16):
+        self.capacity, self.min_reuse = capacity, min_reuse
+        self._entries: list[PrefixEntry] = []  # most recently used last
+        self._lock = threading.Lock()
+
+    def lookup(self, ids: list[int], layer_ids: list[int] | None) -> tuple[PrefixEntry, int] | None:
+        """The entry sharing the longest prefix with `ids` (at most len(ids) - 1 tokens: the last
+        prompt token must run to produce logits). Entries without the needed features don't count."""
+        need = tuple(layer_ids) if layer_ids is not None else None
+        best, best_n = None, 0
+        with self._lock:
+            for e in self._entries:
+                if need is not None and e.layer_ids != need:
+                    continue
+                n = min(common_prefix(e.ids, ids), len(ids) - 1)
+                if n > best_n:
+                    best, best_n = e, n
+            if best is None or best_n < self.min_reuse:
+                return None
+            self._entries.remove(best)
+            self._entries.append(best)
+        return best, best_n
+
+    def store(self, ids: list[int], cache, feats: torch.Tensor | None, layer_ids: list[int] | None) -> None:
+        # Clone: the snapshot must not depend on how a cache implementation updates its tensors.
+        kv = [(layer.keys[..., : len(ids), :].clone(), layer.values[..., : len(ids), :].clone())
+              for layer in cache.layers]
+        entry = PrefixEntry(list(ids), kv, None if feats is None else feats[: len(ids)].clone(),
+                            tuple(layer_ids) if layer_ids is not None else None)
+        with self._lock:
+            # A prompt that extends an older one (the user kept typing) replaces it.
+            self._entries = [e for e in self._entries
+                             if not (common_prefix(e.ids, ids) == len(e.ids) and e.layer_ids == entry.layer_ids)]
+            self._entries.append(entry)
+            del self._entries[: max(0, len(self._entries) - self.capacity)]
