@@ -74,6 +74,7 @@ class Result:
     finish_reason: FinishReason
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float | None = None  # None when no text came out
@@ -84,7 +85,8 @@ class Result:
     @property
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}  # OpenAI's field
 
     @property
     def timings(self) -> dict:

@@ -209,6 +209,7 @@ class Scheduler:
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=len(t.prompt_ids),
             completion_tokens=len(gen.token_ids) if gen is not None else 0,
+            cached_tokens=stats.reused_tokens if stats else 0,
             queue_ms=((t.started or now) - t.received) * 1000,
             prefill_ms=stats.prefill_s * 1000 if stats else 0.0,
             ttft_ms=(t.first - t.received) * 1000 if t.first else None,

@@ -176,7 +176,8 @@ def test_auto_method_uses_ar_while_the_drafter_is_a_placeholder():
 
 def test_result_timings_and_usage():
     r = Result(text="x", finish_reason="stop", prompt_tokens=3, completion_tokens=2, ttft_ms=None)
-    assert r.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert r.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                       "prompt_tokens_details": {"cached_tokens": 0}}
     assert r.timings["ttft_ms"] is None
 
 
