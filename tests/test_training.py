@@ -175,3 +175,27 @@ def test_reduced_vocabulary_training_scores_the_most_frequent_tokens(captured, t
         counts += torch.bincount(data[i].ids, minlength=target.vocab_size)
     assert int(counts[list(ids)].min()) >= int(counts[[t for t in range(target.vocab_size) if t not in ids]].max())
     assert torch.equal(load_draft(tmp_path / "rv" / "final").draft_token_ids(), model.draft_token_ids())
+
+
+def test_prompt_set_splits_by_file_and_exports_heldout_bench_files(tmp_path):
+    from domino_backend.bench import read_prompts
+    from domino_backend.training.data import build_prompts, write_heldout_bench
+
+    src = tmp_path / "src"
+    for i in range(30):  # small "source files" (> 2000 bytes, > 40 lines: the size filter)
+        (src / f"m{i}.py").parent.mkdir(exist_ok=True)
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(100)))
+    path = build_prompts(tmp_path / "p.jsonl", n_code=30, n_chat=20, seed=1, holdout_frac=0.3, source=src)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    by_file = {}
+    for r in recs:
+        if "file" in r:
+            by_file.setdefault(r["file"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_file.values())  # a file is entirely train or entirely held out
+    assert {"train", "heldout"} <= {r["split"] for r in recs}
+    assert len({json.dumps(r.get("messages")) for r in recs if r["kind"] == "chat"}) == 20  # deduplicated
+    files = write_heldout_bench(path, tmp_path / "bench")
+    code = read_prompts(files["code"])
+    assert code and all("prefix" in r or "prompt" in r for r in code)
+    held = {r["prefix"] for r in recs if r["split"] == "heldout" and "prefix" in r}
+    assert all(r.get("prefix", r.get("prompt")) in held for r in code)

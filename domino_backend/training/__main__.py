@@ -1,6 +1,7 @@
 """`python -m domino_backend.training STEP` — one command per pipeline step, each resumable:
 
   prompts   build code (stdlib prefixes + FIM holes, held-out split by file) and chat prompts
+  heldout   write the held-out prompts as `bench` JSONL files (code, chat)
   generate  regenerate responses with the target (greedy + sampled), appending to a JSONL file
   capture   teacher-forced target pass, caching the drafter's input features (memory-mapped)
   train     train a drafter; checkpoints + resume, log.jsonl, curves.png, final/ in the public layout
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-chat", type=int, default=300)
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    h = sub.add_parser("heldout")
+    h.add_argument("--prompts", type=Path, required=True)
+    h.add_argument("--out", type=Path, required=True, help="folder for heldout_code.jsonl / heldout_chat.jsonl")
+    h.add_argument("--limit", type=int, default=24, help="prompts per file")
     for name in ("generate", "capture", "train"):
         s = sub.add_parser(name)
         s.add_argument("--target", default="coder", help="profile, HF folder or hub id")
@@ -70,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 
         path = build_prompts(args.out, args.n_code, args.n_chat, args.seed, args.holdout)
         print(f"wrote {sum(1 for _ in path.open())} prompts to {path}")
+        return 0
+    if args.step == "heldout":
+        from .data import write_heldout_bench
+
+        for group, path in write_heldout_bench(args.prompts, args.out, args.limit).items():
+            print(f"{group}: {sum(1 for _ in path.open())} prompts -> {path}")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -100,6 +100,26 @@ def build_prompts(out: Path, n_code: int, n_chat: int, seed: int = 0, holdout_fr
     return out
 
 
+def write_heldout_bench(prompts_file: Path, out_dir: Path, limit: int = 24) -> dict[str, Path]:
+    """Held-out prompts (files the drafter never saw) as `bench` JSONL: one file for code, one for chat."""
+    recs = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for group, kinds in (("code", ("fim", "prefix")), ("chat", ("chat",))):
+        rows = [r for r in recs if r["split"] == "heldout" and r["kind"] in kinds][:limit]
+        path = out_dir / f"heldout_{group}.jsonl"
+        with path.open("w") as f:
+            for r in rows:
+                if r["kind"] == "chat":
+                    f.write(json.dumps({"messages": r["messages"]}) + "\n")
+                elif r["kind"] == "fim":
+                    f.write(json.dumps({"prefix": r["prefix"], "suffix": r["suffix"]}) + "\n")
+                else:
+                    f.write(json.dumps({"prompt": r["prefix"]}) + "\n")
+        files[group] = path
+    return files
+
+
 def encode_prompt_record(tokenizer, rec: dict) -> list[int]:
     if rec["kind"] == "chat":
         return encode(tokenizer, messages=rec["messages"])
