@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data import read_complete_lines
+
 
 def capture(model, records_file: Path, out: Path, layer_ids: list[int], split: str = "train",
             max_len: int = 1024) -> int:
@@ -30,12 +32,10 @@ def capture(model, records_file: Path, out: Path, layer_ids: list[int], split: s
     meta_file.write_text(json.dumps(meta))
     index_file, feats_file = out / "index.jsonl", out / "feats.f16"
     done, rows = set(), 0
-    if index_file.exists():
-        for line in index_file.read_text().splitlines():
-            if line.strip():
-                e = json.loads(line)
-                done.add(e["id"])
-                rows = max(rows, e["offset"] + e["length"])
+    for line in read_complete_lines(index_file):
+        e = json.loads(line)
+        done.add(e["id"])
+        rows = max(rows, e["offset"] + e["length"])
     with feats_file.open("ab") as f:
         f.truncate(rows * width * 2)  # drop a partial tail from an interrupted run
     recs = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]

@@ -50,6 +50,19 @@ VOICE_ASKS = [
 ]
 
 
+def read_complete_lines(path: Path) -> list[str]:
+    """The complete lines of an append-only JSONL file. A run killed mid-write leaves a partial last
+    line: it is cut off here, so appending resumes on a clean line boundary."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as f:
+            f.truncate(end)
+    return [line for line in data[:end].decode().splitlines() if line.strip()]
+
+
 def split_of(key: str, holdout_frac: float) -> str:
     h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "heldout" if h < holdout_frac else "train"
@@ -134,9 +147,7 @@ def generate_responses(model, tokenizer, prompts_file: Path, out_file: Path, max
     """Regenerate responses with the target, batched (left padding). Resumes: ids already in
     `out_file` are skipped. Returns the number of records written by this call."""
     recs = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
-    done = set()
-    if out_file.exists():
-        done = {json.loads(line)["id"] for line in out_file.read_text().splitlines() if line.strip()}
+    done = {json.loads(line)["id"] for line in read_complete_lines(out_file)}
     todo = [r for r in recs if r["id"] not in done]
     # Similar lengths per batch waste less padding.
     for r in todo:
