@@ -50,8 +50,15 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
 
+    def wait_idle(self, timeout: float = 3.0) -> dict:
+        """Poll until the backend has no active request (or timeout); returns its final load."""
+        t0 = time.monotonic()
+        while self.app.state.backend.load()["active"] and time.monotonic() - t0 < timeout:
+            time.sleep(0.02)
+        return self.app.state.backend.load()
+
     def __enter__(self) -> ServerThread:
-        return self.start()
+        return self if self.thread.is_alive() else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -78,11 +78,9 @@ def test_extensions_via_extra_body(server):
 
 def test_deadline_is_reported_as_length_with_the_precise_reason_in_the_extension():
     srv = serve(round_s=0.05)
-    try:
+    with srv:
         r = client(srv).completions.create(model="m", prompt="x", max_tokens=500, extra_body={"deadline_ms": 200})
         assert r.choices[0].finish_reason == "length" and r.model_extra["domino"]["finish_reason"] == "deadline"
-    finally:
-        srv.stop()
 
 
 def test_bad_requests_get_openai_errors(server):
@@ -119,7 +117,7 @@ def test_body_limit(server):
 
 def test_overloaded_is_http_429():
     srv = serve(round_s=0.05, max_active=1, max_queue=0)
-    try:
+    with srv:
         c = client(srv)
         box = {}
         t = threading.Thread(target=lambda: box.update(r=c.completions.create(model="m", prompt="x", max_tokens=20)))
@@ -132,36 +130,24 @@ def test_overloaded_is_http_429():
         assert e.value.code == "overloaded"
         t.join()
         assert box["r"].choices[0].text == expected(20)
-    finally:
-        srv.stop()
 
 
 def test_streaming_client_disconnect_frees_the_slot():
     srv = serve(round_s=0.05, max_active=1)
-    try:
+    with srv:
         with httpx.stream("POST", srv.url + "/v1/completions",
                           json={"prompt": "x", "max_tokens": 1000, "stream": True}) as r:
             next(r.iter_lines())
-        t0 = time.monotonic()
-        while srv.app.state.backend.load()["active"] and time.monotonic() - t0 < 3:
-            time.sleep(0.02)
-        assert srv.app.state.backend.load()["active"] == 0
+        assert srv.wait_idle()["active"] == 0
         assert client(srv).completions.create(model="m", prompt="x", max_tokens=2).choices[0].text == expected(2)
-    finally:
-        srv.stop()
 
 
 def test_non_streaming_client_that_hangs_up_frees_the_slot():
     srv = serve(round_s=0.05, max_active=1)
-    try:
+    with srv:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1000}, timeout=0.5)
-        t0 = time.monotonic()
-        while srv.app.state.backend.load()["active"] and time.monotonic() - t0 < 3:
-            time.sleep(0.02)
-        assert srv.app.state.backend.load()["active"] == 0
-    finally:
-        srv.stop()
+        assert srv.wait_idle()["active"] == 0
 
 
 def test_api_key_on_http(monkeypatch):
@@ -169,7 +155,7 @@ def test_api_key_on_http(monkeypatch):
     cfg = ServerConfig.with_env(port=0, log_level="warning")
     assert cfg.api_key == "k3y" and cfg.safe_dict()["api_key"] == "set"
     srv = ServerThread(cfg, EngineBackend(cfg, FakeEngine(0.01))).start()
-    try:
+    with srv:
         assert httpx.get(srv.url + "/health").status_code == 200  # open for load balancers
         r = httpx.get(srv.url + "/v1/models")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -178,8 +164,6 @@ def test_api_key_on_http(monkeypatch):
             client(srv, key="wrong").models.list()
         assert client(srv, key="k3y").completions.create(model="m", prompt="x", max_tokens=1).choices[0].text == "alpha"
         assert httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer k3y"}).status_code == 200
-    finally:
-        srv.stop()
 
 
 def test_origin_and_cors(server):
@@ -244,10 +228,7 @@ def test_remote_backend_serves_ws_and_openai_through_another_server():
             while (m := json.loads(ws.recv(timeout=20)))["type"] != "done":
                 pass
             assert m["finish_reason"] == "cancelled"
-        t0 = time.monotonic()
-        while upstream.app.state.backend.load()["active"] and time.monotonic() - t0 < 3:
-            time.sleep(0.02)
-        assert upstream.app.state.backend.load()["active"] == 0
+        assert upstream.wait_idle()["active"] == 0
     finally:
         front.stop()
         upstream.stop()
@@ -256,11 +237,9 @@ def test_remote_backend_serves_ws_and_openai_through_another_server():
 def test_remote_backend_unreachable_reports_unavailable():
     cfg = ServerConfig(port=0, log_level="warning", backend_url="http://127.0.0.1:9/v1")
     srv = ServerThread(cfg, RemoteBackend(cfg)).start()
-    try:
+    with srv:
         h = httpx.get(srv.url + "/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
         with pytest.raises(openai.InternalServerError) as e:
             client(srv).completions.create(model="m", prompt="x", max_tokens=1)
         assert e.value.status_code == 503
-    finally:
-        srv.stop()

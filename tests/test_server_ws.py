@@ -117,7 +117,7 @@ def test_stop_strings_are_passed_to_the_engine(server):
 
 def test_cancel_frees_the_slot_and_next_request_is_prompt():
     srv, _ = serve(FakeEngine(0.05), max_active=1)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             ws.send(complete("long", max_tokens=1000))
             assert recv(ws)["type"] == "delta"
@@ -129,13 +129,11 @@ def test_cancel_frees_the_slot_and_next_request_is_prompt():
             assert r["next"]["done"]["text"] == expected(2)
             assert time.monotonic() - t0 < 5.0  # ~3 rounds of 50 ms, not 1000 (50 s); slack for busy CI
             assert r["long"]["done"]["usage"]["completion_tokens"] < 20
-    finally:
-        srv.stop()
 
 
 def test_cancel_while_queued_never_starts_the_engine():
     srv, eng = serve(FakeEngine(0.05), max_active=1)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             ws.send(complete("a", max_tokens=8))
             ws.send(complete("queued", max_tokens=8))
@@ -144,13 +142,11 @@ def test_cancel_while_queued_never_starts_the_engine():
         assert r["queued"]["done"]["finish_reason"] == "cancelled" and r["queued"]["done"]["text"] == ""
         assert r["a"]["done"]["text"] == expected(8)
         assert eng.started == 1
-    finally:
-        srv.stop()
 
 
 def test_supersede_by_document_cancels_the_older_request():
     srv, _ = serve(FakeEngine(0.05), max_active=1)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             ws.send(complete("old", max_tokens=1000, document="file:///a.py"))
             ws.send(complete("other-doc", max_tokens=2, document="file:///b.py"))
@@ -160,13 +156,11 @@ def test_supersede_by_document_cancels_the_older_request():
         assert r["old"]["done"]["finish_reason"] == "cancelled"
         assert r["new"]["done"]["text"] == expected(3) and r["new"]["done"]["finish_reason"] == "length"
         assert r["other-doc"]["done"]["finish_reason"] == "length"  # other documents are untouched
-    finally:
-        srv.stop()
 
 
 def test_deadline_returns_partial_text_in_time():
     srv, _ = serve(FakeEngine(0.05))
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             t0 = time.monotonic()
             ws.send(complete("d", max_tokens=1000, deadline_ms=300))
@@ -176,36 +170,27 @@ def test_deadline_returns_partial_text_in_time():
         assert done["finish_reason"] == "deadline"
         assert "".join(r["deltas"]) == done["text"] and done["text"]  # what existed is kept
         assert elapsed < 3.0 and done["timings"]["total_ms"] < 1500  # 1000 rounds would be 50 s
-    finally:
-        srv.stop()
 
 
 def test_disconnect_cancels_in_flight_work():
     srv, _ = serve(FakeEngine(0.05), max_active=2)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             ws.send(complete("x", max_tokens=1000))
             ws.send(complete("y", max_tokens=1000))
             recv(ws)
-        t0 = time.monotonic()
-        while srv.app.state.backend.load()["active"] and time.monotonic() - t0 < 3:
-            time.sleep(0.02)
-        assert srv.app.state.backend.load() == {"active": 0, "queued": 0}
-    finally:
-        srv.stop()
+        assert srv.wait_idle() == {"active": 0, "queued": 0}
 
 
 def test_overloaded_when_queue_is_full():
     srv, _ = serve(FakeEngine(0.05), max_active=1, max_queue=1)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             for i in range(3):
                 ws.send(complete(f"o{i}", max_tokens=4))
             r = run_all(ws, ["o0", "o1", "o2"])
         assert r["o2"]["error"]["code"] == "overloaded" and "busy" in r["o2"]["error"]["message"]
         assert r["o0"]["done"]["text"] == r["o1"]["done"]["text"] == expected(4)
-    finally:
-        srv.stop()
 
 
 # ---- bad input: an error message, and the connection goes on ------------------------------------
@@ -262,7 +247,7 @@ def test_invalid_utf8_binary_and_huge_frames(server):
 
 def test_prompt_too_long_and_per_connection_limits():
     srv, _ = serve(FakeEngine(0.05), max_prompt_tokens=100, max_inflight_per_connection=2)
-    try:
+    with srv:
         with connect(srv.ws_url) as ws:
             ws.send(complete("long-prompt", prefix="y" * 500))
             m = recv(ws)
@@ -284,14 +269,12 @@ def test_prompt_too_long_and_per_connection_limits():
             r = run_all(ws, ["a", "b"])
             assert {r[i]["done"]["finish_reason"] for i in "ab"} == {"cancelled"}
             assert_alive(ws)
-    finally:
-        srv.stop()
 
 
 # ---- auth and origin ------------------------------------------------------------------------------
 def test_api_key_on_websocket():
     srv, _ = serve(api_key="s3cret")
-    try:
+    with srv:
         with pytest.raises(InvalidStatus) as e:
             connect(srv.ws_url)
         assert e.value.response.status_code == 401
@@ -302,8 +285,6 @@ def test_api_key_on_websocket():
                         ({}, srv.ws_url + "?token=s3cret")):
             with connect(url, **kw) as ws:
                 assert_alive(ws)
-    finally:
-        srv.stop()
 
 
 def test_origin_allow_list(server):
