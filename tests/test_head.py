@@ -13,25 +13,17 @@ import torch
 from torch import nn
 
 import domino_backend.head as head_mod
-from domino_backend.config import DraftConfig
 from domino_backend.draft_model import DraftModel, gru_cell
 from domino_backend.head import rollout, teacher_forced_logits
 from domino_backend.sampling import SamplingParams, probs_from_logits
-from tiny import strong_head
+from tiny import head_test_draft
 
 H, V, G, E, S = 16, 40, 6, 7, 8  # hidden, vocab, GRU width, MLP bottleneck, block size
 GREEDY = SamplingParams()
 
 
 def make_model(shift_label: bool = True, prefix: int = 1, projector: str | None = "domino", seed: int = 0) -> DraftModel:
-    cfg = DraftConfig(
-        hidden_size=H, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, vocab_size=V, block_size=S, num_target_layers=4, target_layer_ids=[1, 2], mask_token_id=V - 1,
-        projector_type=projector, shift_label=shift_label, pure_draft_prefix_len=prefix, gru_hidden_dim=G, emb_dim=E,
-    )
-    torch.manual_seed(seed)
-    model = DraftModel(cfg).eval().requires_grad_(False)
-    return strong_head(model) if model.has_head else model
+    return head_test_draft(V, S, G, E, 1, [1, 2], shift_label, prefix, projector, seed)
 
 
 def make_embed(seed: int = 0) -> nn.Embedding:

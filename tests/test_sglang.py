@@ -18,17 +18,16 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
 from domino_backend import cli
 from domino_backend.checkpoint import HEAD_TENSORS, load_draft
-from domino_backend.config import CheckpointError, DraftConfig
+from domino_backend.config import CheckpointError
 from domino_backend.draft_model import DraftModel
 from domino_backend.head import rollout as engine_rollout
 from domino_backend.sampling import SamplingParams
 from domino_backend.sglang import plugin, upstream
 from domino_backend.sglang.export import export_for_sglang, parse_with_sglang, sglang_problems, tensor_problems
 from domino_backend.sglang.rollout import domino_rollout, proposal_slots
-from tiny import strong_head
+from tiny import head_test_draft
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +53,7 @@ H, G, E = 16, 12, 20
 
 
 def make_draft(v=300, block=8, shift_label=True, prefix=1, projector="domino", seed=0) -> DraftModel:
-    cfg = DraftConfig(
-        hidden_size=H, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=8, vocab_size=v, block_size=block, num_target_layers=4, target_layer_ids=[1, 3], mask_token_id=v - 1,
-        projector_type=projector, shift_label=shift_label, pure_draft_prefix_len=prefix, gru_hidden_dim=G, emb_dim=E,
-    )
-    torch.manual_seed(seed)
-    model = DraftModel(cfg).eval().requires_grad_(False)
-    return strong_head(model) if model.has_head else model
+    return head_test_draft(v, block, G, E, 2, [1, 3], shift_label, prefix, projector, seed)
 
 
 def sglang_inputs(model: DraftModel, batch: int, seed: int) -> dict:

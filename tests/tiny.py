@@ -80,3 +80,18 @@ def strong_head(model: DraftModel) -> DraftModel:
         model.embed_proj[0].weight[:, h:].normal_(0, 2.0)  # GRU-state columns
         model.embed_proj[2].weight.normal_(0, 0.5)
     return model
+
+
+def head_test_draft(vocab: int, block: int, gru: int, emb: int, layers: int, layer_ids: list[int],
+                    shift_label: bool = True, prefix: int = 1, projector: str | None = "domino",
+                    seed: int = 0) -> DraftModel:
+    """A hidden-16 drafter on a 4-layer target for head-level tests, head scaled by strong_head."""
+    cfg = DraftConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=vocab, block_size=block, num_target_layers=4, target_layer_ids=layer_ids,
+        mask_token_id=vocab - 1, projector_type=projector, shift_label=shift_label, pure_draft_prefix_len=prefix,
+        gru_hidden_dim=gru, emb_dim=emb,
+    )
+    torch.manual_seed(seed)
+    model = DraftModel(cfg).eval().requires_grad_(False)
+    return strong_head(model) if model.has_head else model
