@@ -162,6 +162,7 @@ class DraftModel(nn.Module):
             self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its draft rows)
         self._draft_ids: torch.Tensor | None = None
+        self._t2d: torch.Tensor | None = None
         # Both caches derive from d2t / the LM head: drop them whenever weights are (re)loaded.
         self.register_load_state_dict_post_hook(lambda m, _keys: m._drop_vocab_caches())
         self.apply(self._init_weights)
@@ -200,7 +201,15 @@ class DraftModel(nn.Module):
         self._drop_vocab_caches()
 
     def _drop_vocab_caches(self) -> None:
-        self._head_rows = self._draft_ids = None
+        self._head_rows = self._draft_ids = self._t2d = None
+
+    def target_to_draft(self) -> torch.Tensor:
+        """[V_target] draft index of each target token, -1 where the draft vocabulary lacks it."""
+        if self._t2d is None:
+            ids = self.draft_token_ids()
+            self._t2d = torch.full((self.cfg.vocab_size,), -1, dtype=torch.long, device=ids.device)
+            self._t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+        return self._t2d
 
     def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.cfg.draft_vocab_size is None else idx + self.d2t[idx]

@@ -94,11 +94,8 @@ def sequence_loss(model: DraftModel, embed, lm_head, feats: torch.Tensor, ids: t
     # Targets in the drafter's own vocabulary; a label the draft vocabulary lacks cannot be drafted,
     # so it gets no weight (identity for full-vocabulary drafters).
     labels, weights = blk.labels, blk.weights
-    ids = model.draft_token_ids()
-    if ids is not None:
-        t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
-        t2d[ids.cpu()] = torch.arange(ids.numel())
-        labels = t2d[blk.labels]
+    if cfg.draft_vocab_size is not None:
+        labels = model.target_to_draft()[blk.labels]
         weights = weights * (labels >= 0)
         labels = labels.clamp_min(0)
     wsum = weights.sum().clamp_min(1e-6)
