@@ -10,7 +10,7 @@ from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.training.capture import CapturedData, capture
 from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
 from domino_backend.training.trainer import TrainConfig, lr_at, train
-from tiny import tiny_draft_config, tiny_target
+from tiny import CharTokenizer, tiny_draft_config, tiny_target
 
 
 def test_lambda_decays_linearly_over_the_whole_run_and_clips():
@@ -205,3 +205,31 @@ def test_prompt_set_splits_by_file_and_exports_heldout_bench_files(tmp_path):
     assert code and all("prefix" in r or "prompt" in r for r in code)
     held = {r["prefix"] for r in recs if r["split"] == "heldout" and "prefix" in r}
     assert all(r.get("prefix", r.get("prompt")) in held for r in code)
+
+
+def test_source_records_come_only_from_train_files_and_are_real_code(tmp_path):
+    from domino_backend.training.data import source_records, split_of
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(100)))
+    tok = CharTokenizer()
+    path = source_records(tok, tmp_path / "s.jsonl", n=100, holdout_frac=0.3, window=200, context=16, source=src)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    n_train = sum(split_of(f"m{i}.py", 0.3) == "train" for i in range(30))
+    assert 0 < len(recs) == n_train < 30  # one window per train file, none from held-out files
+    for r in recs:
+        assert split_of(r["file"], 0.3) == "train" and r["kind"] == "source"
+        assert len(r["prompt_ids"]) == 16 and len(r["prompt_ids"]) + len(r["response_ids"]) <= 200
+        text = tok.decode(r["prompt_ids"] + r["response_ids"])
+        assert text in (src / r["file"]).read_text()  # labels are the file's own text
+    assert len({r["id"] for r in recs}) == len(recs)
+    # FIM records: the prompt holds text before the hole, the response is the hole's real lines.
+    path = source_records(tok, tmp_path / "f.jsonl", n=100, holdout_frac=0.3, source=src, fim_frac=1.0)
+    fims = [json.loads(line) for line in path.read_text().splitlines()]
+    assert fims and all(r["kind"] == "source_fim" for r in fims)
+    for r in fims:
+        text, hole = (src / r["file"]).read_text(), tok.decode(r["response_ids"])
+        assert hole.endswith("\n") and hole in text and 1 <= hole.count("\n") <= 12
+        assert text[:text.index(hole)].endswith(tok.decode(r["prompt_ids"])[-50:])

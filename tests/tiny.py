@@ -67,6 +67,9 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True) -> str:
         return "".join(self.ALPHABET[i % len(self.ALPHABET)] for i in ids)
 
+    def encode(self, text: str, **_) -> list[int]:
+        return [self.ALPHABET.index(c) for c in text]
+
 
 def strong_head(model: DraftModel) -> DraftModel:
     """Scale a random Domino head up. The default init (std 0.02) makes the delta negligible next to

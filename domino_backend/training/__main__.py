@@ -2,6 +2,7 @@
 
   prompts   build code (stdlib prefixes + FIM holes, held-out split by file) and chat prompts
   heldout   write the held-out prompts as `bench` JSONL files (code, chat)
+  source    bulk records cut from real source files of the train split (no generation needed)
   generate  regenerate responses with the target (greedy + sampled), appending to a JSONL file
   capture   teacher-forced target pass, caching the drafter's input features (memory-mapped)
   train     train a drafter; checkpoints + resume, log.jsonl, curves.png, final/ in the public layout
@@ -35,11 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--prompts", type=Path, required=True)
     h.add_argument("--out", type=Path, required=True, help="folder for heldout_code.jsonl / heldout_chat.jsonl")
     h.add_argument("--limit", type=int, default=24, help="prompts per file")
-    for name in ("generate", "capture", "train"):
+    for name in ("source", "generate", "capture", "train"):
         s = sub.add_parser(name)
         s.add_argument("--target", default="coder", help="profile, HF folder or hub id")
         s.add_argument("--dtype", default="float32")
         s.add_argument("--threads", type=int, default=None)
+    r = sub.choices["source"]
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("-n", type=int, default=2000, help="windows (one per file)")
+    r.add_argument("--window", type=int, default=512, help="tokens per window")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--holdout", type=float, default=0.1, help="must match the prompts step")
+    r.add_argument("--fim-frac", type=float, default=0.0, help="share of fill-in-the-middle records")
+    r.add_argument("--id-base", type=int, default=1_000_000, help="first record id (keep files disjoint)")
     g = sub.choices["generate"]
     g.add_argument("--prompts", type=Path, required=True)
     g.add_argument("--out", type=Path, required=True)
@@ -85,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_target(args.target, dtype=resolve_dtype(args.dtype))
-    if args.step == "generate":
+    if args.step == "source":
+        from .data import source_records
+
+        path = source_records(tok, args.out, args.n, args.seed, args.holdout, args.window, id_base=args.id_base,
+                              fim_frac=args.fim_frac)
+        print(f"wrote {sum(1 for _ in path.open())} source records to {path}")
+    elif args.step == "generate":
         from .data import generate_responses
 
         n = generate_responses(model, tok, args.prompts, args.out, args.max_new_tokens, args.batch_size,
