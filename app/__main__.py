@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--method", default=d["method"].default, choices=("auto", *METHODS),
                    help="default decoding method (auto: domino with a trained drafter, else ar)")
+    g.add_argument("--fixed-drafts", action="store_true",
+                   help="verify the drafter's full block every round instead of the measured best length")
     g.add_argument("--backend-url", default=None, help="use a remote OpenAI-compatible server instead of the engine")
     g.add_argument("--backend-model", default=None, help="model name for the remote (default: its first)")
     g = ap.add_argument_group("scheduling and limits")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     kw = dict(
         host=a.host, port=a.port, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
-        threads=a.threads, method=a.method, backend_url=a.backend_url, backend_model=a.backend_model,
+        threads=a.threads, method=a.method, adaptive_drafts=not a.fixed_drafts, backend_url=a.backend_url, backend_model=a.backend_model,
         max_active=a.max_active, max_queue=a.max_queue, max_message_bytes=a.max_message_bytes,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
         default_max_tokens=a.default_max_tokens, max_inflight_per_connection=a.max_inflight_per_connection,

@@ -35,6 +35,9 @@ class ServerConfig(BaseModel):
     # Default decoding method when a request names none. "auto": domino with a trained drafter, ar
     # while the drafter is the random placeholder (lossless either way; the placeholder only costs time).
     method: str = "auto"
+    # Draft length per round chosen from measured acceptance and verify cost (lossless either way;
+    # on slow CPUs it verifies a weak drafter's guesses a few at a time instead of 16 at once).
+    adaptive_drafts: bool = True
     backend_url: str | None = None  # e.g. http://gpu-box:30000/v1 (SGLang, vLLM, llama.cpp, another Domino)
     backend_model: str | None = None  # model name sent to the remote backend (default: its first model)
     backend_api_key: str | None = None  # sent as Bearer to the remote backend, never logged

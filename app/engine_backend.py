@@ -125,7 +125,8 @@ class EngineBackend:
         if len(ids) > limit:
             raise RequestError("prompt_too_long", f"the prompt has {len(ids)} tokens; the limit is {limit}")
         greq = GenerationRequest(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                 top_k=req.top_k, stop=stop, seed=req.seed, method=method)
+                                 top_k=req.top_k, stop=stop, seed=req.seed, method=method,
+                                 adaptive_drafts=cfg.adaptive_drafts)
         holder: list[Task] = []
         job = StreamJob(self._loop, on_cancel=lambda: holder and self.scheduler.cancel(holder[0]))
         task = Task(job, ids, greq, req.received, req.deadline, req.single_line, req.tag)

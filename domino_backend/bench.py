@@ -3,7 +3,8 @@
 Methods run prompt-major (every method on prompt 1, then on prompt 2, ...) so slow drift of a shared
 machine hits them alike. Reported per method: tokens/s, speedup vs `ar`, tau (mean tokens per
 verify round), per-position acceptance, and `lossless` = every output identical to `ar`'s. The
-extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`.
+extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`;
+`METHOD:adaptive` runs a drafting method with the cost-aware draft length (draft_length.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .engine import Engine, GenerationRequest, Stats
 from .prompts import encode_record
 
 BENCH_METHODS = METHODS + ("hf",)
+ADAPTIVE = ":adaptive"  # suffix: the same method with the cost-aware draft length (draft_length.py)
 
 
 @dataclass
@@ -60,9 +62,10 @@ def hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> tuple[li
 
 def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_tokens: int,
               warmup: bool = True, max_drafts: int | None = None) -> dict:
-    bad = [m for m in methods if m not in BENCH_METHODS]
+    bad = [m for m in methods if m.removesuffix(ADAPTIVE) not in BENCH_METHODS or m == "hf" + ADAPTIVE]
     if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {', '.join(BENCH_METHODS)}")
+        raise ValueError(f"unknown methods {bad}; choose from {', '.join(BENCH_METHODS)} "
+                         f"(drafting methods also as METHOD{ADAPTIVE}: adaptive draft length)")
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speedup and losslessness
     tok = engine.target.tokenizer
@@ -98,7 +101,9 @@ def _run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
     if method == "hf":
         toks, dt = hf_generate(engine, ids, max_new_tokens)
         return toks, Stats(method="hf", new_tokens=len(toks), total_s=dt)
-    gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=method, max_drafts=max_drafts))
+    base = method.removesuffix(ADAPTIVE)
+    gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=base, max_drafts=max_drafts,
+                                                 adaptive_drafts=base != method))
     return gen.token_ids, gen.stats
 
 

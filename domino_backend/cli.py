@@ -37,7 +37,7 @@ def cmd_generate(args) -> int:
     ids = encode(engine.target.tokenizer, prompt=args.prompt, chat=args.chat)
     req = GenerationRequest(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=args.stop, seed=args.seed, method=args.method,
-                            max_drafts=args.max_drafts)
+                            max_drafts=args.max_drafts, adaptive_drafts=args.adaptive_drafts)
     gen = engine.stream(ids, req)
     for delta in gen:
         sys.stdout.write(delta)
@@ -54,7 +54,8 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     engine = _engine(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = run_bench(engine, read_prompts(args.prompts), methods, args.max_new_tokens, max_drafts=args.max_drafts)
+    records = read_prompts(args.prompts)[: args.limit]
+    report = run_bench(engine, records, methods, args.max_new_tokens, max_drafts=args.max_drafts)
     report["target"] = args.target or args.profile or DEFAULT_PROFILE
     report["draft"] = args.draft
     report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round (15 = SGLang's window)")
+    g.add_argument("--adaptive-drafts", action="store_true",
+                   help="choose the drafts per round (<= the cap) from measured acceptance and verify cost")
     _add_model_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", default=None, help="write the full report here")
     b.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round for every method")
+    b.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)
 

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
 from .drafters import NgramConfig, make_proposer
 from .prefix_cache import PrefixCache
@@ -40,6 +41,9 @@ class GenerationRequest:
     # 15 reproduces SGLang's window for shift_label drafters; smaller caps trade tau for cheaper
     # verification on slow CPUs.
     max_drafts: int | None = None
+    # Pick the number of drafts per round (<= the cap above) from measured acceptance and verify
+    # cost, see draft_length.py; False verifies the full cap every round.
+    adaptive_drafts: bool = False
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -110,6 +114,8 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
+        # Adaptive draft-length state per method, shared by requests: verify cost is the machine's.
+        self.draft_length: dict[str, AdaptiveDraftLength] = {}
         if draft is not None:
             from .checkpoint import check_compatible
 
@@ -181,11 +187,16 @@ class Engine:
                 yield []
         yield [anchor]
         produced = 1
+        policy = None
+        if req.adaptive_drafts and proposer.max_k:
+            policy = self.draft_length.setdefault(req.method, AdaptiveDraftLength(proposer.max_k))
         while True:
             pos = sess.length
             # Never draft past the token budget or the context window: the bonus token is free.
             cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
             k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
+            if policy is not None:
+                k = policy.choose(k)
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 drafts, q = proposer.propose(anchor, pos, k, params, rng)
@@ -196,9 +207,12 @@ class Engine:
                 sess.rollback(pos + a + 1)
                 committed = [anchor] + drafts[:a].tolist()
                 proposer.commit(committed, None if out.feats is None else out.feats[: a + 1])
+            t2 = time.perf_counter()
             stats.draft_s += t1 - t0
-            stats.verify_s += time.perf_counter() - t1
+            stats.verify_s += t2 - t1
             stats.record(drafts.shape[0], a)
+            if policy is not None:
+                policy.update(drafts.shape[0], a, t1 - t0, t2 - t1)
             anchor = bonus
             new = committed[1:] + [bonus]
             produced += len(new)

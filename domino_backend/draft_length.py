@@ -1,0 +1,98 @@
+"""Cost-aware draft length: choose how many drafts to verify each round, from measurements.
+
+Any K is lossless (verification decides what is kept), so this only trades speed. A round with K
+drafts commits E[K] = 1 + sum_{i=1..K} prod_{j<=i} a_j tokens on average, where a_j is the
+acceptance of draft j given drafts 1..j-1 were accepted, and costs draft_s (0 when K = 0) plus the
+target's verify time for K+1 tokens. On a GPU verifying 17 tokens costs about one decoding step,
+so the best K is the block's; on a 2-core CPU without native bf16 it costs ~2.5 steps, so a weak
+drafter is better verified a few tokens at a time, or not at all (K = 0 is plain decoding).
+
+The policy keeps exponentially decayed estimates (recent rounds weigh most, so a request that
+turns from prose to boilerplate is followed within a few rounds) of a_j, of the draft time and of
+the verify time per K, fits verify time as alpha + beta*K, and picks the K with the most tokens per
+second. Every `probe_every`-th round verifies the full cap so the estimates for long drafts stay
+fresh even while short ones are chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AdaptiveDraftLength:
+    max_k: int
+    decay: float = 0.9  # weight of the history per round (~10 rounds of memory)
+    probe_every: int = 8
+    prior_accept: float = 0.5  # a_j before any evidence, weight `prior_weight` rounds
+    prior_weight: float = 1.0
+    rounds: int = 0
+    tried: list[float] = field(default_factory=list)  # decayed rounds that verified draft j with 1..j-1 accepted
+    accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
+    verify: dict[int, list[float]] = field(default_factory=dict)  # K -> [decayed weight, decayed sum of seconds]
+    draft_s: float | None = None
+
+    def __post_init__(self):
+        self.tried = [0.0] * self.max_k
+        self.accepted = [0.0] * self.max_k
+
+    def acceptance(self) -> list[float]:
+        """a_j for j = 1..max_k (conditional on the previous drafts being accepted)."""
+        w, p = self.prior_weight, self.prior_accept
+        return [(acc + w * p) / (tried + w) for acc, tried in zip(self.accepted, self.tried)]
+
+    def verify_seconds(self, k: int) -> float | None:
+        """Least-squares line through the measured mean verify time per K; None before any round."""
+        pts = [(kk, s / w, w) for kk, (w, s) in self.verify.items() if w > 1e-3]
+        if not pts:
+            return None
+        sw = sum(w for _, _, w in pts)
+        mk = sum(kk * w for kk, _, w in pts) / sw
+        mt = sum(t * w for _, t, w in pts) / sw
+        var = sum(w * (kk - mk) ** 2 for kk, _, w in pts)
+        beta = sum(w * (kk - mk) * (t - mt) for kk, t, w in pts) / var if var > 1e-9 else 0.0
+        return max(mt + max(beta, 0.0) * (k - mk), 1e-6)
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            total += run
+        return total
+
+    def choose(self, cap: int) -> int:
+        """Drafts to verify this round, at most `cap` (the budget / context / request limit)."""
+        cap = min(cap, self.max_k)
+        self.rounds += 1
+        if cap <= 0:
+            return 0
+        # Measure both ends of the cost line first (the full cap, then K = 0), then probe the cap
+        # periodically so the acceptance of long drafts stays known while short ones are chosen.
+        if self.draft_s is None or self.rounds % self.probe_every == 0:
+            return cap
+        if len(self.verify) < 2:
+            return 0 if 0 not in self.verify else cap
+
+        def rate(k: int) -> float:
+            return self.expected_tokens(k) / (self.verify_seconds(k) + (self.draft_s if k else 0.0))
+
+        return max(range(cap + 1), key=rate)
+
+    def update(self, k: int, a: int, draft_s: float, verify_s: float) -> None:
+        """Record a round that verified k drafts, accepted a of them, and took these times."""
+        d = self.decay
+        if k:  # acceptance evidence only ages when new evidence arrives (K = 0 rounds bring none)
+            for j in range(self.max_k):
+                self.tried[j] *= d
+                self.accepted[j] *= d
+        for j in range(min(a + 1, k)):  # draft j+1 was verified with drafts 1..j accepted
+            self.tried[j] += 1.0
+        for j in range(a):
+            self.accepted[j] += 1.0
+        for stat in self.verify.values():
+            stat[0] *= d
+            stat[1] *= d
+        w, s = self.verify.setdefault(k, [0.0, 0.0])
+        self.verify[k] = [w + 1.0, s + verify_s]
+        if k:
+            self.draft_s = draft_s if self.draft_s is None else d * self.draft_s + (1 - d) * draft_s

@@ -1,0 +1,81 @@
+"""Cost-aware draft length: picks what measured acceptance and verify cost favour, probes the full
+block now and then, and never changes the output (any draft length is lossless)."""
+
+import random
+
+import pytest
+
+from domino_backend.draft_length import AdaptiveDraftLength
+from domino_backend.engine import Engine, GenerationRequest
+from tiny import tiny_draft, tiny_target
+
+
+def simulate(accept: float, alpha: float, beta: float, draft_s: float, rounds: int = 300, cap: int = 7) -> list[int]:
+    """Drive the policy with a drafter whose drafts are each accepted with probability `accept`
+    and a verifier costing alpha + beta*K seconds. Returns the chosen K per round."""
+    rng = random.Random(0)
+    p = AdaptiveDraftLength(max_k=cap)
+    chosen = []
+    for _ in range(rounds):
+        k = p.choose(cap)
+        a = 0
+        while a < k and rng.random() < accept:
+            a += 1
+        p.update(k, a, draft_s, alpha + beta * k)
+        chosen.append(k)
+    return chosen
+
+
+def test_expected_tokens_is_the_sum_of_prefix_acceptance_products():
+    p = AdaptiveDraftLength(max_k=3, prior_weight=1e-9)
+    p.tried, p.accepted = [10.0, 5.0, 4.0], [5.0, 4.0, 1.0]  # a = 0.5, 0.8, 0.25
+    assert p.acceptance() == pytest.approx([0.5, 0.8, 0.25])
+    assert p.expected_tokens(0) == 1.0
+    assert p.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.4 + 0.1)
+
+
+def test_weak_drafter_on_costly_verification_falls_back_to_plain_decoding():
+    chosen = simulate(accept=0.15, alpha=1.0, beta=0.3, draft_s=0.1)
+    late = [k for i, k in enumerate(chosen[100:], 101) if i % 8]  # skip the periodic probes
+    assert late.count(0) > 0.9 * len(late)
+    assert all(chosen[i - 1] == 7 for i in range(104, 300, 8))  # probes keep the estimates fresh
+
+
+def test_strong_drafter_on_cheap_verification_drafts_the_whole_block():
+    chosen = simulate(accept=0.9, alpha=1.0, beta=0.01, draft_s=0.05)
+    assert sum(k == 7 for k in chosen[50:]) > 0.9 * len(chosen[50:])
+
+
+def test_middling_case_picks_a_short_block():
+    chosen = simulate(accept=0.6, alpha=1.0, beta=0.25, draft_s=0.05)
+    late = chosen[100:]
+    typical = max(set(late), key=late.count)
+    assert 1 <= typical <= 4  # argmax of E[tokens]/cost for these numbers is K=2
+
+
+def test_cap_and_budget_are_respected():
+    p = AdaptiveDraftLength(max_k=7)
+    assert p.choose(0) == 0
+    for _ in range(20):
+        k = p.choose(3)
+        assert 0 <= k <= 3
+        p.update(k, min(k, 1), 0.01, 1.0 + 0.1 * k)
+
+
+def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter():
+    target = tiny_target("qwen3", vocab=12, peak=4.0, seed=1)
+    engine = Engine(target, tiny_draft(target, seed=1, block_size=8))
+    # Seed the engine's policy as if verification were steep and drafts never accepted.
+    p = engine.draft_length["domino"] = AdaptiveDraftLength(max_k=engine.draft.cfg.num_drafts)
+    for k in (0, 7) * 10:
+        p.update(k, 0, 0.01, 1.0 + 0.5 * k)
+    for prompt in ([1, 2, 3], [5], list(range(11))):
+        ref = engine.generate(prompt, GenerationRequest(max_new_tokens=50, method="ar")).token_ids
+        gen = engine.generate(prompt, GenerationRequest(max_new_tokens=50, method="domino", adaptive_drafts=True))
+        assert gen.token_ids == ref
+        assert gen.stats.drafted < gen.stats.rounds * 7  # not every round verified the full block
+    ref = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method="ar")).token_ids
+    for method in ("dflash", "ngram"):  # a fresh policy per method, learning from real timings
+        gen = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method=method, adaptive_drafts=True))
+        assert gen.token_ids == ref
+        assert engine.draft_length[method].rounds > 0
