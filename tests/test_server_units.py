@@ -158,12 +158,13 @@ def test_scheduler_refuses_when_full():
         loop.close()
 
 
-def test_auto_method_uses_ar_while_the_drafter_is_a_placeholder():
+def test_auto_method_uses_domino_only_with_a_trained_drafter_on_a_gpu():
     from app.engine_backend import EngineBackend
 
-    for placeholder, expected in ((True, "ar"), (False, "domino")):
+    for placeholder, device, expected in ((True, "cuda:0", "ar"), (False, "cpu", "ar"), (False, "cuda:0", "domino")):
         engine = FakeEngine()
         engine.placeholder_draft = placeholder
+        engine.target.device = device
         backend = EngineBackend(ServerConfig(target="tiny"), engine=engine)
         backend._ready()
         try:

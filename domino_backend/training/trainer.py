@@ -137,9 +137,14 @@ def plot_curves(log_file: Path, png: Path) -> None:
         ("loss", ["loss_base", "loss_final"]), ("accuracy", ["acc_base", "acc_final"]),
         ("train-time accept length", ["accept_len_base", "accept_len_final"]), ("lambda (base weight)", ["lambda"]),
     ]
+    # Each step sees one sequence, so raw values are noisy: draw them faint, a moving average bold.
+    win = max(1, len(rows) // 50)
     for a, (title, keys) in zip(ax.flat, panels):
         for k in keys:
-            a.plot(step, [r[k] for r in rows], label=k, linewidth=1)
+            y = [r[k] for r in rows]
+            line, = a.plot(step, y, linewidth=0.5, alpha=0.25)
+            smooth = [sum(y[max(0, i - win + 1):i + 1]) / (i + 1 - max(0, i - win + 1)) for i in range(len(y))]
+            a.plot(step, smooth, color=line.get_color(), linewidth=1.8, label=f"{k} (mean of {win})")
         a.set_title(title)
         a.set_xlabel("step")
         a.legend()
