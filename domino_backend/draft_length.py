@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 @dataclass
 class AdaptiveDraftLength:
     max_k: int
-    decay: float = 0.9  # weight of the history per round (~10 rounds of memory)
+    decay: float = 0.9  # verify-time history weight per round (~10 rounds of memory)
+    # Acceptance evidence comes only from rounds that draft, which are sparse once short drafts
+    # win, so it keeps a longer memory (~33 drafting rounds): a noisy a_1 would flip the choice.
+    accept_decay: float = 0.97
     probe_every: int = 8
-    prior_accept: float = 0.5  # a_j before any evidence, weight `prior_weight` rounds
-    prior_weight: float = 1.0
+    prior_accept: float = 0.5  # a_1 before any evidence, weight `prior_weight` rounds; a_j's
+    prior_weight: float = 1.0  # prior is the estimate of a_(j-1) (acceptance rarely rises with j)
     rounds: int = 0
     tried: list[float] = field(default_factory=list)  # decayed rounds that verified draft j with 1..j-1 accepted
     accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
@@ -38,8 +41,11 @@ class AdaptiveDraftLength:
 
     def acceptance(self) -> list[float]:
         """a_j for j = 1..max_k (conditional on the previous drafts being accepted)."""
-        w, p = self.prior_weight, self.prior_accept
-        return [(acc + w * p) / (tried + w) for acc, tried in zip(self.accepted, self.tried)]
+        w, prior, out = self.prior_weight, self.prior_accept, []
+        for acc, tried in zip(self.accepted, self.tried):
+            prior = (acc + w * prior) / (tried + w)
+            out.append(prior)
+        return out
 
     def verify_seconds(self, k: int) -> float | None:
         """Least-squares line through the measured mean verify time per K; None before any round."""
@@ -83,8 +89,8 @@ class AdaptiveDraftLength:
         d = self.decay
         if k:  # acceptance evidence only ages when new evidence arrives (K = 0 rounds bring none)
             for j in range(self.max_k):
-                self.tried[j] *= d
-                self.accepted[j] *= d
+                self.tried[j] *= self.accept_decay
+                self.accepted[j] *= self.accept_decay
         for j in range(min(a + 1, k)):  # draft j+1 was verified with drafts 1..j accepted
             self.tried[j] += 1.0
         for j in range(a):

@@ -27,7 +27,7 @@ def simulate(accept: float, alpha: float, beta: float, draft_s: float, rounds: i
 
 
 def test_expected_tokens_is_the_sum_of_prefix_acceptance_products():
-    p = AdaptiveDraftLength(max_k=3, prior_weight=1e-9)
+    p = AdaptiveDraftLength(max_k=3, prior_weight=1e-9)  # no prior: the raw ratios
     p.tried, p.accepted = [10.0, 5.0, 4.0], [5.0, 4.0, 1.0]  # a = 0.5, 0.8, 0.25
     assert p.acceptance() == pytest.approx([0.5, 0.8, 0.25])
     assert p.expected_tokens(0) == 1.0
@@ -79,3 +79,11 @@ def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter()
         gen = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method=method, adaptive_drafts=True))
         assert gen.token_ids == ref
         assert engine.draft_length[method].rounds > 0
+
+
+def test_unseen_deep_positions_inherit_the_previous_positions_estimate():
+    p = AdaptiveDraftLength(max_k=4)
+    for _ in range(30):  # draft 1 rejected every time: nothing is ever learnt about drafts 2-4
+        p.update(4, 0, 0.01, 1.0)
+    a = p.acceptance()
+    assert a[0] < 0.05 and a[1] == pytest.approx(a[0]) and a[3] == pytest.approx(a[0])

@@ -21,7 +21,7 @@ def expected(n: int) -> str:
 
 
 def serve(round_s=0.01, **cfg):
-    c = ServerConfig(port=0, log_level="warning", **{"max_message_bytes": 64 << 10, **cfg})
+    c = ServerConfig(port=0, log_level="warning", **{"max_message_bytes": 64 << 10, "method": "domino", **cfg})
     return ServerThread(c, EngineBackend(c, FakeEngine(round_s))).start()
 
 

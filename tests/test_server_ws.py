@@ -23,7 +23,7 @@ def expected(n: int) -> str:
 
 
 def serve(engine=None, **cfg):
-    c = ServerConfig(port=0, log_level="warning", **{"max_message_bytes": 64 << 10, **cfg})
+    c = ServerConfig(port=0, log_level="warning", **{"max_message_bytes": 64 << 10, "method": "domino", **cfg})
     eng = engine or FakeEngine(ROUND_S)
     return ServerThread(c, EngineBackend(c, eng)).start(), eng
 
