@@ -9,8 +9,8 @@ drafter is better verified a few tokens at a time, or not at all (K = 0 is plain
 
 The policy keeps exponentially decayed estimates (recent rounds weigh most, so a request that
 turns from prose to boilerplate is followed within a few rounds) of a_j, of the draft time and of
-the verify time per K, fits verify time as alpha + beta*K, and picks the K with the most tokens per
-second. Every `probe_every`-th round verifies the full cap so the estimates for long drafts stay
+the verify time per K (interpolated between measured K's), and picks the K with the most tokens
+per second. Every `probe_every`-th round verifies the full cap so the estimates for long drafts stay
 fresh even while short ones are chosen.
 """
 
@@ -48,16 +48,24 @@ class AdaptiveDraftLength:
         return out
 
     def verify_seconds(self, k: int) -> float | None:
-        """Least-squares line through the measured mean verify time per K; None before any round."""
-        pts = [(kk, s / w, w) for kk, (w, s) in self.verify.items() if w > 1e-3]
+        """Measured mean verify time at K, else linear interpolation between the measured K's
+        around it (extrapolated from the last two beyond them); None before any round. Not one
+        global line: CPU verify cost jumps from K = 0 (a matrix-vector product) to K >= 1 and then
+        grows slowly, so a line through K = 0 and K = 8 underprices short drafts."""
+        pts = sorted((kk, s / w) for kk, (w, s) in self.verify.items() if w > 1e-3)
         if not pts:
             return None
-        sw = sum(w for _, _, w in pts)
-        mk = sum(kk * w for kk, _, w in pts) / sw
-        mt = sum(t * w for _, t, w in pts) / sw
-        var = sum(w * (kk - mk) ** 2 for kk, _, w in pts)
-        beta = sum(w * (kk - mk) * (t - mt) for kk, t, w in pts) / var if var > 1e-9 else 0.0
-        return max(mt + max(beta, 0.0) * (k - mk), 1e-6)
+        below = [p for p in pts if p[0] <= k]
+        above = [p for p in pts if p[0] >= k]
+        if below and above:
+            (k0, t0), (k1, t1) = below[-1], above[0]
+            return t0 if k1 == k0 else t0 + (t1 - t0) * (k - k0) / (k1 - k0)
+        if not below:
+            return pts[0][1]
+        if len(pts) == 1:
+            return pts[0][1]
+        (k0, t0), (k1, t1) = pts[-2], pts[-1]
+        return t1 + max((t1 - t0) / (k1 - k0), 0.0) * (k - k1)
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
