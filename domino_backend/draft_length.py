@@ -60,19 +60,21 @@ class AdaptiveDraftLength:
         if below and above:
             (k0, t0), (k1, t1) = below[-1], above[0]
             return t0 if k1 == k0 else t0 + (t1 - t0) * (k - k0) / (k1 - k0)
-        if not below:
-            return pts[0][1]
-        if len(pts) == 1:
+        if not below or len(pts) == 1:
             return pts[0][1]
         (k0, t0), (k1, t1) = pts[-2], pts[-1]
         return t1 + max((t1 - t0) / (k1 - k0), 0.0) * (k - k1)
 
     def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.acceptance()[:k]:
+        return self._expected_by_k()[k]
+
+    def _expected_by_k(self) -> list[float]:
+        """E[tokens committed] for K = 0..max_k, from one pass over the acceptance estimates."""
+        out, run = [1.0], 1.0
+        for a in self.acceptance():
             run *= a
-            total += run
-        return total
+            out.append(out[-1] + run)
+        return out
 
     def choose(self, cap: int) -> int:
         """Drafts to verify this round, at most `cap` (the budget / context / request limit)."""
@@ -80,15 +82,17 @@ class AdaptiveDraftLength:
         self.rounds += 1
         if cap <= 0:
             return 0
-        # Measure both ends of the cost line first (the full cap, then K = 0), then probe the cap
+        # Measure both ends of the cost curve first (the full cap, then K = 0), then probe the cap
         # periodically so the acceptance of long drafts stays known while short ones are chosen.
         if self.draft_s is None or self.rounds % self.probe_every == 0:
             return cap
         if len(self.verify) < 2:
             return 0 if 0 not in self.verify else cap
 
+        expected = self._expected_by_k()
+
         def rate(k: int) -> float:
-            return self.expected_tokens(k) / (self.verify_seconds(k) + (self.draft_s if k else 0.0))
+            return expected[k] / (self.verify_seconds(k) + (self.draft_s if k else 0.0))
 
         return max(range(cap + 1), key=rate)
 

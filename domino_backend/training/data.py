@@ -74,16 +74,21 @@ def source_files(root: Path, rng: random.Random) -> list[Path]:
     return files
 
 
+def source_lines(path: Path) -> list[str]:
+    """A source file's lines (with their ends); [] when unreadable or not UTF-8 (skipped)."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (UnicodeDecodeError, OSError):
+        return []
+
+
 def code_prompts(root: Path, n: int, rng: random.Random, holdout_frac: float, max_prefix_chars: int = 800) -> list[dict]:
     files = source_files(root, rng)
     out = []
     for path in files:
         if len(out) >= n:
             break
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        except (UnicodeDecodeError, OSError):
-            continue
+        lines = source_lines(path)
         if len(lines) < 40:
             continue
         cut = rng.randrange(10, len(lines) - 10)
@@ -144,9 +149,8 @@ def source_records(tokenizer, out: Path, n: int, seed: int = 0, holdout_frac: fl
             rel = str(path.relative_to(root))
             if split_of(rel, holdout_frac) != "train":
                 continue
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            except (UnicodeDecodeError, OSError):
+            lines = source_lines(path)
+            if not lines:
                 continue
             if rng.random() < fim_frac and len(lines) > 30:
                 cut, hole = rng.randrange(10, len(lines) - 15), rng.randint(1, 12)
