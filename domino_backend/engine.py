@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from .cpu import tune_linear_layout
 from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
 from .drafters import NgramConfig, make_proposer
@@ -121,6 +122,8 @@ class Engine:
 
             check_compatible(draft.cfg, target.model.config)
             draft.to(device=target.device, dtype=target.dtype)
+            tune_linear_layout(draft)
+        tune_linear_layout(target.model)
 
     def stream(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
         if not prompt_ids:

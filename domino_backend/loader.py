@@ -10,6 +10,7 @@ import torch
 
 from .checkpoint import load_draft
 from .config import DraftConfig, build_target_layer_ids
+from .cpu import cpu_has_fast_bf16
 from .draft_model import DraftModel
 from .engine import Engine
 from .models import PROFILES, load_target
@@ -46,16 +47,6 @@ def cpu_draft_config(target: Target, mask_token_id: int) -> DraftConfig:
 def random_drafter(target: Target, mask_token_id: int, seed: int = 0) -> DraftModel:
     torch.manual_seed(seed)
     return DraftModel(cpu_draft_config(target, mask_token_id)).eval().requires_grad_(False)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are only fast with native support (AVX512-BF16 or AMX); elsewhere torch emulates
-    them, and a 17-token verify costs ~M times a 1-token step instead of about the same."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name: str) -> torch.dtype:
