@@ -233,3 +233,16 @@ def test_source_records_come_only_from_train_files_and_are_real_code(tmp_path):
         text, hole = (src / r["file"]).read_text(), tok.decode(r["response_ids"])
         assert hole.endswith("\n") and hole in text and 1 <= hole.count("\n") <= 12
         assert text[:text.index(hole)].endswith(tok.decode(r["prompt_ids"])[-50:])
+
+
+def test_warm_start_begins_from_the_exported_drafter_and_rejects_another_shape(captured, tmp_path):
+    target, data, _ = captured
+    cfg = TrainConfig(steps=8, lr=3e-3, num_anchors=8, gamma=4.0)
+    train(_cfg(target), target.model, data, tmp_path / "a", cfg, progress=False)
+    frozen = TrainConfig(steps=2, lr=0.0, num_anchors=8, gamma=4.0, init=str(tmp_path / "a" / "final"))
+    train(_cfg(target), target.model, data, tmp_path / "b", frozen, progress=False)
+    a, b = load_draft(tmp_path / "a" / "final").state_dict(), load_draft(tmp_path / "b" / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another drafter configuration"):
+        train(tiny_draft_config(target, block_size=6, target_layer_ids=[1, 2]), target.model, data,
+              tmp_path / "c", frozen, progress=False)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-curriculum", action="store_true", help="lambda = 0 from the start")
     t.add_argument("--lambda-decay-ratio", type=float, default=1.0)
     t.add_argument("--bf16", action="store_true")
+    t.add_argument("--init", default=None, help="warm start from an exported drafter folder of the same shape")
     t.add_argument("--save-every", type=int, default=200)
     args = ap.parse_args(argv)
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             projector_type=None if args.no_head else "domino")
         cfg = TrainConfig(steps=args.steps, lr=args.lr, num_anchors=args.num_anchors, use_head=not args.no_head,
                           curriculum=not args.no_curriculum, lambda_decay_ratio=args.lambda_decay_ratio,
-                          bf16=args.bf16, save_every=args.save_every,
+                          bf16=args.bf16, save_every=args.save_every, init=args.init,
                           gamma={16: 7.0, 10: 5.0, 8: 4.0}.get(args.block_size, args.block_size / 2.3))
         train(dcfg, model, data, args.out, cfg)
         print(json.dumps({"exported": str(args.out / "final")}))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import save_draft
+from ..checkpoint import load_draft, save_draft
 from ..config import DraftConfig
 from ..draft_model import DraftModel
 from .capture import CapturedData
@@ -36,6 +36,7 @@ class TrainConfig:
     curriculum: bool = True  # False: no-curriculum ablation (lambda = 0 throughout)
     bf16: bool = False  # bf16 autocast (only worth it on CPUs with native bf16)
     seed: int = 0
+    init: str | None = None  # warm start: an exported drafter folder (same shape); optimizer starts fresh
     save_every: int = 200
     log_every: int = 1
 
@@ -61,6 +62,11 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
     model = DraftModel(draft_cfg).float()  # fp32 master weights; autocast handles bf16 compute
     if draft_cfg.draft_vocab_size is not None:  # score only the tokens the data actually uses
         model.set_draft_vocab(data.top_tokens(draft_cfg.draft_vocab_size, draft_cfg.vocab_size))
+    if cfg.init:
+        init = load_draft(cfg.init, dtype=torch.float32)
+        if init.cfg.to_hf_dict() != draft_cfg.to_hf_dict():
+            raise ValueError(f"--init {cfg.init} has another drafter configuration than this run")
+        model.load_state_dict(init.state_dict())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt, log_file = out / "ckpt.pt", out / "log.jsonl"
