@@ -158,14 +158,16 @@ def test_scheduler_refuses_when_full():
         loop.close()
 
 
-def test_auto_method_uses_domino_only_with_a_trained_drafter_on_a_gpu():
+def test_auto_method_uses_domino_only_with_a_trained_drafter_on_a_gpu_else_adaptive_ngram():
     from app.engine_backend import EngineBackend
 
-    for placeholder, device, expected in ((True, "cuda:0", "ar"), (False, "cpu", "ar"), (False, "cuda:0", "domino")):
+    cases = ((True, "cuda:0", True, "ngram"), (False, "cpu", True, "ngram"), (False, "cuda:0", True, "domino"),
+             (False, "cpu", False, "ar"))  # fixed-length n-gram drafts lose on prose: ar then
+    for placeholder, device, adaptive, expected in cases:
         engine = FakeEngine()
         engine.placeholder_draft = placeholder
         engine.target.device = device
-        backend = EngineBackend(ServerConfig(target="tiny"), engine=engine)
+        backend = EngineBackend(ServerConfig(target="tiny", adaptive_drafts=adaptive), engine=engine)
         backend._ready()
         try:
             assert backend.default_method == expected
