@@ -37,8 +37,8 @@ class AdaptiveDraftLength:
     accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
     verify: dict[int, list[float]] = field(default_factory=dict)  # K -> [decayed weight, decayed sum of seconds]
     draft_s: float | None = None
-    interval: int = 0  # rounds between probes now (probe_every .. max_probe_every)
-    next_probe: int = 0
+    interval: int = field(init=False)  # rounds between probes now (probe_every .. max_probe_every)
+    next_probe: int = field(init=False)  # round number of the next full-cap probe
 
     def __post_init__(self):
         self.tried = [0.0] * self.max_k
