@@ -4,7 +4,7 @@ Any K is lossless (verification decides what is kept), so this only trades speed
 drafts commits E[K] = 1 + sum_{i=1..K} prod_{j<=i} a_j tokens on average, where a_j is the
 acceptance of draft j given drafts 1..j-1 were accepted, and costs draft_s (0 when K = 0) plus the
 target's verify time for K+1 tokens. On a GPU verifying 17 tokens costs about one decoding step,
-so the best K is the block's; on a 2-core CPU without native bf16 it costs ~2.5 steps, so a weak
+so the best K is the block's; on a 2-core CPU without native bf16 it costs ~2 steps, so a weak
 drafter is better verified a few tokens at a time, or not at all (K = 0 is plain decoding).
 
 The policy keeps exponentially decayed estimates (recent rounds weigh most, so a request that
