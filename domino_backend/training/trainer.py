@@ -60,13 +60,13 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     model = DraftModel(draft_cfg).float()  # fp32 master weights; autocast handles bf16 compute
-    if draft_cfg.draft_vocab_size is not None:  # score only the tokens the data actually uses
-        model.set_draft_vocab(data.top_tokens(draft_cfg.draft_vocab_size, draft_cfg.vocab_size))
-    if cfg.init:
+    if cfg.init:  # its d2t comes along: no second scan of the data for the draft vocabulary
         init = load_draft(cfg.init, dtype=torch.float32)
         if init.cfg.to_hf_dict() != draft_cfg.to_hf_dict():
             raise ValueError(f"--init {cfg.init} has another drafter configuration than this run")
         model.load_state_dict(init.state_dict())
+    elif draft_cfg.draft_vocab_size is not None:  # score only the tokens the data actually uses
+        model.set_draft_vocab(data.top_tokens(draft_cfg.draft_vocab_size, draft_cfg.vocab_size))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt, log_file = out / "ckpt.pt", out / "log.jsonl"
