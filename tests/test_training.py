@@ -246,3 +246,63 @@ def test_warm_start_begins_from_the_exported_drafter_and_rejects_another_shape(c
     with pytest.raises(ValueError, match="another drafter configuration"):
         train(tiny_draft_config(target, block_size=6, target_layer_ids=[1, 2]), target.model, data,
               tmp_path / "c", frozen, progress=False)
+
+
+def test_target_labels_are_the_targets_greedy_tokens_and_resume(captured):
+    target, _, tmp = captured
+    from domino_backend.training.capture import label_targets
+
+    cap = tmp / "cap"
+    assert label_targets(target.model, cap, top_tokens=None) == 10
+    assert label_targets(target.model, cap, top_tokens=None) == 0  # resume: all labelled
+    data = CapturedData(cap)
+    agree = total = 0
+    for i in range(len(data)):
+        seq = data[i]
+        with torch.no_grad():
+            ref = target.model(input_ids=seq.ids[None]).logits[0].argmax(-1)
+        agree += int((seq.target_next == ref).sum())
+        total += len(ref)
+    assert agree / total > 0.97  # the re-run starts from float16 features: rare near-ties may flip
+    # Training on them runs, and scores drafts against the target's own tokens.
+    cfg = TrainConfig(steps=30, lr=8e-3, num_anchors=16, gamma=4.0, save_every=30, target_labels=True)
+    train(_cfg(target), target.model, data, tmp / "run_tl", cfg, progress=False)
+    log = [json.loads(line) for line in (tmp / "run_tl" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
+    # A cut-off tail (killed mid-write) is redone; a different vocabulary setting is refused.
+    labels = cap / "labels.i32"
+    full = labels.read_bytes()
+    labels.write_bytes(full[:-10])
+    assert label_targets(target.model, cap, top_tokens=None) == 1
+    assert labels.read_bytes() == full
+    with pytest.raises(ValueError, match="delete it"):
+        label_targets(target.model, cap, top_tokens=16)
+    # Restricted to the top tokens, a label is the best token of that set.
+    labels.unlink()
+    label_targets(target.model, cap, top_tokens=16)
+    top = set(data.top_tokens(16, target.vocab_size).tolist())
+    assert set(CapturedData(cap)[0].target_next.tolist()) <= top
+    labels.unlink()
+    (cap / "labels.json").unlink()
+
+
+def test_target_labels_supervise_drafts_only_along_the_targets_greedy_chain():
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    mask = torch.ones(10, dtype=torch.bool)
+    greedy = ids.roll(-1)  # the target agrees with the data everywhere ...
+    greedy[3] = 42  # ... except after position 3, where it would say 42 instead of 4
+    b = build_blocks(ids, mask, torch.tensor([1, 4]), block_size=4, num_drafts=4, mask_token_id=99, gamma=2.0,
+                     target_next=greedy)
+    assert b.labels[0].tolist() == [2, 3, 42, 5]
+    # Drafts 1-3 of the first block are reachable (data = greedy chain so far); draft 4 follows the data's 4,
+    # which verification would never have accepted, so it is not supervised.
+    assert (b.weights[0, :3] > 0).all() and b.weights[0, 3] == 0
+    assert b.labels[1].tolist() == [5, 6, 7, 8] and (b.weights[1] > 0).all()
+    plain = build_blocks(ids, mask, torch.tensor([1, 4]), block_size=4, num_drafts=4, mask_token_id=99, gamma=2.0)
+    assert plain.labels[0].tolist() == [2, 3, 4, 5] and (plain.weights > 0).all()
+
+
+def test_training_on_target_labels_needs_the_label_step(captured, tmp_path):
+    target, data, _ = captured
+    with pytest.raises(ValueError, match="label"):
+        train(_cfg(target), target.model, data, tmp_path / "run", TrainConfig(steps=2, target_labels=True), progress=False)

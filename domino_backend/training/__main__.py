@@ -5,6 +5,7 @@
   source    bulk records cut from real source files of the train split (no generation needed)
   generate  regenerate responses with the target (greedy + sampled), appending to a JSONL file
   capture   teacher-forced target pass, caching the drafter's input features (memory-mapped)
+  label     the target's greedy next token at every captured position (for --target-labels)
   train     train a drafter; checkpoints + resume, log.jsonl, curves.png, final/ in the public layout
 """
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--prompts", type=Path, required=True)
     h.add_argument("--out", type=Path, required=True, help="folder for heldout_code.jsonl / heldout_chat.jsonl")
     h.add_argument("--limit", type=int, default=24, help="prompts per file")
-    for name in ("source", "generate", "capture", "train"):
+    for name in ("source", "generate", "capture", "label", "train"):
         s = sub.add_parser(name)
         s.add_argument("--target", default="coder", help="profile, HF folder or hub id")
         s.add_argument("--dtype", default="float32")
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--split", default="train")
     c.add_argument("--num-feature-layers", type=int, default=5)
+    lb = sub.choices["label"]
+    lb.add_argument("--data", type=Path, required=True, help="capture folder")
+    lb.add_argument("--top-tokens", type=int, default=16384, help="score the N most frequent tokens; 0 = all")
     t = sub.choices["train"]
     t.add_argument("--data", type=Path, required=True, help="capture folder")
     t.add_argument("--out", type=Path, required=True)
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--init", default=None, help="warm start from an exported drafter folder of the same shape")
     t.add_argument("--save-every", type=int, default=200)
+    t.add_argument("--target-labels", action="store_true",
+                   help="supervise with the target's greedy tokens (run the `label` step first)")
     args = ap.parse_args(argv)
 
     if args.step == "prompts":
@@ -114,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         layers = build_target_layer_ids(model.config.num_hidden_layers, args.num_feature_layers)
         n = capture(model, args.records, args.out, layers, args.split)
         print(f"captured {n} sequences into {args.out}")
+    elif args.step == "label":
+        from .capture import label_targets
+
+        n = label_targets(model, args.data, args.top_tokens or None)
+        print(f"labelled {n} sequences in {args.data}")
     else:
         from .capture import CapturedData
         from .trainer import TrainConfig, train
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(steps=args.steps, lr=args.lr, num_anchors=args.num_anchors, use_head=not args.no_head,
                           curriculum=not args.no_curriculum, lambda_decay_ratio=args.lambda_decay_ratio,
                           bf16=args.bf16, save_every=args.save_every, init=args.init,
+                          target_labels=args.target_labels,
                           gamma={16: 7.0, 10: 5.0, 8: 4.0}.get(args.block_size, args.block_size / 2.3))
         train(dcfg, model, data, args.out, cfg)
         print(json.dumps({"exported": str(args.out / "final")}))

@@ -3,8 +3,10 @@
 Layout of a capture folder (append-only, resumable):
 - `feats.f16`: every captured token's concatenated layer outputs, float16, row-major [T_total, L*H];
 - `index.jsonl`: one line per sequence {id, split, offset (row in feats), length, prompt_len, ids};
-- `meta.json`: target layer ids, feature width, dtype.
-A crash leaves at most a partial tail in feats.f16; resume truncates it to the last indexed row.
+- `meta.json`: target layer ids, feature width, dtype;
+- `labels.i32` + `labels.json` (optional, `label_targets`): per row, the target's greedy next token
+  given the true prefix, so a drafter can be supervised with what verification will compare it to.
+A crash leaves at most a partial tail in feats.f16 / labels.i32; resume truncates it.
 """
 
 from __future__ import annotations
@@ -58,11 +60,66 @@ def capture(model, records_file: Path, out: Path, layer_ids: list[int], split: s
     return written
 
 
+def label_targets(model, data_dir: Path, top_tokens: int | None = 16384) -> int:
+    """Write `labels.i32`: row p = the target's greedy token after position p (teacher-forced on the
+    captured sequence). Computed from the captured features: only the decoder layers after the last
+    captured one run again (2 of 24 for the coder profile), then the final norm and the LM head.
+
+    top_tokens: score only the data's N most frequent tokens (the LM head over 151k tokens would
+    cost more than the layers). A drafter with that draft vocabulary cannot draft any other token,
+    so the in-set argmax is the only label it could use; None scores the full vocabulary (slow, exact).
+    Resumes after the last labelled sequence. Returns the number of sequences labelled by this call."""
+    data = CapturedData(data_dir)
+    decoder = model.get_decoder()
+    n_layers = len(decoder.layers)
+    last = max(data.layer_ids)
+    if last >= n_layers - 1:  # HF's last hidden state is already normed: nothing to re-run from
+        raise ValueError(f"labels need a captured layer before the last decoder layer (got {last})")
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    rest = decoder.layers[last + 1:]
+    if types is not None and list(types[last + 1:]) != list(types[:len(rest)]):
+        raise ValueError("labels: the re-run layers must share the attention type of the first ones")
+    meta_file, labels_file = data_dir / "labels.json", data_dir / "labels.i32"
+    meta = {"top_tokens": top_tokens, "from_layer": last}
+    if labels_file.exists() and json.loads(meta_file.read_text()) != meta:
+        raise ValueError(f"{labels_file} was written with {meta_file.read_text()}; delete it to relabel")
+    meta_file.write_text(json.dumps(meta))
+    vocab = data.top_tokens(top_tokens, model.config.vocab_size) if top_tokens else None
+    weight = model.get_output_embeddings().weight
+    weight = weight[vocab] if vocab is not None else weight
+    h = data.feats.shape[1] // len(data.layer_ids)
+    col = data.layer_ids.index(last) * h
+    done = labels_file.stat().st_size // 4 if labels_file.exists() else 0
+    todo = [e for e in sorted(data.index, key=lambda e: e["offset"]) if e["offset"] + e["length"] > done]
+    if todo and todo[0]["offset"] < done:  # a partial sequence from an interrupted run: redo it
+        done = todo[0]["offset"]
+    with labels_file.open("ab") as f:
+        f.truncate(done * 4)
+    full_layers = decoder.layers
+    try:
+        decoder.layers = rest  # the decoder now runs layers last+1.. on whatever it is given
+        with labels_file.open("ab") as f, torch.inference_mode():
+            for e in tqdm(todo, desc="label", unit="seq"):
+                if e["offset"] != done:
+                    raise ValueError(f"{data_dir}: index rows are not contiguous at offset {e['offset']}")
+                x = torch.from_numpy(np.asarray(data.feats[done:done + e["length"], col:col + h], dtype=np.float32))
+                x = decoder(inputs_embeds=x[None].to(weight.dtype), use_cache=False).last_hidden_state[0]
+                best = (x @ weight.t()).argmax(-1)
+                best = vocab[best] if vocab is not None else best
+                f.write(best.to(torch.int32).numpy().tobytes())
+                f.flush()
+                done += e["length"]
+    finally:
+        decoder.layers = full_layers
+    return len(todo)
+
+
 @dataclass
 class Sequence:
     ids: torch.Tensor  # [S]
     loss_mask: torch.Tensor  # [S] bool, True on response tokens
     feats: torch.Tensor  # [S, L*H] float32
+    target_next: torch.Tensor | None = None  # [S] the target's greedy token after each position
 
 
 class CapturedData:
@@ -77,6 +134,9 @@ class CapturedData:
         rows = max(e["offset"] + e["length"] for e in self.index)
         self.feats = np.memmap(path / "feats.f16", dtype=np.float16, mode="r", shape=(rows, self.width))
         self.num_tokens = sum(e["length"] - e["prompt_len"] for e in self.index)
+        labels = path / "labels.i32"
+        n = labels.stat().st_size // 4 if labels.exists() else 0
+        self.labels = np.memmap(labels, dtype=np.int32, mode="r", shape=(n,)) if n >= rows else None
 
     def top_tokens(self, n: int, vocab_size: int) -> torch.Tensor:
         """The n most frequent token ids across all captured sequences (ties: lower id first)."""
@@ -95,4 +155,7 @@ class CapturedData:
         mask = torch.zeros(len(ids), dtype=torch.bool)
         mask[e["prompt_len"]:] = True
         feats = torch.from_numpy(np.asarray(self.feats[e["offset"]:e["offset"] + e["length"]], dtype=np.float32))
-        return Sequence(ids, mask, feats)
+        nxt = None
+        if self.labels is not None:
+            nxt = torch.from_numpy(np.asarray(self.labels[e["offset"]:e["offset"] + e["length"]], dtype=np.int64))
+        return Sequence(ids, mask, feats, nxt)

@@ -51,7 +51,12 @@ class Blocks:
 
 
 def build_blocks(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int,
-                 num_drafts: int, mask_token_id: int, gamma: float) -> Blocks:
+                 num_drafts: int, mask_token_id: int, gamma: float,
+                 target_next: torch.Tensor | None = None) -> Blocks:
+    """target_next [S] (optional): the target's greedy token after each position. Verification
+    compares draft j with the target's greedy token after anchor+j, given the drafts before it; so
+    with target_next, draft j is supervised with that token, and only while the data's tokens
+    anchor+1..anchor+j follow the target's greedy chain (then the prefix is the one verification sees)."""
     s, n = ids.shape[0], anchors.shape[0]
     offs = torch.arange(block_size)
     block_ids = torch.full((n, block_size), mask_token_id, dtype=torch.long)
@@ -62,6 +67,11 @@ def build_blocks(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tens
     safe = lab_pos.clamp(max=s - 1)
     labels = torch.where(inside, ids[safe], torch.zeros_like(safe))
     valid = inside & loss_mask[safe]
+    if target_next is not None:
+        greedy = torch.where(inside, target_next[safe - 1], torch.zeros_like(safe))  # after anchor+j
+        on_chain = torch.ones_like(valid)
+        on_chain[:, 1:] = (greedy == labels)[:, :-1].int().cumprod(dim=1).bool()
+        labels, valid = greedy, valid & on_chain
     decay = torch.exp(-torch.arange(num_drafts, dtype=torch.float32) / gamma)
     weights = decay * valid
     # Attention: block i's queries see context keys < anchor_i and the B keys of block i only.
@@ -80,10 +90,12 @@ def accept_length(pred: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
 
 def sequence_loss(model: DraftModel, embed, lm_head, feats: torch.Tensor, ids: torch.Tensor,
                   loss_mask: torch.Tensor, anchors: torch.Tensor, lam: float, gamma: float,
-                  use_head: bool = True) -> tuple[torch.Tensor, dict]:
-    """feats [S, L*H] context features, ids [S], loss_mask [S] bool, anchors [N]. Returns (loss, metrics)."""
+                  use_head: bool = True, target_next: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """feats [S, L*H] context features, ids [S], loss_mask [S] bool, anchors [N], target_next [S] or
+    None (labels from the data). Returns (loss, metrics)."""
     cfg = model.cfg
-    blk = build_blocks(ids, loss_mask, anchors, cfg.block_size, cfg.num_drafts, cfg.mask_token_id, gamma)
+    blk = build_blocks(ids, loss_mask, anchors, cfg.block_size, cfg.num_drafts, cfg.mask_token_id, gamma,
+                       target_next)
     dtype = model.fc.weight.dtype
     n, b = blk.block_ids.shape
     with torch.no_grad():

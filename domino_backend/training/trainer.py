@@ -37,6 +37,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast (only worth it on CPUs with native bf16)
     seed: int = 0
     init: str | None = None  # warm start: an exported drafter folder (same shape); optimizer starts fresh
+    target_labels: bool = False  # supervise with the target's greedy tokens (capture's labels.i32), not the data's
     save_every: int = 200
     log_every: int = 1
 
@@ -55,6 +56,8 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
     out.mkdir(parents=True, exist_ok=True)
     if list(draft_cfg.target_layer_ids) != list(data.layer_ids):
         raise ValueError(f"drafter layer ids {draft_cfg.target_layer_ids} != captured {data.layer_ids}")
+    if cfg.target_labels and data.labels is None:
+        raise ValueError("target labels asked for, but the capture has none for every row: run the `label` step")
     embed, lm_head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
     for p in list(embed.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
@@ -96,7 +99,7 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, m = sequence_loss(model, embed, lm_head, seq.feats, seq.ids, seq.loss_mask, anchors,
-                                        lam, cfg.gamma, cfg.use_head)
+                                        lam, cfg.gamma, cfg.use_head, seq.target_next if cfg.target_labels else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
