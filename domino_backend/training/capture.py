@@ -81,8 +81,9 @@ def label_targets(model, data_dir: Path, top_tokens: int | None = 16384) -> int:
         raise ValueError("labels: the re-run layers must share the attention type of the first ones")
     meta_file, labels_file = data_dir / "labels.json", data_dir / "labels.i32"
     meta = {"top_tokens": top_tokens, "from_layer": last}
-    if labels_file.exists() and json.loads(meta_file.read_text()) != meta:
-        raise ValueError(f"{labels_file} was written with {meta_file.read_text()}; delete it to relabel")
+    written_with = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    if labels_file.exists() and written_with != meta:
+        raise ValueError(f"{labels_file} was written with {written_with}; delete it to relabel")
     meta_file.write_text(json.dumps(meta))
     vocab = data.top_tokens(top_tokens, model.config.vocab_size) if top_tokens else None
     weight = model.get_output_embeddings().weight
