@@ -7,7 +7,7 @@ import torch
 
 from domino_backend.checkpoint import load_draft
 from domino_backend.engine import Engine, GenerationRequest
-from domino_backend.training.capture import CapturedData, capture
+from domino_backend.training.capture import CapturedData, capture, interleave
 from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
 from domino_backend.training.trainer import TrainConfig, lr_at, train
 from tiny import CharTokenizer, tiny_draft_config, tiny_target
@@ -88,6 +88,16 @@ def captured(tmp_path_factory):
     assert capture(target.model, recs, tmp / "cap", layers) == 1
     assert len(index.read_text().splitlines()) == 10
     return target, CapturedData(tmp / "cap"), tmp
+
+
+def test_capture_interleaves_record_files_so_a_partial_capture_keeps_the_mix():
+    windows, fim, chat = [f"w{i}" for i in range(60)], [f"f{i}" for i in range(30)], [f"c{i}" for i in range(10)]
+    out = interleave([windows, fim, chat])
+    assert sorted(out) == sorted(windows + fim + chat)
+    for group in (windows, fim, chat):
+        assert [x for x in out if x in group] == group  # each file keeps its own order
+        for k in range(1, len(out) + 1):  # every prefix holds each file's share, +-1 record
+            assert abs(sum(x in group for x in out[:k]) - k * len(group) / len(out)) <= 1
 
 
 def test_capture_matches_a_fresh_forward(captured):

@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--sample-frac", type=float, default=0.3)
+    g.add_argument("--split", default="train", help="held-out prompts are kept for the benchmark")
+    g.add_argument("--limit", type=int, default=None, help="the first N prompts of the split")
     c = sub.choices["capture"]
-    c.add_argument("--records", type=Path, required=True)
+    c.add_argument("--records", type=Path, nargs="+", required=True,
+                   help="record files, interleaved evenly (ids must be disjoint)")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--split", default="train")
     c.add_argument("--num-feature-layers", type=int, default=5)
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from .data import generate_responses
 
         n = generate_responses(model, tok, args.prompts, args.out, args.max_new_tokens, args.batch_size,
-                               args.sample_frac, eos_ids=Target(model, tok).eos_ids)
+                               args.sample_frac, eos_ids=Target(model, tok).eos_ids,
+                               split=args.split, limit=args.limit)
         print(f"generated {n} responses into {args.out}")
     elif args.step == "capture":
         from ..config import build_target_layer_ids

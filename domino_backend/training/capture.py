@@ -22,7 +22,14 @@ from tqdm import tqdm
 from .data import read_complete_lines
 
 
-def capture(model, records_file: Path, out: Path, layer_ids: list[int], split: str = "train",
+def interleave(groups: list[list]) -> list:
+    """Merge lists so each is spread evenly over the result (item i of a list of n sits at
+    fraction (i+0.5)/n): a capture stopped part-way keeps the mix of its record files."""
+    keyed = [((i + 0.5) / len(g), k, x) for k, g in enumerate(groups) for i, x in enumerate(g)]
+    return [x for *_, x in sorted(keyed, key=lambda t: t[:2])]
+
+
+def capture(model, records_files: Path | list[Path], out: Path, layer_ids: list[int], split: str = "train",
             max_len: int = 1024) -> int:
     out.mkdir(parents=True, exist_ok=True)
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
@@ -40,7 +47,8 @@ def capture(model, records_file: Path, out: Path, layer_ids: list[int], split: s
         rows = max(rows, e["offset"] + e["length"])
     with feats_file.open("ab") as f:
         f.truncate(rows * width * 2)  # drop a partial tail from an interrupted run
-    recs = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    files = [records_files] if isinstance(records_files, Path) else records_files
+    recs = interleave([[json.loads(line) for line in read_complete_lines(f)] for f in files])
     todo = [r for r in recs if r["split"] == split and r["id"] not in done and r["response_ids"]]
     written = 0
     with feats_file.open("ab") as f, index_file.open("a") as idx:

@@ -199,12 +199,14 @@ def encode_prompt_record(tokenizer, rec: dict) -> list[int]:
 
 def generate_responses(model, tokenizer, prompts_file: Path, out_file: Path, max_new_tokens: int = 128,
                        batch_size: int = 8, sample_frac: float = 0.3, temperature: float = 0.8,
-                       seed: int = 0, eos_ids: set[int] | None = None) -> int:
-    """Regenerate responses with the target, batched (left padding). Resumes: ids already in
-    `out_file` are skipped. Returns the number of records written by this call."""
+                       seed: int = 0, eos_ids: set[int] | None = None, split: str = "train",
+                       limit: int | None = None) -> int:
+    """Regenerate responses with the target for the first `limit` prompts of `split`, batched (left
+    padding). Resumes: ids already in `out_file` are skipped. Returns the number of records written by this call."""
     recs = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()]
     done = {json.loads(line)["id"] for line in read_complete_lines(out_file)}
-    todo = [r for r in recs if r["id"] not in done]
+    todo = [r for r in recs if r["split"] == split][:limit]
+    todo = [r for r in todo if r["id"] not in done]
     # Similar lengths per batch waste less padding.
     for r in todo:
         r["prompt_ids"] = encode_prompt_record(tokenizer, r)
