@@ -316,3 +316,32 @@ def test_training_on_target_labels_needs_the_label_step(captured, tmp_path):
     target, data, _ = captured
     with pytest.raises(ValueError, match="label"):
         train(_cfg(target), target.model, data, tmp_path / "run", TrainConfig(steps=2, target_labels=True), progress=False)
+
+
+def test_generate_regenerates_train_prompts_only_resumes_and_matches_plain_decoding(tmp_path):
+    """Batched, left-padded regeneration gives each prompt exactly its own greedy continuation;
+    held-out prompts are never generated; `limit` and resume split the work without repeats."""
+    from domino_backend.training.data import generate_responses
+
+    class Tok(CharTokenizer):
+        pad_token_id = eos_token_id = None
+
+    target, tok = tiny_target("qwen3", vocab=96, peak=3.0, seed=2), Tok()
+    texts = ["def f(x):", "import os\nprint", "a", "class A:\n    pass\n", "x = [1, 2", "return y", "for i in"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "kind": "prefix", "prefix": t, "split": "heldout" if i == 1 else "train"})
+                               + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "records.jsonl"
+    eos = 95
+    assert generate_responses(target.model, tok, prompts, out, max_new_tokens=10, batch_size=4, sample_frac=0.0,
+                              eos_ids={eos}, limit=4) == 4
+    assert generate_responses(target.model, tok, prompts, out, max_new_tokens=10, batch_size=4, sample_frac=0.0,
+                              eos_ids={eos}) == 2
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == [0, 2, 3, 4, 5, 6]
+    engine = Engine(target)
+    for r in recs:
+        assert r["prompt_ids"] == tok.encode(texts[r["id"]])
+        ref = engine.generate(r["prompt_ids"], GenerationRequest(max_new_tokens=10, method="ar", temperature=0.0)).token_ids
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert r["response_ids"] == ref[:cut]
