@@ -10,7 +10,7 @@ from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.training.capture import CapturedData, capture, interleave
 from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
 from domino_backend.training.trainer import TrainConfig, lr_at, train
-from tiny import CharTokenizer, tiny_draft_config, tiny_target
+from tiny import CharTokenizer, tiny_draft, tiny_draft_config, tiny_target
 
 
 def test_lambda_decays_linearly_over_the_whole_run_and_clips():
@@ -345,3 +345,43 @@ def test_generate_regenerates_train_prompts_only_resumes_and_matches_plain_decod
         ref = engine.generate(r["prompt_ids"], GenerationRequest(max_new_tokens=10, method="ar", temperature=0.0)).token_ids
         cut = ref.index(eos) + 1 if eos in ref else len(ref)
         assert r["response_ids"] == ref[:cut]
+
+
+@pytest.mark.parametrize("shift_label", [True, False])
+def test_the_engine_drafts_with_exactly_what_the_trainer_optimises(shift_label):
+    """Train/inference parity (the context, position and shift-label slips of method doc §7.2): every
+    block the engine drafts during real generations (chunked prefill, then a prefix-cache hit) gives
+    the same draft hidden states as the trainer's forward at that anchor over the finished
+    sequence's teacher-forced features."""
+    target = tiny_target("qwen3", vocab=48, peak=3.0, seed=5)
+    draft = tiny_draft(target, seed=1, shift_label=shift_label)
+    calls = []
+    forward_block = draft.forward_block
+
+    def spy(block_emb, block_pos, new_ctx_feats, cache):
+        z = forward_block(block_emb, block_pos, new_ctx_feats, cache)
+        calls.append((int(block_pos[0, 0]), block_emb[0, 0].clone(), z[0].clone()))
+        return z
+
+    draft.forward_block = spy
+    engine = Engine(target, draft, prefill_chunk=8)
+    prompt = torch.randint(0, 40, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    cfg = draft.cfg
+    for _ in range(2):  # the second run starts from the prefix cache's snapshot
+        calls.clear()
+        out = engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="domino", temperature=0.0))
+        seq = torch.tensor(prompt + out.token_ids)
+        with torch.no_grad():
+            o = target.model(input_ids=seq[None], output_hidden_states=True)
+            feats = torch.cat([o.hidden_states[i + 1][0] for i in cfg.target_layer_ids], dim=-1)
+            anchors = torch.tensor([pos for pos, *_ in calls])
+            blk = build_blocks(seq, torch.ones(len(seq), dtype=torch.bool), anchors, cfg.block_size,
+                               cfg.num_drafts, cfg.mask_token_id, gamma=4.0)
+            emb = target.embed(blk.block_ids)
+            n, b = blk.block_ids.shape
+            z = draft.forward_train(emb.reshape(1, n * b, -1), blk.positions.reshape(1, -1), feats[None],
+                                    blk.mask).reshape(n, b, -1)
+        assert len(calls) >= 5 and anchors[0] == len(prompt)
+        for i, (_, anchor_emb, z_engine) in enumerate(calls):
+            assert torch.equal(anchor_emb, emb[i, 0])  # the anchor is the sequence's token at that position
+            assert torch.allclose(z_engine, z[i], atol=1e-4, rtol=1e-4)
