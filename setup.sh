@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 extras="models"
-[ "${1:-}" = "dev" ] && extras="models,serve,kernels,dev"
+[ "${1:-}" = "dev" ] && extras="models,serve,kernels,train,dev"
 # Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[${extras}]"

@@ -53,6 +53,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, cfg: TrainConfig,
           progress: bool = True) -> DraftModel:
     """Train (or resume) into `out`: ckpt.pt (full state), log.jsonl, curves.png, final/ (export)."""
+    try:  # fail now, not at the first checkpoint an hour in
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError("training draws curves.png with matplotlib: pip install -e '.[train]'") from e
     out.mkdir(parents=True, exist_ok=True)
     if list(draft_cfg.target_layer_ids) != list(data.layer_ids):
         raise ValueError(f"drafter layer ids {draft_cfg.target_layer_ids} != captured {data.layer_ids}")
