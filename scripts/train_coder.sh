@@ -3,7 +3,7 @@
 # to its output and skips what is already done: kill the script at any time and run it again to go
 # on, in the same session or a later one. Steps run one after another on purpose: two 2-thread jobs
 # on a 2-core machine slow each other several-fold.
-#   bash scripts/train_coder.sh        # from scratch: ~2.6 h on 2 cores, no GPU
+#   bash scripts/train_coder.sh        # from scratch: ~2.5-2.8 h on 2 cores, no GPU
 #   SEED=1 INIT=domino_backend/drafters_shipped/coder STEPS=3000 bash scripts/train_coder.sh
 #                                      # fresh data (new windows, holes, asks), warm start
 # Then `bash bench/run_heldout.sh --draft $W/run/final`, and ship only if it beats the shipped drafter.
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${W:-$HOME/.cache/domino/train/coder}
 SEED=${SEED:-0}  # the held-out split is a hash of file path / ask text: any seed keeps it out
-N_CHAT=${N_CHAT:-128} N_WINDOWS=${N_WINDOWS:-704} N_FIM=${N_FIM:-352} STEPS=${STEPS:-7000}
+N_CHAT=${N_CHAT:-128} N_WINDOWS=${N_WINDOWS:-704} N_FIM=${N_FIM:-352} STEPS=${STEPS:-6000}
 INIT=${INIT:-}
 if [ -n "$INIT" ]; then LR=${LR:-3e-4} DECAY=${DECAY:-0.1}; else LR=${LR:-1e-3} DECAY=${DECAY:-1.0}; fi
 T="python -m domino_backend.training"
@@ -31,7 +31,7 @@ step "4/6 teacher-forced capture of the fused target layers (~2 s per sequence)"
 $T capture --target coder --records "$W/chat_records.jsonl" "$W/windows.jsonl" "$W/fim.jsonl" --out "$W/cap" --threads 2
 step "5/6 the target's greedy token at every captured position"
 $T label --target coder --data "$W/cap" --threads 2
-step "6/6 training on target labels (~0.76 s per step)"
+step "6/6 training on target labels (0.76-1.0 s per step)"
 $T train --target coder --data "$W/cap" --out "$W/run" --steps "$STEPS" --lr "$LR" --lambda-decay-ratio "$DECAY" \
   --num-anchors 64 --block-size 8 --draft-vocab 16384 --target-labels --save-every 200 --threads 2 \
   ${INIT:+--init "$INIT"}
