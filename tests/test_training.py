@@ -79,13 +79,13 @@ def captured(tmp_path_factory):
             f.write(json.dumps({"id": i, "split": "train" if i < 10 else "heldout", "prompt_ids": prompt,
                                 "response_ids": resp}) + "\n")
     layers = [1, 2]
-    assert capture(target.model, recs, tmp / "cap", layers) == 10
-    assert capture(target.model, recs, tmp / "cap", layers) == 0  # resume: nothing left to do
+    assert capture(target.model, [recs], tmp / "cap", layers) == 10
+    assert capture(target.model, [recs], tmp / "cap", layers) == 0  # resume: nothing left to do
     # A run killed mid-write leaves a partial index line: resume drops it and redoes that sequence.
     index = tmp / "cap" / "index.jsonl"
     lines = index.read_text().splitlines(keepends=True)
     index.write_text("".join(lines[:-1]) + lines[-1][:20])
-    assert capture(target.model, recs, tmp / "cap", layers) == 1
+    assert capture(target.model, [recs], tmp / "cap", layers) == 1
     assert len(index.read_text().splitlines()) == 10
     return target, CapturedData(tmp / "cap"), tmp
 

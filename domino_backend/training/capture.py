@@ -29,7 +29,7 @@ def interleave(groups: list[list]) -> list:
     return [x for *_, x in sorted(keyed, key=lambda t: t[:2])]
 
 
-def capture(model, records_files: Path | list[Path], out: Path, layer_ids: list[int], split: str = "train",
+def capture(model, records_files: list[Path], out: Path, layer_ids: list[int], split: str = "train",
             max_len: int = 1024) -> int:
     out.mkdir(parents=True, exist_ok=True)
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
@@ -47,8 +47,7 @@ def capture(model, records_files: Path | list[Path], out: Path, layer_ids: list[
         rows = max(rows, e["offset"] + e["length"])
     with feats_file.open("ab") as f:
         f.truncate(rows * width * 2)  # drop a partial tail from an interrupted run
-    files = [records_files] if isinstance(records_files, Path) else records_files
-    recs = interleave([[json.loads(line) for line in read_complete_lines(f)] for f in files])
+    recs = interleave([[json.loads(line) for line in read_complete_lines(f)] for f in records_files])
     todo = [r for r in recs if r["split"] == split and r["id"] not in done and r["response_ids"]]
     written = 0
     with feats_file.open("ab") as f, index_file.open("a") as idx:
