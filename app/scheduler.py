@@ -143,22 +143,20 @@ class Scheduler:
             for t in cycle:
                 if self._stop:
                     return
-                if self._step(t):
-                    with self._cv:
-                        self._active.remove(t)
+                self._step(t)
 
-    def _step(self, t: Task) -> bool:
-        """Advance `t` by one engine round; True when it has finished. Never raises: an unexpected
+    def _step(self, t: Task) -> None:
+        """Advance `t` by one engine round (finishing it when done). Never raises: an unexpected
         error ends this request with `error` and the worker goes on serving everyone else."""
         try:
-            return self._advance(t)
+            self._advance(t)
         except Exception as e:
             log.exception("scheduler error in %s", t.tag)
             try:
-                return self._finish(t, "error", f"internal error: {type(e).__name__}")
+                self._finish(t, "error", f"internal error: {type(e).__name__}")
             except Exception:
                 log.exception("could not finish %s", t.tag)
-                return True
+                self._release(t)
 
     def _advance(self, t: Task) -> bool:
         if t.job.cancelled.is_set():
@@ -218,5 +216,11 @@ class Scheduler:
             error=error,
         )
         t.gen = None  # drop the reference to the KV cache now, not when the job is collected
+        self._release(t)  # before the client hears `done`: it may submit again at once
         t.job.finish(result)
         return True
+
+    def _release(self, t: Task) -> None:
+        with self._cv:
+            if t in self._active:
+                self._active.remove(t)

@@ -141,6 +141,39 @@ def test_scheduler_interleaves_rounds_fairly():
         loop.close()
 
 
+def test_a_finished_request_has_left_its_slot_before_the_client_hears_done():
+    """A client that reads `done` and submits again (or reads /metrics) must see the slot free:
+    every way a request ends (length, cancel, deadline) releases it before publishing."""
+    import asyncio
+
+    from app.backend import StreamJob
+
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(FakeEngine(0.01), max_active=4, max_queue=4)
+    sched.start()
+    seen = {}
+    try:
+        for name, n, deadline in (("length", 3, None), ("cancelled", 10_000, None), ("deadline", 10_000, 0.2)):
+            job = StreamJob(loop)
+            finish = job.finish
+            job.finish = lambda r, name=name, finish=finish: (seen.setdefault(name, (r.finish_reason, sched.load())),
+                                                             finish(r))
+            now = time.perf_counter()
+            task = Task(job, [1, 2], GenerationRequest(max_new_tokens=n, method="ar"), now,
+                        deadline=now + deadline if deadline else None)
+            sched.submit(task)
+            if name == "cancelled":
+                time.sleep(0.1)
+                sched.cancel(task)
+            t0 = time.monotonic()
+            while name not in seen and time.monotonic() - t0 < 10:
+                time.sleep(0.01)
+        assert seen == {k: (k, {"active": 0, "queued": 0}) for k in ("length", "cancelled", "deadline")}
+    finally:
+        sched.stop()
+        loop.close()
+
+
 def test_scheduler_refuses_when_full():
     import asyncio
 
