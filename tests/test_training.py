@@ -1,5 +1,6 @@
 """Training pipeline on a tiny random target: objective pieces, an end-to-end run, exact resume."""
 
+import copy
 import json
 
 import pytest
@@ -167,6 +168,11 @@ def test_resume_continues_exactly(captured, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
     steps = [json.loads(line)["step"] for line in (partial_dir / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+    # A capture that grew (or shrank) since the checkpoint would silently change what each step draws.
+    fewer = copy.copy(data)
+    fewer.index = data.index[:-1]
+    with pytest.raises(ValueError, match="other data"):
+        train(_cfg(target), target.model, fewer, partial_dir, cfg6, progress=False)
 
 
 def test_ablation_flags_change_the_objective(captured, tmp_path):

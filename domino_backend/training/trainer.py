@@ -78,10 +78,15 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt, log_file = out / "ckpt.pt", out / "log.jsonl"
     start = 0
+    # Steps draw sequences by index, so exact resume needs the very same data, not only the config.
+    data_id = {"sequences": len(data), "tokens": data.num_tokens}
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["train_cfg"] != asdict(cfg) or state["draft_cfg"] != draft_cfg.to_hf_dict():
             raise ValueError(f"{ckpt} was written with another configuration; use a new --out folder")
+        if state.get("data") != data_id:
+            raise ValueError(f"{ckpt} was trained on other data ({state.get('data')}, now {data_id}): the capture "
+                             "changed since; use a new --out folder (with --init to warm-start from an export)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -114,17 +119,17 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
                 log.flush()
             bar.set_postfix(loss=f"{m['loss']:.3f}", lam=f"{lam:.2f}", acc=f"{m['acc_final']:.2f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                _save(ckpt, model, opt, step + 1, cfg, draft_cfg)
+                _save(ckpt, model, opt, step + 1, cfg, draft_cfg, data_id)
                 plot_curves(log_file, out / "curves.png")
     model.eval()
     save_draft(model, out / "final")
     return model
 
 
-def _save(path: Path, model, opt, step: int, cfg: TrainConfig, draft_cfg: DraftConfig) -> None:
+def _save(path: Path, model, opt, step: int, cfg: TrainConfig, draft_cfg: DraftConfig, data_id: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_cfg": asdict(cfg),
-                "draft_cfg": draft_cfg.to_hf_dict()}, tmp)
+                "draft_cfg": draft_cfg.to_hf_dict(), "data": data_id}, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
