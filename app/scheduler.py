@@ -158,7 +158,7 @@ class Scheduler:
                 log.exception("could not finish %s", t.tag)
                 self._release(t)
 
-    def _advance(self, t: Task) -> bool:
+    def _advance(self, t: Task) -> None:
         if t.job.cancelled.is_set():
             return self._finish(t, "cancelled")
         if t.deadline is not None and time.perf_counter() >= t.deadline:
@@ -192,10 +192,9 @@ class Scheduler:
         if t.gen.finish_reason == "cancelled" or t.job.cancelled.is_set():
             return self._finish(t, "cancelled")
         if t.deadline is not None and time.perf_counter() >= t.deadline:
-            return self._finish(t, "deadline")
-        return False
+            self._finish(t, "deadline")
 
-    def _finish(self, t: Task, reason: str, error: str | None = None) -> bool:
+    def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
         if t.it is not None:
             t.it.close()  # runs the Generation's cleanup (stats totals) and frees its KV cache
             t.it = None
@@ -218,7 +217,6 @@ class Scheduler:
         t.gen = None  # drop the reference to the KV cache now, not when the job is collected
         self._release(t)  # before the client hears `done`: it may submit again at once
         t.job.finish(result)
-        return True
 
     def _release(self, t: Task) -> None:
         with self._cv:
