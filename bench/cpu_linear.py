@@ -11,13 +11,11 @@ head); the ratio `M=9 / M=1` is the verify:step cost that decides whether drafti
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import domino_backend  # noqa: F401  (sets MKL_CBWR=AVX2 on AMD, as the engine does)
+from domino_backend.bench import median_ms
 from domino_backend.cpu import tune_linear_layout
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 896, 4864, 128, 151936, 24
@@ -26,7 +24,7 @@ SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDE
 MS = (1, 9, 17)
 
 
-def forward_ms(linears, m: int, repeats: int = 6) -> float:
+def forward_ms(linears, m: int) -> float:
     """Median wall time of one pass over every linear at M=m tokens (fp32, no grad)."""
     xs = {n: torch.randn(m, n) for n in (HIDDEN, INTER)}
 
@@ -34,13 +32,7 @@ def forward_ms(linears, m: int, repeats: int = 6) -> float:
         for f, n in linears:
             f(xs[n])
 
-    once()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return median_ms(once, iters=6)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from torch import nn  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference as ref  # noqa: E402
+from domino_backend.bench import median_ms  # noqa: E402
 
 if ARGS.smoke:
     DEV, V, H, G, E, BLOCK = torch.device("cpu"), 1000, 32, 16, 24, 8
@@ -67,17 +68,7 @@ def sync():
 
 def timed(fn, iters=None):
     """Median milliseconds per call."""
-    iters = iters or ITERS
-    fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, iters or ITERS, sync)
 
 
 def make_head(seed=0):

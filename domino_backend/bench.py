@@ -32,6 +32,19 @@ class MethodResult:
     texts: list[str] = field(default_factory=list)
 
 
+def median_ms(fn, iters: int, sync=lambda: None) -> float:
+    """Median milliseconds per call of `fn` after one warm-up call; `sync` waits for queued device work."""
+    fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     records = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
