@@ -3,24 +3,24 @@
 Speculative decoding pays off only if verifying K+1 tokens costs about as much as decoding one: a
 decoding step reads every weight once (memory-bound), and a verify of 9 tokens does 9x the FLOPs on
 the same reads. On the 2-core AMD EPYC (AVX2) machines we develop on, MKL's default path for small M
-was far from that (Qwen2.5-Coder-0.5B fp32, 2 threads, median of 8, `python -m domino_backend.bench`
-machinery):
+is far from that. Linear layers of Qwen2.5-Coder-0.5B (24 layers + LM head), fp32, 2 threads, median
+of 6 (`python bench/cpu_linear.py`, session 7 machine):
 
-    forward of M tokens          M=1     M=3     M=9     M=17
-    default                      131 ms  345 ms  345 ms  345 ms
-    MKL_CBWR=AVX2                131 ms  208 ms  219 ms  268 ms
-    + wide weights column-major   95 ms  166 ms  200 ms  247 ms
+    M tokens per forward            M=1      M=9      M=17     M9/M1
+    MKL, MKL_CBWR=AVX2, wide w^T    83.5 ms  129.2 ms 168.6 ms 1.55
+    oneDNN, weights pre-packed      49.3 ms   57.5 ms  65.1 ms 1.17   (1.69x / 2.25x / 2.59x)
 
-Two fixes, both numerically plain fp32 GEMMs (no approximation, so output is unchanged in kind):
+(Before `MKL_CBWR=AVX2` the M=9 forward cost 2.6x a step.) Two settings, both plain fp32 GEMMs (no
+approximation; only the summation order differs, |diff| ~1e-6 relative):
 
 * MKL picks a slow generic code path on non-Intel CPUs; `MKL_CBWR=AVX2` pins its AVX2 kernels. MKL
   reads the variable at its first BLAS call, so setting it at import of this package works even after
-  `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not set it: on Intel CPUs
-  MKL already dispatches well, and pinning AVX2 there could hide AVX-512.
-* For Linear layers that widen (out_features > in_features: q/gate/up projections, the LM head),
-  MKL's kernels are faster with the weight stored column-major ([in, out] contiguous, seen through a
-  transposed view, so module code and state-dict names do not change); narrowing layers (down/o
-  projections) are faster as stored. Measured for fp32 only, so only fp32 CPU models are changed.
+  `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not set it. It still
+  matters for the GEMMs that are not Linear layers and for training.
+* `pack_linears`: every fp32 CPU `nn.Linear` keeps its weight Parameter (same object, same
+  state-dict name, tying kept) and gains a copy reordered once into oneDNN's blocked layout, which
+  its forward uses whenever no gradient is needed. Costs one extra copy of the Linear weights in
+  memory (~2 GB for a 0.5B fp32 model, the tied LM head included).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 
 @functools.cache
@@ -61,16 +62,69 @@ def pin_mkl_avx2_on_amd() -> bool:
     return True
 
 
-def tune_linear_layout(model: torch.nn.Module) -> int:
-    """Store widening fp32 CPU Linear weights column-major (same values, same parameter objects);
-    returns how many were changed."""
+PACK_HINT = 9  # batch-size hint for oneDNN's reorder; 9 (a block-8 verify) was best at M = 1..512
+
+
+def _weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """Changes when the weight is replaced or written in place (inference tensors keep no version
+    counter; they cannot be written outside inference mode)."""
+    return w.data_ptr(), -2 if w.is_inference() else w._version
+
+
+class PackedLinear(torch.nn.Linear):
+    """An `nn.Linear` (swapped in place by `pack_linears`) whose forward multiplies by a oneDNN
+    pre-packed copy of its weight. The copy is remade if the weight is replaced or written in place
+    (data pointer / version counter changed), and plain `F.linear` runs whenever autograd needs it
+    (training passes gradients through the target's LM head) or the module was moved or cast, so
+    it is never stale and never wrong."""
+
+    _packed: torch.Tensor
+    _packed_key: tuple[int, int]
+
+    def _pack(self) -> None:
+        w = self.weight.detach()
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
+        self._packed_key = _weight_key(w)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the opaque oneDNN tensor behind and repack on first use."""
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        state["_packed_key"] = (0, -1)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or not packable(w):
+            # autograd, or moved / cast after packing: the plain path is right
+            return F.linear(x, w, self.bias)
+        if self._packed_key != _weight_key(w):
+            self._pack()
+        if x.numel() == x.shape[-1]:  # one token: run it as two (see PackedLinear) and keep the first
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1), self._packed, self.bias,
+                                                   "none", [], "")
+            return y[:1].reshape(*x.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def packable(w: torch.Tensor) -> bool:
+    """CPU weights oneDNN packs well: fp32, and bf16 where the CPU computes bf16 natively."""
+    return w.device.type == "cpu" and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and cpu_has_fast_bf16()))
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Turn every packable CPU `nn.Linear` of `model` into a `PackedLinear` (same object, same
+    Parameters, same outputs up to summation order); returns how many were changed. Idempotent; a
+    no-op without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
     changed = 0
     for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if not isinstance(mod, torch.nn.Linear) or w is None or w.device.type != "cpu":
+        if type(mod) is not torch.nn.Linear:  # exact type: subclasses may override forward
             continue
-        if w.dtype != torch.float32 or mod.out_features <= mod.in_features or not w.is_contiguous():
+        if not packable(mod.weight) or (mod.bias is not None and mod.bias.dtype != mod.weight.dtype):
             continue
-        w.data = w.data.t().contiguous().t()
+        mod.__class__ = PackedLinear
+        mod._pack()
         changed += 1
     return changed

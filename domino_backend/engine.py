@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from .cpu import tune_linear_layout
+from .batch_invariant import use_rowwise_attention
+from .cpu import pack_linears
 from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
 from .drafters import NgramConfig, make_proposer
@@ -122,8 +123,10 @@ class Engine:
 
             check_compatible(draft.cfg, target.model.config)
             draft.to(device=target.device, dtype=target.dtype)
-            tune_linear_layout(draft)
-        tune_linear_layout(target.model)
+            pack_linears(draft)
+        # Verify must reproduce plain decoding's logits bit for bit (see batch_invariant.py).
+        pack_linears(target.model)
+        use_rowwise_attention(target.model)
 
     def stream(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
         if not prompt_ids:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..cpu import pack_linears
 from ..loader import cpu_draft_config, resolve_dtype
 from ..models import PROFILES, load_target
 from ..target import Target
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_target(args.target, dtype=resolve_dtype(args.dtype))
+    pack_linears(model)  # inference passes (generate/capture/label, no-grad parts of train): oneDNN
     if args.step == "source":
         from .data import source_records
 

@@ -1,0 +1,99 @@
+"""Verify reproduces plain decoding bit for bit: the property greedy losslessness rests on."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domino_backend.batch_invariant import MAX_ROWS, rowwise_attention
+from domino_backend.cpu import cpu_has_fast_bf16
+from domino_backend.engine import Engine
+from domino_backend.models import load_target
+from domino_backend.target import Target
+
+from tiny import tiny_target
+
+
+def _decode_vs_verify(t: Target, prompt: torch.Tensor, block: torch.Tensor, reject: int = 3):
+    """Logits and layer features of `block` decoded one token at a time, and verified in one pass
+    (after a rejected draft was rolled back, as in the engine)."""
+    layers = [0, t.num_layers // 2, t.num_layers - 1]
+    one, many = t.session(), t.session()
+    one.forward(prompt, keep_last=1)
+    many.forward(prompt, keep_last=1)
+    many.forward(block[:reject], layer_ids=layers)  # a verify whose drafts all fail ...
+    many.rollback(len(prompt))  # ... is undone
+    steps = [one.forward(block[i:i + 1], layer_ids=layers) for i in range(len(block))]
+    whole = many.forward(block, layer_ids=layers)
+    return torch.cat([s.logits for s in steps]), whole.logits, torch.cat([s.feats for s in steps]), whole.feats
+
+
+# bf16 is what `--dtype auto` picks on CPUs with native bf16 (and only there is it packed).
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not cpu_has_fast_bf16(), reason="the engine runs bf16 only on CPUs with native bf16"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("k", [1, 8, 16])
+def test_verify_logits_equal_decoding_bitwise(family, k, dtype):
+    t = tiny_target(family, vocab=96, seed=3)
+    t.model.to(dtype)
+    Engine(t)
+    g = torch.Generator().manual_seed(k)
+    prompt, block = torch.randint(0, 96, (23,), generator=g), torch.randint(0, 96, (k + 1,), generator=g)
+    step_logits, block_logits, step_feats, block_feats = _decode_vs_verify(t, prompt, block)
+    assert torch.equal(step_logits, block_logits)
+    assert torch.equal(step_feats, block_feats)  # the drafter's conditioning is the same too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verify_logits_equal_decoding_bitwise_on_the_default_target(dtype):
+    model, tok = load_target("coder", dtype=dtype)
+    t = Target(model, tok)
+    Engine(t)
+    ids = tok.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n"
+                     "        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n")
+    prompt, block = torch.tensor(ids[:-9]), torch.tensor(ids[-9:])
+    step_logits, block_logits, step_feats, block_feats = _decode_vs_verify(t, prompt, block)
+    assert torch.equal(step_logits, block_logits) and torch.equal(step_feats, block_feats)
+
+
+def _attn_inputs(b=1, h=4, kv=2, m=5, n_keys=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, m, d, generator=g), torch.randn(b, kv, n_keys, d, generator=g),
+            torch.randn(b, kv, n_keys, d, generator=g))
+
+
+def _reference(q, k, v, mask):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+@pytest.mark.parametrize("m", [1, 5, MAX_ROWS + 3])
+def test_rowwise_attention_is_causal_attention_over_the_cache(m):
+    q, k, v = _attn_inputs(m=m, n_keys=m + 7)
+    causal = torch.ones(m, m + 7, dtype=torch.bool).tril(7)[None, None]
+    out, _ = rowwise_attention(_Module(), q, k, v, causal)
+    torch.testing.assert_close(out, _reference(q, k, v, causal))
+    q, k, v = _attn_inputs(m=m, n_keys=m, seed=1)  # transformers passes no mask when it is causal and
+    out, _ = rowwise_attention(_Module(), q, k, v, None)  # there is no cache in front
+    torch.testing.assert_close(out, _reference(q, k, v, torch.ones(m, m, dtype=torch.bool).tril()[None, None]))
+
+
+def test_rowwise_attention_honours_masks_it_cannot_run_row_by_row():
+    q, k, v = _attn_inputs(m=4, n_keys=10)
+    padded = torch.ones(4, 10, dtype=torch.bool).tril(6)
+    padded[:, :2] = False  # left padding
+    out, _ = rowwise_attention(_Module(), q, k, v, padded[None, None])
+    torch.testing.assert_close(out, _reference(q, k, v, padded[None, None]))
+    qb, kb, vb = _attn_inputs(b=2, m=4, n_keys=10, seed=1)  # a batch of two sequences
+    causal = torch.ones(4, 10, dtype=torch.bool).tril(6)[None, None].expand(2, 1, 4, 10)
+    out, _ = rowwise_attention(_Module(), qb, kb, vb, causal)
+    torch.testing.assert_close(out, _reference(qb, kb, vb, causal))
