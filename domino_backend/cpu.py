@@ -71,20 +71,42 @@ def _weight_key(w: torch.Tensor) -> tuple[int, int]:
     return w.data_ptr(), -2 if w.is_inference() else w._version
 
 
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@functools.cache
+def _probe_inputs(n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(2, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _single_row_differs(packed: torch.Tensor, n: int, dtype: torch.dtype) -> bool:
+    """Does a one-row product take another kernel (other bits) than the same row among two?"""
+    x = _probe_inputs(n, dtype)
+    return not torch.equal(_packed_linear(x[:1], packed), _packed_linear(x, packed)[:1])
+
+
 class PackedLinear(torch.nn.Linear):
     """An `nn.Linear` (swapped in place by `pack_linears`) whose forward multiplies by a oneDNN
     pre-packed copy of its weight. The copy is remade if the weight is replaced or written in place
     (data pointer / version counter changed), and plain `F.linear` runs whenever autograd needs it
     (training passes gradients through the target's LM head) or the module was moved or cast, so
-    it is never stale and never wrong."""
+    it is never stale and never wrong.
+
+    Rows are batch-invariant: row i of an M-row product has the same bits for every M (what makes
+    verify reproduce plain decoding, see batch_invariant.py). oneDNN computes M >= 2 with one kernel,
+    but for some shapes (fp32 4864 -> 896, the MLP's down projection) M = 1 takes another path;
+    there one row runs as two and the first is kept. Which shapes need it is probed at pack time."""
 
     _packed: torch.Tensor
     _packed_key: tuple[int, int]
+    _one_as_two: bool
 
     def _pack(self) -> None:
         w = self.weight.detach()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
         self._packed_key = _weight_key(w)
+        self._one_as_two = _single_row_differs(self._packed, self.in_features, w.dtype)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the opaque oneDNN tensor behind and repack on first use."""
@@ -100,11 +122,10 @@ class PackedLinear(torch.nn.Linear):
             return F.linear(x, w, self.bias)
         if self._packed_key != _weight_key(w):
             self._pack()
-        if x.numel() == x.shape[-1]:  # one token: run it as two (see PackedLinear) and keep the first
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(1, -1).expand(2, -1), self._packed, self.bias,
-                                                   "none", [], "")
+        if self._one_as_two and x.numel() == x.shape[-1]:
+            y = _packed_linear(x.reshape(1, -1).expand(2, -1), self._packed, self.bias)
             return y[:1].reshape(*x.shape[:-1], -1)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return _packed_linear(x, self._packed, self.bias)
 
 
 def packable(w: torch.Tensor) -> bool:
