@@ -2,25 +2,28 @@
 
 Speculative decoding pays off only if verifying K+1 tokens costs about as much as decoding one: a
 decoding step reads every weight once (memory-bound), and a verify of 9 tokens does 9x the FLOPs on
-the same reads. On the 2-core AMD EPYC (AVX2) machines we develop on, MKL's default path for small M
-is far from that. Linear layers of Qwen2.5-Coder-0.5B (24 layers + LM head), fp32, 2 threads, median
-of 6 (`python bench/cpu_linear.py`, session 7 machine):
+the same reads. MKL's default path for small M is far from that. Linear layers of
+Qwen2.5-Coder-0.5B (24 layers + LM head), 2 threads, median of 6 (`python bench/cpu_linear.py`,
+2-core AMD EPYC with AVX-512 BF16, session 7):
 
-    M tokens per forward            M=1      M=9      M=17     M9/M1
-    MKL, MKL_CBWR=AVX2, wide w^T    83.5 ms  129.2 ms 168.6 ms 1.55
-    oneDNN, weights pre-packed      49.3 ms   57.5 ms  65.1 ms 1.17   (1.69x / 2.25x / 2.59x)
+    M tokens per forward          M=1      M=9      M=17     M=128
+    fp32 plain nn.Linear (MKL)    109.7 ms 131.4 ms 169.7 ms 773.6 ms
+    fp32 packed (oneDNN)           48.3 ms  54.9 ms  61.8 ms 301.6 ms   2.3x-2.8x
+    bf16 plain nn.Linear           38.4 ms  43.6 ms  51.8 ms 177.6 ms
+    bf16 packed (oneDNN)           27.3 ms  30.9 ms  34.4 ms 152.7 ms   1.2x-1.5x
 
-(Before `MKL_CBWR=AVX2` the M=9 forward cost 2.6x a step.) Two settings, both plain fp32 GEMMs (no
-approximation; only the summation order differs, |diff| ~1e-6 relative):
+Two settings, both exact GEMMs in the model's dtype (only the summation order differs from MKL's):
 
-* MKL picks a slow generic code path on non-Intel CPUs; `MKL_CBWR=AVX2` pins its AVX2 kernels. MKL
-  reads the variable at its first BLAS call, so setting it at import of this package works even after
+* MKL picks a slow generic code path on non-Intel CPUs; `MKL_CBWR=AVX2` pins its AVX2 kernels
+  (on a 2-core EPYC without AVX-512, a 9-token fp32 forward went 345 -> 219 ms). MKL reads the
+  variable at its first BLAS call, so setting it at import of this package works even after
   `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not set it. It still
   matters for the GEMMs that are not Linear layers and for training.
-* `pack_linears`: every fp32 CPU `nn.Linear` keeps its weight Parameter (same object, same
-  state-dict name, tying kept) and gains a copy reordered once into oneDNN's blocked layout, which
-  its forward uses whenever no gradient is needed. Costs one extra copy of the Linear weights in
-  memory (~2 GB for a 0.5B fp32 model, the tied LM head included).
+* `pack_linears`: every fp32 (or natively supported bf16) CPU `nn.Linear` keeps its weight
+  Parameter (same object, same state-dict name, tying kept) and gains a copy reordered once into
+  oneDNN's blocked layout, which its forward uses whenever no gradient is needed. Its rows are
+  batch-invariant (see `PackedLinear`), which bitwise-lossless verification needs. Costs one
+  extra copy of the Linear weights in memory (~2 GB for a 0.5B fp32 model, LM head included).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def pin_mkl_avx2_on_amd() -> bool:
     return True
 
 
-PACK_HINT = 9  # batch-size hint for oneDNN's reorder; 9 (a block-8 verify) was best at M = 1..512
+PACK_HINT = 9  # batch-size hint for oneDNN's reorder; 9 (a block-8 verify) was as good as any at M = 1..512
 
 
 def _weight_key(w: torch.Tensor) -> tuple[int, int]:
