@@ -3,6 +3,7 @@
 import copy
 import os
 
+import pytest
 import torch
 
 from domino_backend import cpu
@@ -30,6 +31,20 @@ def test_packing_keeps_parameters_and_logits_and_is_idempotent():
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
     assert cpu.pack_linears(model) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not cpu.cpu_has_fast_bf16(), reason="bf16 is packed only on CPUs with native bf16"))])
+@pytest.mark.parametrize("shape", [(4864, 896), (896, 4864), (896, 128)])  # the default target's MLP, q/kv
+def test_packed_rows_have_the_same_bits_for_any_number_of_rows(shape, dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(*shape, bias=shape[1] == 128).to(dtype)
+    cpu.pack_linears(lin)
+    x = torch.randn(17, shape[0]).to(dtype)
+    with torch.no_grad():
+        ref = lin(x)
+        for m in range(1, 17):
+            assert torch.equal(lin(x[:m]), ref[:m]), m
 
 
 def test_packing_takes_fp32_and_only_native_bf16(monkeypatch):
