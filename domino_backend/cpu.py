@@ -103,8 +103,9 @@ class PackedLinear(torch.nn.Linear):
 
     Rows are batch-invariant: row i of an M-row product has the same bits for every M (what makes
     verify reproduce plain decoding, see batch_invariant.py). oneDNN computes M >= 2 with one kernel,
-    but for some shapes (fp32 4864 -> 896, the MLP's down projection) M = 1 takes another path;
-    there one row runs as two and the first is kept. Which shapes need it is probed at pack time."""
+    but for some shapes (4864 -> 896, the MLP's down projection, fp32 and bf16) M = 1 takes another
+    path; there one row runs as two and the first is kept. Which shapes need it is probed at pack
+    time, at the thread count of that moment (the engine's is set before it packs)."""
 
     _packed: torch.Tensor
     _packed_key: tuple[int, int]
