@@ -1,4 +1,4 @@
-"""Small-M fp32 GEMMs on the default target's shapes: what one forward's Linear layers cost at the
+"""Small-M GEMMs on the default target's shapes: what one forward's Linear layers cost at the
 token counts the engine runs (M=1 decoding step, M=9 block-8 verify, M=17 block-16 verify, M=128 a
 prefill chunk).
 

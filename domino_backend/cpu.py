@@ -81,17 +81,22 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 PROBE_ROWS = 16
 
 
-@functools.cache
-def _probe_inputs(n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(PROBE_ROWS, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+_ONE_ROW_DIFFERS: dict[tuple, bool] = {}  # (in, out, bias?, dtype, threads) -> probe result
 
 
-def _single_row_differs(packed: torch.Tensor, n: int, dtype: torch.dtype) -> bool:
+def _single_row_differs(packed: torch.Tensor, bias: torch.Tensor | None, n_in: int, n_out: int,
+                        dtype: torch.dtype) -> bool:
     """Does a one-row product take another kernel (other bits) than the same row among several?
-    Every row is compared: in bf16 the rounded outputs of two kernels often agree on one row."""
-    x = _probe_inputs(n, dtype)
-    many = _packed_linear(x, packed)
-    return any(not torch.equal(_packed_linear(x[i:i + 1], packed), many[i:i + 1]) for i in range(PROBE_ROWS))
+    oneDNN picks kernels by shape, dtype and thread count, not by values, so one probe per such key
+    serves every layer of that shape (7 probes for Qwen2.5's 169 Linears). Every row is compared:
+    in bf16 the rounded outputs of two kernels often agree on one row."""
+    key = (n_in, n_out, bias is not None, dtype, torch.get_num_threads())
+    if key not in _ONE_ROW_DIFFERS:
+        x = torch.randn(PROBE_ROWS, n_in, generator=torch.Generator().manual_seed(0)).to(dtype)
+        many = _packed_linear(x, packed, bias)
+        _ONE_ROW_DIFFERS[key] = any(not torch.equal(_packed_linear(x[i:i + 1], packed, bias), many[i:i + 1])
+                                    for i in range(PROBE_ROWS))
+    return _ONE_ROW_DIFFERS[key]
 
 
 class PackedLinear(torch.nn.Linear):
@@ -104,8 +109,8 @@ class PackedLinear(torch.nn.Linear):
     Rows are batch-invariant: row i of an M-row product has the same bits for every M (what makes
     verify reproduce plain decoding, see batch_invariant.py). oneDNN computes M >= 2 with one kernel,
     but for some shapes (4864 -> 896, the MLP's down projection, fp32 and bf16) M = 1 takes another
-    path; there one row runs as two and the first is kept. Which shapes need it is probed at pack
-    time, at the thread count of that moment (the engine's is set before it packs)."""
+    path; there one row runs as two and the first is kept. Which shapes need it is probed once per
+    shape, dtype and thread count at pack time (the engine sets its thread count before it packs)."""
 
     _packed: torch.Tensor
     _packed_key: tuple[int, int]
@@ -115,7 +120,7 @@ class PackedLinear(torch.nn.Linear):
         w = self.weight.detach()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
         self._packed_key = _weight_key(w)
-        self._one_as_two = _single_row_differs(self._packed, self.in_features, w.dtype)
+        self._one_as_two = _single_row_differs(self._packed, self.bias, self.in_features, self.out_features, w.dtype)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the opaque oneDNN tensor behind and repack on first use."""
