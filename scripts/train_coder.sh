@@ -13,6 +13,7 @@ W=${W:-$HOME/.cache/domino/train/coder}
 SEED=${SEED:-0}  # the held-out split is a hash of file path / ask text: any seed keeps it out
 N_CHAT=${N_CHAT:-128} N_WINDOWS=${N_WINDOWS:-704} N_FIM=${N_FIM:-352} STEPS=${STEPS:-6000}
 INIT=${INIT:-}
+EXTRA_DATA=${EXTRA_DATA:-}  # earlier capture folders (same target and layers) to train on as well
 if [ -n "$INIT" ]; then LR=${LR:-3e-4} DECAY=${DECAY:-0.1}; else LR=${LR:-1e-3} DECAY=${DECAY:-1.0}; fi
 T="python -m domino_backend.training"
 step() { echo "== $(date -u +%T) $*" >&2; }
@@ -32,7 +33,7 @@ $T capture --target coder --records "$W/chat_records.jsonl" "$W/windows.jsonl" "
 step "5/6 the target's greedy token at every captured position"
 $T label --target coder --data "$W/cap" --threads 2
 step "6/6 training on target labels (0.76-1.0 s per step)"
-$T train --target coder --data "$W/cap" --out "$W/run" --steps "$STEPS" --lr "$LR" --lambda-decay-ratio "$DECAY" \
+$T train --target coder --data "$W/cap" ${EXTRA_DATA:-} --out "$W/run" --steps "$STEPS" --lr "$LR" --lambda-decay-ratio "$DECAY" \
   --num-anchors 64 --block-size 8 --draft-vocab 16384 --target-labels --save-every 200 --threads 2 \
   ${INIT:+--init "$INIT"}
 step "done: $W/run/final"

@@ -8,7 +8,7 @@ import torch
 
 from domino_backend.checkpoint import load_draft
 from domino_backend.engine import Engine, GenerationRequest
-from domino_backend.training.capture import CapturedData, capture, interleave
+from domino_backend.training.capture import CapturedData, CaptureSet, capture, interleave
 from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
 from domino_backend.training.trainer import TrainConfig, lr_at, train
 from tiny import CharTokenizer, tiny_draft, tiny_draft_config, tiny_target
@@ -109,6 +109,20 @@ def test_capture_matches_a_fresh_forward(captured):
     ref = torch.cat([o.hidden_states[2][0], o.hidden_states[3][0]], -1)
     assert torch.allclose(seq.feats, ref, atol=2e-3, rtol=1e-3)  # stored as float16
     assert seq.loss_mask.sum() == 40 and not seq.loss_mask[:6].any()
+
+
+def test_several_captures_train_as_one_set_and_other_layers_are_refused(captured, tmp_path):
+    target, data, tmp = captured
+    assert capture(target.model, [tmp / "records.jsonl"], tmp_path / "again", [1, 2]) == 10
+    both = CaptureSet([tmp / "cap", tmp_path / "again"])
+    assert len(both) == 20 and both.num_tokens == 2 * data.num_tokens and not both.has_labels
+    for i in (0, 7, 10, 19):
+        a, b = both[i], data[i % 10]
+        assert a.ids.equal(b.ids) and a.loss_mask.equal(b.loss_mask) and torch.allclose(a.feats, b.feats, atol=2e-3)
+    assert both.top_tokens(8, target.vocab_size).equal(data.top_tokens(8, target.vocab_size))
+    capture(target.model, [tmp / "records.jsonl"], tmp_path / "other", [1])
+    with pytest.raises(ValueError, match="captured layers"):
+        CaptureSet([tmp / "cap", tmp_path / "other"])
 
 
 def _cfg(target, **kw):

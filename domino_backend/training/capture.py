@@ -130,6 +130,11 @@ class Sequence:
     target_next: torch.Tensor | None = None  # [S] the target's greedy token after each position
 
 
+def _most_frequent(counts: torch.Tensor, n: int) -> torch.Tensor:
+    order = sorted(range(len(counts)), key=lambda t: (-int(counts[t]), t))
+    return torch.tensor(order[:n])
+
+
 class CapturedData:
     """Memory-mapped view of a capture folder."""
 
@@ -146,13 +151,19 @@ class CapturedData:
         n = labels.stat().st_size // 4 if labels.exists() else 0
         self.labels = np.memmap(labels, dtype=np.int32, mode="r", shape=(n,)) if n >= rows else None
 
-    def top_tokens(self, n: int, vocab_size: int) -> torch.Tensor:
-        """The n most frequent token ids across all captured sequences (ties: lower id first)."""
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
         counts = torch.zeros(vocab_size, dtype=torch.long)
         for e in self.index:
             counts += torch.bincount(torch.tensor(e["ids"]), minlength=vocab_size)[:vocab_size]
-        order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
-        return torch.tensor(order[:n])
+        return counts
+
+    def top_tokens(self, n: int, vocab_size: int) -> torch.Tensor:
+        """The n most frequent token ids across all captured sequences (ties: lower id first)."""
+        return _most_frequent(self.token_counts(vocab_size), n)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -167,3 +178,31 @@ class CapturedData:
         if self.labels is not None:
             nxt = torch.from_numpy(np.asarray(self.labels[e["offset"]:e["offset"] + e["length"]], dtype=np.int64))
         return Sequence(ids, mask, feats, nxt)
+
+
+class CaptureSet:
+    """Several capture folders of one target (same layers and width) read as one dataset: sequence
+    i of the set is sequence i - (lengths of the folders before) of its folder, in argument order."""
+
+    def __init__(self, paths: list[Path]):
+        self.parts = [CapturedData(p) for p in paths]
+        first = self.parts[0]
+        for p, d in zip(paths[1:], self.parts[1:]):
+            if (d.layer_ids, d.width) != (first.layer_ids, first.width):
+                raise ValueError(f"{p} captured layers {d.layer_ids} (width {d.width}), "
+                                 f"{paths[0]} captured {first.layer_ids} (width {first.width})")
+        self.layer_ids, self.width = first.layer_ids, first.width
+        self.num_tokens = sum(d.num_tokens for d in self.parts)
+        self.has_labels = all(d.has_labels for d in self.parts)
+        self._where = [(k, i) for k, d in enumerate(self.parts) for i in range(len(d))]
+
+    def top_tokens(self, n: int, vocab_size: int) -> torch.Tensor:
+        counts = sum(d.token_counts(vocab_size) for d in self.parts)
+        return _most_frequent(counts, n)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, i: int) -> Sequence:
+        k, j = self._where[i]
+        return self.parts[k][j]

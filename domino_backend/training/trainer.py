@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..checkpoint import load_draft, save_draft
 from ..config import DraftConfig
 from ..draft_model import DraftModel
-from .capture import CapturedData
+from .capture import CapturedData, CaptureSet
 from .objective import lambda_base, sample_anchors, sequence_loss
 
 
@@ -50,7 +50,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, cfg: TrainConfig,
+def train(draft_cfg: DraftConfig, target_model, data: CapturedData | CaptureSet, out: Path, cfg: TrainConfig,
           progress: bool = True) -> DraftModel:
     """Train (or resume) into `out`: ckpt.pt (full state), log.jsonl, curves.png, final/ (export)."""
     try:  # fail now, not at the first checkpoint an hour in
@@ -60,7 +60,7 @@ def train(draft_cfg: DraftConfig, target_model, data: CapturedData, out: Path, c
     out.mkdir(parents=True, exist_ok=True)
     if list(draft_cfg.target_layer_ids) != list(data.layer_ids):
         raise ValueError(f"drafter layer ids {draft_cfg.target_layer_ids} != captured {data.layer_ids}")
-    if cfg.target_labels and data.labels is None:
+    if cfg.target_labels and not data.has_labels:
         raise ValueError("target labels asked for, but the capture has none for every row: run the `label` step")
     embed, lm_head = target_model.get_input_embeddings(), target_model.get_output_embeddings()
     for p in list(embed.parameters()) + list(lm_head.parameters()):
