@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--method", default=d["method"].default, choices=("auto", *METHODS),
-                   help="default decoding method (auto: domino with a trained drafter on a GPU, else adaptive ngram)")
+                   help="default decoding method (auto: with a trained drafter domino on a GPU, domino+ngram on a "
+                        "CPU; without one adaptive ngram)")
     g.add_argument("--fixed-drafts", action="store_true",
                    help="verify the drafter's full block every round instead of the measured best length")
     g.add_argument("--backend-url", default=None, help="use a remote OpenAI-compatible server instead of the engine")

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--deadline-ms", type=int, default=None)
-    ap.add_argument("--method", default=None, help="ar | ngram | dflash | domino (default: the server's)")
+    ap.add_argument("--method", default=None, help="ar | ngram | dflash | domino | domino+ngram (default: the server's)")
     ap.add_argument("--json", action="store_true", help="print the raw server messages instead")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("complete", help="fill in the middle at a position of FILE")

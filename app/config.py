@@ -32,8 +32,9 @@ class ServerConfig(BaseModel):
     draft: str | None = None  # None = the profile's default drafter, "none" = ar/ngram only
     dtype: str = "auto"
     threads: int | None = None  # torch threads; None = cores - 1 (see engine_backend.engine_threads)
-    # Default decoding method when a request names none. "auto": domino with a trained drafter on a
-    # GPU; else n-gram prompt lookup with adaptive drafts (ar with --fixed-drafts). Lossless either way.
+    # Default decoding method when a request names none. "auto": with a trained drafter, domino on a
+    # GPU and domino+ngram on a CPU; without one, n-gram lookup with adaptive drafts (ar with
+    # --fixed-drafts). Lossless either way.
     method: str = "auto"
     # Draft length per round chosen from measured acceptance and verify cost (lossless either way;
     # on slow CPUs it verifies a weak drafter's guesses a few at a time instead of 16 at once).

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m app --demo", description=__doc__)
     ap.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
     ap.add_argument("--draft", default=None, help="drafter checkpoint (default: the profile's)")
-    ap.add_argument("--methods", default="domino,ngram,ar", help="methods to show side by side")
+    ap.add_argument("--methods", default="domino+ngram,domino,ngram,ar", help="methods to show side by side")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
 

@@ -34,7 +34,7 @@ class _Sampling(_Msg):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     deadline_ms: int | None = Field(None, ge=1, le=3_600_000)
-    method: str | None = None  # ar | ngram | dflash | domino (default: the server's)
+    method: str | None = None  # ar | ngram | dflash | domino | domino+ngram (default: the server's)
 
 
 class Complete(_Sampling):

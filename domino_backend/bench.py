@@ -137,10 +137,11 @@ def _accumulate(total: Stats, s: Stats) -> None:
 
 
 def format_table(report: dict) -> str:
-    rows = [f"{'method':<8} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'lossless':>9}  per-position acceptance (1..)"]
+    w = max(8, *(len(m) for m in report["methods"]))
+    rows = [f"{'method':<{w}} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'lossless':>9}  per-position acceptance (1..)"]
     for m, r in report["methods"].items():
         acc = " ".join(f"{a:.2f}" for a in r["per_position_acceptance"][:16])
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
-        rows.append(f"{m:<8} {r['tokens_per_s']:>8.2f} {report['speedup'][m]:>7.2f}x {tau:>6} "
+        rows.append(f"{m:<{w}} {r['tokens_per_s']:>8.2f} {report['speedup'][m]:>7.2f}x {tau:>6} "
                     f"{str(report['lossless'][m]):>9}  {acc}")
     return "\n".join(rows)

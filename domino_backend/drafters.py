@@ -10,6 +10,11 @@ absolute position `pos`.
 - `ngram`: prompt lookup (longest recent suffix match in prompt + output), a deterministic draft.
 - `dflash`: DFlash block drafter, base logits only (head off, even if the checkpoint has one).
 - `domino`: DFlash block drafter + Domino head rollout.
+- `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
+  tokens occurred before), the Domino drafter otherwise. Code copies identifiers and whole lines
+  from its context, where lookup drafts are long and right; prose rarely does, where the drafter
+  guesses better than a one-token match (held-out acceptance per round by match length:
+  docs/training.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from .head import rollout
 from .sampling import SamplingParams
 from .target import Target
 
-METHODS = ("ar", "ngram", "dflash", "domino")
+METHODS = ("ar", "ngram", "dflash", "domino", "domino+ngram")
+NEEDS_DRAFTER = ("dflash", "domino", "domino+ngram")
 
 _EMPTY = torch.empty(0, dtype=torch.long)
 
@@ -33,6 +39,7 @@ class NgramConfig:
     max_ngram: int = 3  # longest suffix tried first
     min_ngram: int = 1
     num_draft: int = 8  # tokens proposed per round; verify cost on CPU grows with it
+    hybrid_min_match: int = 2  # domino+ngram: shorter matches (or none) draft with the Domino drafter
 
 
 class ArProposer:
@@ -58,6 +65,13 @@ class NgramProposer:
         self.history.extend(tokens)
 
     def propose(self, anchor, pos, k, params, generator):
+        cont, _ = self.lookup(anchor, k)
+        return torch.tensor(cont, dtype=torch.long) if cont else _EMPTY, None
+
+    def lookup(self, anchor: int, k: int) -> tuple[list[int], int]:
+        """Up to k tokens that followed the most recent earlier occurrence of the longest suffix
+        (max_ngram down to min_ngram tokens) of history + [anchor], and that suffix's length; ([], 0)
+        when no suffix recurs."""
         seq = self.history + [anchor]
         n_seq = len(seq)
         for n in range(min(self.cfg.max_ngram, n_seq - 1), self.cfg.min_ngram - 1, -1):
@@ -67,8 +81,8 @@ class NgramProposer:
                 if seq[start:start + n] == suffix:
                     cont = seq[start + n:start + n + k]
                     if cont:
-                        return torch.tensor(cont, dtype=torch.long), None
-        return _EMPTY, None
+                        return cont, n
+        return [], 0
 
 
 class BlockProposer:
@@ -102,15 +116,39 @@ class BlockProposer:
         return tokens[0].cpu(), None if probs is None else probs[0]
 
 
+class HybridProposer:
+    """`domino+ngram`: both proposers see every commit; each round drafts with prompt lookup when
+    its match is at least `min_match` tokens long, else with the block drafter (whose features of
+    the lookup-drafted rounds wait in its pending list until it drafts again)."""
+
+    def __init__(self, block: BlockProposer, ngram: NgramProposer, min_match: int):
+        self.block, self.ngram, self.min_match = block, ngram, min_match
+        self.layer_ids = block.layer_ids
+        self.max_k = max(block.max_k, ngram.max_k)
+
+    def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
+        self.block.commit(tokens, feats)
+        self.ngram.commit(tokens, feats)
+
+    def propose(self, anchor, pos, k, params, generator):
+        cont, n = self.ngram.lookup(anchor, min(k, self.ngram.max_k))
+        if cont and n >= self.min_match:
+            return torch.tensor(cont, dtype=torch.long), None
+        return self.block.propose(anchor, pos, min(k, self.block.max_k), params, generator)
+
+
 def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: NgramConfig):
     if method == "ar":
         return ArProposer()
     if method == "ngram":
         return NgramProposer(ngram)
-    if method in ("dflash", "domino"):
+    if method in NEEDS_DRAFTER:
         if draft is None:
             raise ValueError(f"method {method!r} needs a drafter checkpoint (--draft)")
-        if method == "domino" and not draft.has_head:
-            raise ValueError("method 'domino' needs a Domino head; this drafter is plain DFlash (use 'dflash')")
-        return BlockProposer(draft, target, use_head=method == "domino")
+        if method != "dflash" and not draft.has_head:
+            raise ValueError(f"method {method!r} needs a Domino head; this drafter is plain DFlash (use 'dflash')")
+        block = BlockProposer(draft, target, use_head=method != "dflash")
+        if method == "domino+ngram":
+            return HybridProposer(block, NgramProposer(ngram), ngram.hybrid_min_match)
+        return block
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

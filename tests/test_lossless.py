@@ -24,7 +24,7 @@ def test_block_drafting_matches_plain_greedy(family, shift_label, block_size):
     for prompt in PROMPTS:
         ref = run(engine, prompt, "ar").token_ids
         assert len(ref) == 40
-        for method in ("dflash", "domino", "ngram"):
+        for method in ("dflash", "domino", "ngram", "domino+ngram"):
             assert run(engine, prompt, method).token_ids == ref, (method, prompt)
 
 
@@ -40,6 +40,23 @@ def test_small_vocab_drafts_get_accepted_and_output_stays_exact(seed):
         assert gen.token_ids == ref
         assert gen.stats.accepted > 0  # the acceptance path really ran
         assert gen.stats.tau > 1.0
+
+
+def test_hybrid_drafts_by_lookup_after_a_repeat_and_by_the_drafter_otherwise(monkeypatch):
+    from domino_backend.drafters import BlockProposer
+
+    target = tiny_target("qwen3", peak=3.0, seed=2)
+    engine = Engine(target, tiny_draft(target, seed=1))
+    drafter_rounds = []
+    block_propose = BlockProposer.propose
+    monkeypatch.setattr(BlockProposer, "propose", lambda self, *a: drafter_rounds.append(a[2]) or block_propose(self, *a))
+    prompt = [3, 5, 7, 9, 11, 13, 3, 5, 7, 9, 11, 13, 3, 5]  # a repeating pattern and a fresh tail
+    ref = run(engine, prompt, "ar", n=60).token_ids
+    gen = run(engine, prompt, "domino+ngram", n=60)
+    assert gen.token_ids == ref
+    # The first round continues "... 3 5" from the pattern by lookup; some later round has no match.
+    assert 0 < len(drafter_rounds) < gen.stats.rounds
+    assert all(k <= engine.draft.cfg.num_drafts for k in drafter_rounds)
 
 
 class CorruptedOracle:

@@ -99,7 +99,7 @@ def exact_joint(target, prompt, params, length):
     return probs
 
 
-@pytest.mark.parametrize("method", ["domino", "dflash", "ngram"])
+@pytest.mark.parametrize("method", ["domino", "dflash", "ngram", "domino+ngram"])
 def test_speculative_sampling_end_to_end_matches_target(method):
     # Vocabulary of 5 so the joint law of 3 tokens (125 cells) is checkable by enumeration.
     target = tiny_target("qwen3", vocab=5, peak=2.0, seed=3)

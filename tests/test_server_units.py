@@ -191,11 +191,12 @@ def test_scheduler_refuses_when_full():
         loop.close()
 
 
-def test_auto_method_uses_domino_only_with_a_trained_drafter_on_a_gpu_else_adaptive_ngram():
+def test_auto_method_drafts_with_a_trained_drafter_else_adaptive_ngram():
     from app.engine_backend import EngineBackend
 
-    cases = ((True, "cuda:0", True, "ngram"), (False, "cpu", True, "ngram"), (False, "cuda:0", True, "domino"),
-             (False, "cpu", False, "ar"))  # fixed-length n-gram drafts lose on prose: ar then
+    cases = ((False, "cuda:0", True, "domino"), (False, "cpu", True, "domino+ngram"),
+             (False, "cpu", False, "domino+ngram"), (True, "cuda:0", True, "ngram"),
+             (True, "cpu", False, "ar"))  # fixed-length n-gram drafts lose on prose: ar then
     for placeholder, device, adaptive, expected in cases:
         engine = FakeEngine()
         engine.placeholder_draft = placeholder
