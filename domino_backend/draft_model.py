@@ -236,38 +236,44 @@ class DraftModel(nn.Module):
         """[B, T, L*H_target] concatenated target layer outputs -> context features [B, T, H]."""
         return self.hidden_norm(self.fc(target_feats.to(self.fc.weight.dtype)))
 
+    def extend_context(self, new_ctx_feats: torch.Tensor, cache: DraftCache) -> None:
+        """Append to every layer of `cache` the K/V of committed tokens' features
+        new_ctx_feats [B, T, L*H], at positions cache.length .. cache.length+T-1."""
+        b, t = new_ctx_feats.shape[:2]
+        if not t:
+            return
+        ctx = self.fuse_context(new_ctx_feats)
+        ctx_pos = torch.arange(cache.length, cache.length + t, device=ctx.device).expand(b, t)
+        cos, sin = rope_cos_sin(ctx_pos, self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
+        for i, layer in enumerate(self.layers):
+            cache.append(i, *layer.self_attn.project_kv(ctx, cos, sin))
+        cache.length += t
+
     def forward_block(
         self,
         block_emb: torch.Tensor,
         block_pos: torch.Tensor,
-        new_ctx_feats: torch.Tensor,
+        new_ctx_feats: torch.Tensor | None,
         cache: DraftCache,
     ) -> torch.Tensor:
         """Inference forward for one block per sequence.
 
         block_emb [B, S, H]: target embeddings of [anchor, MASK x (S-1)]; block_pos [B, S];
-        new_ctx_feats [B, T, L*H]: features of committed tokens not yet in `cache`, at positions
-        cache.length .. cache.length+T-1 (all < block_pos[:, 0]). Appends their K/V to `cache`.
+        new_ctx_feats [B, T, L*H] or None: features of committed tokens not yet in `cache`
+        (appended first, see `extend_context`; every cached position is < block_pos[:, 0]).
         Returns z [B, S, H] (after the final norm).
         """
-        b, t = new_ctx_feats.shape[:2]
-        dtype = block_emb.dtype
-        cos, sin = rope_cos_sin(block_pos, self.cfg.head_dim, self.cfg.rope_theta, dtype)
-        if t:
-            ctx = self.fuse_context(new_ctx_feats)
-            ctx_pos = torch.arange(cache.length, cache.length + t, device=ctx.device).expand(b, t)
-            ccos, csin = rope_cos_sin(ctx_pos, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        if new_ctx_feats is not None:
+            self.extend_context(new_ctx_feats, cache)
+        b = block_emb.shape[0]
+        cos, sin = rope_cos_sin(block_pos, self.cfg.head_dim, self.cfg.rope_theta, block_emb.dtype)
         x = block_emb
         for i, layer in enumerate(self.layers):
-            if t:
-                ck, cv = cache.append(i, *layer.self_attn.project_kv(ctx, ccos, csin))
-            else:
-                ck, cv = cache.k[i], cache.v[i]
+            ck, cv = cache.k[i], cache.v[i]
             if ck is None:  # empty context (cannot happen after a prefill, kept for tiny tests)
                 ck = x.new_zeros(b, self.cfg.num_key_value_heads, 0, self.cfg.head_dim)
                 cv = ck
             x = layer(x, ck, cv, cos, sin)
-        cache.length += t
         return self.norm(x)
 
     def forward_train(

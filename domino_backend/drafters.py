@@ -93,10 +93,13 @@ class BlockProposer:
         self.layer_ids = list(model.cfg.target_layer_ids)
         self.max_k = model.cfg.num_drafts
         self.cache = DraftCache(model.cfg.num_hidden_layers)
-        self.pending: list[torch.Tensor] = []  # features of committed tokens not yet in the draft cache
 
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
-        self.pending.append(feats)
+        # Into the drafter's context cache now, not at the next draft: then a draft costs its block
+        # alone, also after rounds that drafted nothing (adaptive K = 0, or lookup rounds of
+        # domino+ngram). Deferred, the catch-up made the next draft look 4x dearer to the draft
+        # length policy, which then kept choosing K = 0.
+        self.model.extend_context(feats[None], self.cache)
 
     @torch.inference_mode()
     def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator):
@@ -106,9 +109,7 @@ class BlockProposer:
         block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
         block[0, 0] = anchor
         positions = torch.arange(pos, pos + cfg.block_size, device=dev)[None]
-        new_ctx = torch.cat(self.pending, dim=0)[None]
-        self.pending = []
-        z = self.model.forward_block(self.target.embed(block), positions, new_ctx, self.cache)
+        z = self.model.forward_block(self.target.embed(block), positions, None, self.cache)
         z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
         base = self.model.base_logits(z, self.target.lm_head).float()  # [1, K, V_draft]
         anchor_t = block[:, 0]
@@ -118,8 +119,7 @@ class BlockProposer:
 
 class HybridProposer:
     """`domino+ngram`: both proposers see every commit; each round drafts with prompt lookup when
-    its match is at least `min_match` tokens long, else with the block drafter (whose features of
-    the lookup-drafted rounds wait in its pending list until it drafts again)."""
+    its match is at least `min_match` tokens long, else with the block drafter."""
 
     def __init__(self, block: BlockProposer, ngram: NgramProposer, min_match: int):
         self.block, self.ngram, self.min_match = block, ngram, min_match
