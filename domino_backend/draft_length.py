@@ -18,7 +18,9 @@ full verify, ~2 decoding steps on a CPU; chat on the n-gram drafter lost 4% to t
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+from statistics import median
 
 
 @dataclass
@@ -36,7 +38,10 @@ class AdaptiveDraftLength:
     tried: list[float] = field(default_factory=list)  # decayed rounds that verified draft j with 1..j-1 accepted
     accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
     verify: dict[int, list[float]] = field(default_factory=dict)  # K -> [decayed weight, decayed sum of seconds]
-    draft_s: float | None = None
+    # Draft time: the median of recent drafting rounds, not a decayed mean. The first draft of a
+    # process pays one-off kernel set-up (measured 56 ms against 6 ms after, Qwen2.5-Coder drafter,
+    # bf16); a mean remembers it for dozens of rounds, during which drafting looks too dear to try.
+    draft_samples: deque = field(default_factory=lambda: deque(maxlen=9))
     interval: int = field(init=False)  # rounds between probes now (probe_every .. max_probe_every)
     next_probe: int = field(init=False)  # round number of the next full-cap probe
 
@@ -53,6 +58,10 @@ class AdaptiveDraftLength:
             prior = (acc + w * prior) / (tried + w)
             out.append(prior)
         return out
+
+    @property
+    def draft_s(self) -> float | None:
+        return median(self.draft_samples) if self.draft_samples else None
 
     def verify_seconds(self, k: int) -> float | None:
         """Measured mean verify time at K, else linear interpolation between the measured K's
@@ -100,10 +109,10 @@ class AdaptiveDraftLength:
         if len(self.verify) < 2:
             return 0 if 0 not in self.verify else cap
 
-        expected = self._expected_by_k()
+        expected, draft_s = self._expected_by_k(), self.draft_s
 
         def rate(k: int) -> float:
-            return expected[k] / (self.verify_seconds(k) + (self.draft_s if k else 0.0))
+            return expected[k] / (self.verify_seconds(k) + (draft_s if k else 0.0))
 
         best = max(range(cap + 1), key=rate)
         if best:
@@ -128,4 +137,4 @@ class AdaptiveDraftLength:
         w, s = self.verify.setdefault(k, [0.0, 0.0])
         self.verify[k] = [w + 1.0, s + verify_s]
         if k:
-            self.draft_s = draft_s if self.draft_s is None else d * self.draft_s + (1 - d) * draft_s
+            self.draft_samples.append(draft_s)
