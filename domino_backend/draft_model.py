@@ -216,13 +216,17 @@ class DraftModel(nn.Module):
 
     def base_logits(self, z: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """The target's frozen LM head applied to slot hiddens, restricted to the draft vocabulary."""
+        # Rows folded to 2-D: the engine passes a strided view of the first K < S slots, on which
+        # F.linear takes a batched matmul that copies the whole weight every call (a K = 2 draft:
+        # 15 ms against 5 ms for K = 7, 16k-row head, bf16 CPU).
+        x = z.to(lm_head.weight.dtype).reshape(-1, z.shape[-1])
         ids = self.draft_token_ids()
         if ids is None:
-            return lm_head(z.to(lm_head.weight.dtype))
+            return lm_head(x).reshape(*z.shape[:-1], -1)
         w = lm_head.weight
         if self._head_rows is None or self._head_rows[0] is not w:  # slice once, reuse every round
             self._head_rows = (w, w.detach()[ids].contiguous())
-        return F.linear(z.to(w.dtype), self._head_rows[1])
+        return F.linear(x, self._head_rows[1]).reshape(*z.shape[:-1], -1)
 
     def head_delta(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """z [..., H] slot hidden, s [..., G] GRU state -> logit delta [..., V] (cat-then-Linear form)."""

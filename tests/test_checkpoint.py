@@ -656,3 +656,19 @@ def test_reduced_draft_vocabulary_round_trips_with_its_d2t_table(tmp_path):
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="d2t"):
         load_draft(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("draft_vocab_size", [None, 20])
+def test_base_logits_of_the_first_k_slots_do_not_copy_the_lm_head(draft_vocab_size):
+    # The engine passes z[:, :K] of an S-slot block: a strided view. Unfolded, F.linear runs a
+    # batched matmul over an expanded copy of the whole head weight every round.
+    from torch.profiler import ProfilerActivity, profile
+
+    target = tiny_target("qwen3", vocab=64)
+    model = tiny_draft(target, draft_vocab_size=draft_vocab_size)
+    z = torch.randn(1, 8, HIDDEN)[:, 1:3]
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = model.base_logits(z, target.lm_head)
+    assert not [e.key for e in prof.key_averages() if e.key in ("aten::bmm", "aten::copy_")]
+    assert out.shape == (1, 2, draft_vocab_size or 64)
+    assert torch.allclose(out, model.base_logits(z.clone(memory_format=torch.contiguous_format), target.lm_head))
