@@ -13,8 +13,8 @@ absolute position `pos`.
 - `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
   tokens occurred before), the Domino drafter otherwise. Code copies identifiers and whole lines
   from its context, where lookup drafts are long and right; prose rarely does, where the drafter
-  guesses better than a one-token match (held-out acceptance per round by match length:
-  docs/training.md).
+  guesses better than a one-token match (held-out acceptance per round by match length: README,
+  "Design choices").
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class NgramProposer:
     def lookup(self, anchor: int, k: int) -> tuple[list[int], int]:
         """Up to k tokens that followed the most recent earlier occurrence of the longest suffix
         (max_ngram down to min_ngram tokens) of history + [anchor], and that suffix's length; ([], 0)
-        when no suffix recurs."""
+        when no suffix recurs (or k = 0: an adaptive round that drafts nothing skips the scan)."""
+        if k <= 0:
+            return [], 0
         seq = self.history + [anchor]
         n_seq = len(seq)
         for n in range(min(self.cfg.max_ngram, n_seq - 1), self.cfg.min_ngram - 1, -1):
