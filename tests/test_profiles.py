@@ -33,7 +33,7 @@ def test_profile_generates_losslessly_with_every_method(profile, real_threads):
     for ids in prompts:
         ref = engine.generate(ids, GenerationRequest(max_new_tokens=12, method="ar"))
         assert ref.token_ids and ref.text.strip()
-        for method in ("ngram", "dflash", "domino"):
+        for method in ("ngram", "dflash", "domino", "domino+ngram"):
             gen = engine.generate(ids, GenerationRequest(max_new_tokens=12, method=method))
             assert gen.token_ids == ref.token_ids, method
             assert gen.stats.rounds >= 1
