@@ -253,22 +253,13 @@ class DraftModel(nn.Module):
             cache.append(i, *layer.self_attn.project_kv(ctx, cos, sin))
         cache.length += t
 
-    def forward_block(
-        self,
-        block_emb: torch.Tensor,
-        block_pos: torch.Tensor,
-        new_ctx_feats: torch.Tensor | None,
-        cache: DraftCache,
-    ) -> torch.Tensor:
-        """Inference forward for one block per sequence.
+    def forward_block(self, block_emb: torch.Tensor, block_pos: torch.Tensor, cache: DraftCache) -> torch.Tensor:
+        """Inference forward for one block per sequence, over the context already in `cache`
+        (`extend_context`; every cached position is < block_pos[:, 0]).
 
-        block_emb [B, S, H]: target embeddings of [anchor, MASK x (S-1)]; block_pos [B, S];
-        new_ctx_feats [B, T, L*H] or None: features of committed tokens not yet in `cache`
-        (appended first, see `extend_context`; every cached position is < block_pos[:, 0]).
+        block_emb [B, S, H]: target embeddings of [anchor, MASK x (S-1)]; block_pos [B, S].
         Returns z [B, S, H] (after the final norm).
         """
-        if new_ctx_feats is not None:
-            self.extend_context(new_ctx_feats, cache)
         b = block_emb.shape[0]
         cos, sin = rope_cos_sin(block_pos, self.cfg.head_dim, self.cfg.rope_theta, block_emb.dtype)
         x = block_emb

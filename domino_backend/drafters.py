@@ -111,7 +111,7 @@ class BlockProposer:
         block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
         block[0, 0] = anchor
         positions = torch.arange(pos, pos + cfg.block_size, device=dev)[None]
-        z = self.model.forward_block(self.target.embed(block), positions, None, self.cache)
+        z = self.model.forward_block(self.target.embed(block), positions, self.cache)
         z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
         base = self.model.base_logits(z, self.target.lm_head).float()  # [1, K, V_draft]
         anchor_t = block[:, 0]

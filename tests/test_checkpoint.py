@@ -179,7 +179,9 @@ def _block_forward(model: DraftModel, seed: int = 0) -> torch.Tensor:
     ctx = torch.randn(2, 5, len(cfg.target_layer_ids) * cfg.hidden_size, generator=g).to(dtype)
     emb = torch.randn(2, cfg.block_size, cfg.hidden_size, generator=g).to(dtype)
     pos = torch.arange(5, 5 + cfg.block_size).expand(2, -1)
-    return model.forward_block(emb, pos, ctx, DraftCache(cfg.num_hidden_layers))
+    cache = DraftCache(cfg.num_hidden_layers)
+    model.extend_context(ctx, cache)
+    return model.forward_block(emb, pos, cache)
 
 
 # ---------------------------------------------------------------------------------------------
