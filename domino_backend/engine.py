@@ -116,7 +116,8 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
-        # Adaptive draft-length state per method, shared by requests: verify cost is the machine's.
+        # Adaptive draft-length state per method (per "method/source" for methods that route rounds
+        # to several proposers), shared by requests: verify cost is the machine's.
         self.draft_length: dict[str, AdaptiveDraftLength] = {}
         if draft is not None:
             from .checkpoint import check_compatible
@@ -193,15 +194,17 @@ class Engine:
                 yield []
         yield [anchor]
         produced = 1
-        policy = None
-        if req.adaptive_drafts and proposer.max_k:
-            policy = self.draft_length.setdefault(req.method, AdaptiveDraftLength(proposer.max_k))
+        adaptive = req.adaptive_drafts and proposer.max_k > 0
         while True:
             pos = sess.length
             # Never draft past the token budget or the context window: the bonus token is free.
             cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
             k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
-            if policy is not None:
+            policy = None
+            if adaptive:
+                source, max_k = proposer.route(anchor)
+                key = f"{req.method}/{source}" if source else req.method
+                policy = self.draft_length.setdefault(key, AdaptiveDraftLength(max_k))
                 k = policy.choose(k)
             with torch.inference_mode():
                 t0 = time.perf_counter()

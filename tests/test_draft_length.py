@@ -96,6 +96,14 @@ def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter()
         gen = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method=method, adaptive_drafts=True))
         assert gen.token_ids == ref
         assert engine.draft_length[method].rounds > 0
+    # domino+ngram keeps one policy per source: lookup rounds draft free and long, drafter rounds not.
+    gen = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method="domino+ngram", adaptive_drafts=True))
+    assert gen.token_ids == ref
+    lookup, drafter = engine.draft_length["domino+ngram/lookup"], engine.draft_length["domino+ngram/drafter"]
+    assert lookup.rounds > 0 and drafter.rounds > 0
+    assert lookup.rounds + drafter.rounds == gen.stats.rounds
+    assert (lookup.max_k, drafter.max_k) == (engine.ngram.num_draft, engine.draft.cfg.num_drafts)
+    assert "domino+ngram" not in engine.draft_length
 
 
 def test_unseen_deep_positions_inherit_the_previous_positions_estimate():
