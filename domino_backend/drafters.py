@@ -49,10 +49,6 @@ class NgramConfig:
     # against 0.96x): cap it per request with `max_drafts`.
     num_draft: int = 16
     hybrid_min_match: int = 2  # domino+ngram: shorter matches (or none) draft with the Domino drafter
-    # Adaptive draft length: lookup rounds get one policy per match class — a 1-token match, 2 up to
-    # `long_match`, longer — since acceptance differs by class (held-out code, 16 drafts: 1.4 /
-    # 3.8 / 13.1 tokens accepted per round; chat: 0.35 for 1-token matches, most of its rounds).
-    long_match: int = 16
 
 
 class Proposer:
@@ -92,13 +88,6 @@ class NgramProposer(Proposer):
         self._buf[self._len:end] = tokens
         self._len = end
         self._round = None
-
-    def route(self, anchor: int) -> tuple[str, int]:
-        cont, n = self.round_lookup(anchor)
-        return self.match_class(n) if cont else "none", self.max_k
-
-    def match_class(self, n: int) -> str:
-        return "lookup1" if n == 1 else "lookup-long" if n >= self.cfg.long_match else "lookup"
 
     def round_lookup(self, anchor: int) -> tuple[list[int], int]:
         """This round's full-length lookup, scanned once (routing, then drafting cut to K)."""
@@ -191,9 +180,7 @@ class HybridProposer(Proposer):
         return bool(cont) and n >= self.min_match
 
     def route(self, anchor: int) -> tuple[str, int]:
-        if self._by_lookup(anchor):
-            return self.ngram.route(anchor)
-        return "drafter", self.block.max_k
+        return ("lookup", self.ngram.max_k) if self._by_lookup(anchor) else ("drafter", self.block.max_k)
 
     def propose(self, anchor, pos, k, params, generator):
         if self._by_lookup(anchor):

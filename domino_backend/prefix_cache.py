@@ -37,6 +37,10 @@ class PrefixCache:
         self._entries: list[PrefixEntry] = []  # most recently used last
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = []
+
     def lookup(self, ids: list[int], layer_ids: list[int] | None) -> tuple[PrefixEntry, int] | None:
         """The entry sharing the longest prefix with `ids` (at most len(ids) - 1 tokens: the last
         prompt token must run to produce logits). Entries without the needed features don't count."""
