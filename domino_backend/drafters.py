@@ -44,9 +44,9 @@ class NgramConfig:
     min_ngram: int = 1
     # Tokens proposed per round. Long: a copied line or block is accepted whole, and the adaptive
     # draft length verifies fewer where lookup drafts fail (held-out code, native-bf16 CPU, 16
-    # against 8: domino+ngram:adaptive tau 4.05 / 2.92x against 3.49 / 2.70x; verify of 17 tokens
-    # costs 1.53 decoding steps, of 9 1.25). Fixed-length `ngram` on chat pays for it (0.88x
-    # against 0.96x): cap it per request with `max_drafts`.
+    # against 8 in one process: domino+ngram:adaptive tau 4.05 against 3.49, 8% faster; a 17-token
+    # verify costs 1.53 decoding steps, a 9-token one 1.25). Fixed-length `ngram` on chat pays for
+    # it (8% slower): cap it per request with `max_drafts`.
     num_draft: int = 16
     hybrid_min_match: int = 2  # domino+ngram: shorter matches (or none) draft with the Domino drafter
 
