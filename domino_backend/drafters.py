@@ -9,7 +9,8 @@ which source will draft the round (and its most drafts): it keeps one draft-leng
 source, since sources differ in acceptance and draft cost.
 
 - `ar`: proposes nothing; verification of [anchor] alone is plain decoding.
-- `ngram`: prompt lookup (longest recent suffix match in prompt + output), a deterministic draft.
+- `ngram`: prompt lookup (what followed the earlier occurrence of the longest recurring suffix
+  that matches furthest back, in prompt + output), a deterministic draft of up to 16 tokens.
 - `dflash`: DFlash block drafter, base logits only (head off, even if the checkpoint has one).
 - `domino`: DFlash block drafter + Domino head rollout.
 - `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
@@ -96,13 +97,15 @@ class NgramProposer(Proposer):
         return self._round
 
     def propose(self, anchor, pos, k, params, generator):
+        if k <= 0:  # an adaptive round that drafts nothing: no scan
+            return _EMPTY, None
         cont = self.round_lookup(anchor)[0][:k]
         return torch.tensor(cont, dtype=torch.long) if cont else _EMPTY, None
 
     def lookup(self, anchor: int, k: int) -> tuple[list[int], int]:
         """Up to k tokens that followed an earlier occurrence of the longest recurring suffix
         (max_ngram down to min_ngram tokens) of history + [anchor], and the length of the match;
-        ([], 0) when no suffix recurs (or k = 0: an adaptive round that drafts nothing skips it).
+        ([], 0) when no suffix recurs or k = 0.
 
         Among the occurrences, the one whose match runs furthest back wins (then the most recent):
         a 3-token suffix like "self.x =" recurs everywhere in code, while the occurrence that also
