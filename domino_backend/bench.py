@@ -132,7 +132,6 @@ def _accumulate(total: Stats, s: Stats) -> None:
     total.draft_s += s.draft_s
     total.verify_s += s.verify_s
     total.prefill_s += s.prefill_s
-    total.reused_tokens += s.reused_tokens
     total.rounds += s.rounds
     total.drafted += s.drafted
     total.accepted += s.accepted

@@ -84,8 +84,8 @@ class NgramProposer(Proposer):
 
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
         end = self._len + len(tokens)
-        if end > self._buf.shape[0]:
-            self._buf = np.resize(self._buf, max(end, 2 * self._buf.shape[0]))
+        if end >= self._buf.shape[0]:  # one spare slot: `lookup` writes the anchor after the history
+            self._buf = np.resize(self._buf, max(end + 1, 2 * self._buf.shape[0]))
         self._buf[self._len:end] = tokens
         self._len = end
         self._round = None
@@ -114,7 +114,8 @@ class NgramProposer(Proposer):
         """
         if k <= 0 or self._len == 0:
             return [], 0
-        seq = np.append(self._buf[:self._len], anchor)
+        self._buf[self._len] = anchor  # history + [anchor] as a view, no copy per round
+        seq = self._buf[:self._len + 1]
         n_seq = len(seq)
         for n in range(min(self.cfg.max_ngram, n_seq - 1), self.cfg.min_ngram - 1, -1):
             # starts s of earlier occurrences, all with a continuation (s + n <= n_seq - 1)
