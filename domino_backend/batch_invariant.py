@@ -14,8 +14,9 @@ The fix has two halves, both exact computations with no approximation:
   same bits for any M >= 2, and runs M = 1 as two rows for the shapes whose one-row kernel differs.
 * Attention (here): for up to `MAX_ROWS` queries of one sequence under a plain causal mask, each
   query row i attends by itself, through the same one-query SDPA call decoding uses, to the keys it
-  may see (the first L - M + 1 + i). That costs M small SDPA calls per layer instead of one, a few
-  ms per verify; longer inputs (prefill chunks, shared by every method) keep the fused kernel.
+  may see (the first L - M + 1 + i; for a draft tree, the cache plus the row's ancestors). That
+  costs M small SDPA calls per layer instead of one, a few ms per verify; longer inputs (prefill
+  chunks, shared by every method) keep the fused kernel.
 
 `use_rowwise_attention(model)` switches a transformers model to it; the engine does so for its
 target. tests/test_batch_invariant.py checks the bitwise property end to end.
@@ -37,35 +38,75 @@ NAME = "domino_rowwise"
 MAX_ROWS = 32  # >= a block-16 verify (17 rows); longer inputs are prefill chunks
 
 
-def _plain_causal(mask: torch.Tensor | None, m: int, n_keys: int) -> bool:
-    """True when `mask` ([B, 1, M, L], bool or additive float) only hides future keys."""
+def _row_keys(mask: torch.Tensor | None, m: int, n_keys: int) -> list[torch.Tensor | None] | None:
+    """Per query row, the block keys it may see when the mask hides no cached key: None for a row
+    that sees a plain causal prefix, else the indices of its visible keys among the last M (a draft
+    tree: ancestors and itself). None overall when the mask is anything else (padding, windows).
+    mask [B, 1, M, L], bool or additive float."""
     if mask is None:
-        return True
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    want = torch.ones(m, n_keys, dtype=torch.bool, device=mask.device).tril(n_keys - m)
-    return torch.equal(allowed.reshape(-1, m, n_keys)[0], want)
+        return [None] * m
+    allowed = (mask if mask.dtype == torch.bool else mask == 0).reshape(-1, m, n_keys)[0]
+    cached, block = allowed[:, :n_keys - m], allowed[:, n_keys - m:]
+    if not bool(cached.all()) or bool(block.triu(1).any()) or not bool(block.diagonal().all()):
+        return None
+    rows = []
+    for i in range(m):
+        seen = block[i, :i + 1]
+        rows.append(None if bool(seen.all()) else seen.nonzero().flatten())
+    return rows
+
+
+_plan: tuple[torch.Tensor | None, int, int, list | None] = (None, 0, 0, None)  # one verify's mask, analysed once
+
+
+def _rows_for(mask: torch.Tensor | None, m: int, n_keys: int) -> list[torch.Tensor | None] | None:
+    """`_row_keys`, memoised on the mask object: every layer of a forward gets the same one."""
+    global _plan
+    if mask is None:
+        return [None] * m
+    plan = _plan  # one read: another thread may swap it meanwhile
+    if plan[0] is not mask or plan[1:3] != (m, n_keys):
+        plan = _plan = (mask, m, n_keys, _row_keys(mask, m, n_keys))
+    return plan[3]
 
 
 def rowwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function. query [B, H, M, D], key/value [B, KV, L, D] (cache included,
-    new keys last) -> ([B, M, H, D], None)."""
+    new keys last) -> ([B, M, H, D], None).
+
+    A draft tree's row sees the cache, its ancestors and itself: their keys are copied behind the
+    cache in a scratch buffer, so the one-query SDPA sees exactly the keys, in the same order, that
+    decoding the row's branch token by token would have cached."""
     b, h, m, d = query.shape
     kv, n_keys = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (b != 1 or m > MAX_ROWS or dropout or not causal or kwargs.get("sliding_window") or h % kv
-            or not _plain_causal(attention_mask, m, n_keys)):
+    rows = None
+    if b == 1 and m <= MAX_ROWS and not dropout and causal and not kwargs.get("sliding_window") and not h % kv:
+        rows = _rows_for(attention_mask, m, n_keys)
+    if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    g = h // kv
-    rows = []
+    g, past = h // kv, n_keys - m
+    scratch = None
+    out = []
     for i in range(m):
-        n = n_keys - m + 1 + i  # keys visible to query row i
         q = query[:, :, i].reshape(b, kv, g, d)  # the G query heads sharing a KV head, as G queries
-        o = F.scaled_dot_product_attention(q, key[:, :, :n], value[:, :, :n], scale=scaling)
-        rows.append(o.reshape(b, 1, h, d))
-    return torch.cat(rows, 1), None
+        if rows[i] is None:
+            k, v = key[:, :, :past + i + 1], value[:, :, :past + i + 1]
+        else:
+            if scratch is None:  # the cache, copied once per layer
+                scratch = (key.new_empty(b, kv, n_keys, d), value.new_empty(b, kv, n_keys, d))
+                scratch[0][:, :, :past] = key[:, :, :past]
+                scratch[1][:, :, :past] = value[:, :, :past]
+            idx, n = rows[i] + past, past + rows[i].numel()
+            scratch[0][:, :, past:n] = key.index_select(2, idx)
+            scratch[1][:, :, past:n] = value.index_select(2, idx)
+            k, v = scratch[0][:, :, :n], scratch[1][:, :, :n]
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        out.append(o.reshape(b, 1, h, d))
+    return torch.cat(out, 1), None
 
 
 AttentionInterface.register(NAME, rowwise_attention)

@@ -3,8 +3,9 @@
 Methods run prompt-major (every method on prompt 1, then on prompt 2, ...) so slow drift of a shared
 machine hits them alike. Reported per method: tokens/s, speedup vs `ar`, tau (mean tokens per
 verify round), per-position acceptance, and `lossless` = every output identical to `ar`'s. The
-extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`;
-`METHOD:adaptive` runs a drafting method with the cost-aware draft length (draft_length.py).
+extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`.
+Options after the method name: `:adaptive` the cost-aware draft length (draft_length.py),
+`:chain` a chain instead of the default draft tree (tree.py), e.g. `domino:chain:adaptive`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from .engine import Engine, GenerationRequest, Stats
 from .prompts import encode_record
 
 BENCH_METHODS = METHODS + ("hf",)
-ADAPTIVE = ":adaptive"  # suffix: the same method with the cost-aware draft length (draft_length.py)
+OPTIONS = ("adaptive", "chain")
+
+
+def parse_method(spec: str) -> tuple[str, set[str]]:
+    """"domino:chain:adaptive" -> ("domino", {"chain", "adaptive"}); options need a drafting method."""
+    method, *opts = spec.split(":")
+    if method not in BENCH_METHODS or (opts and method in ("ar", "hf")) or not set(opts) <= set(OPTIONS):
+        raise ValueError(f"unknown method {spec!r}; choose from {', '.join(BENCH_METHODS)}, drafting methods "
+                         f"also with options {', '.join(':' + o for o in OPTIONS)} (e.g. domino:chain:adaptive)")
+    return method, set(opts)
 
 
 @dataclass
@@ -75,10 +85,8 @@ def hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> tuple[li
 
 def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_tokens: int,
               warmup: bool = True, max_drafts: int | None = None) -> dict:
-    bad = [m for m in methods if m.removesuffix(ADAPTIVE) not in BENCH_METHODS or m == "hf" + ADAPTIVE]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {', '.join(BENCH_METHODS)} "
-                         f"(drafting methods also as METHOD{ADAPTIVE}: adaptive draft length)")
+    for m in methods:
+        parse_method(m)
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speedup and losslessness
     tok = engine.target.tokenizer
@@ -120,9 +128,9 @@ def run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
     if method == "hf":
         toks, dt = hf_generate(engine, ids, max_new_tokens)
         return toks, Stats(method="hf", new_tokens=len(toks), total_s=dt)
-    base = method.removesuffix(ADAPTIVE)
+    base, opts = parse_method(method)
     gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=base, max_drafts=max_drafts,
-                                                 adaptive_drafts=base != method))
+                                                 adaptive_drafts="adaptive" in opts, draft_tree="chain" not in opts))
     return gen.token_ids, gen.stats
 
 

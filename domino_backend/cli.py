@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("bench", help="run methods side by side on a JSONL prompt file (greedy)")
     b.add_argument("--prompts", required=True, help='JSONL: {"prompt"} | {"messages"} | {"prefix","suffix"}')
-    b.add_argument("--methods", default="ar,ngram,dflash,domino", help=f"comma list of {', '.join(BENCH_METHODS)}")
+    b.add_argument("--methods", default="ar,ngram,dflash,domino",
+                   help=f"comma list of {', '.join(BENCH_METHODS)}; options :adaptive, :chain (e.g. domino:chain:adaptive)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", default=None, help="write the full report here")
     b.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round for every method")

@@ -6,13 +6,14 @@ KV cache (and their captured features when `layer_ids` is set), then `propose(an
 for the next block, where `anchor` is the last committed token, not yet in the target cache, at
 absolute position `pos`. With the adaptive draft length the engine first asks `route(anchor)`
 which source will draft the round (and its most drafts): it keeps one draft-length policy per
-source, since sources differ in acceptance and draft cost.
+source, since sources (lookup, a drafter's chain, its tree) differ in acceptance and draft cost.
 
 - `ar`: proposes nothing; verification of [anchor] alone is plain decoding.
 - `ngram`: prompt lookup (what followed the earlier occurrence of the longest recurring suffix
   that matches furthest back, in prompt + output), a deterministic draft of up to 16 tokens.
 - `dflash`: DFlash block drafter, base logits only (head off, even if the checkpoint has one).
-- `domino`: DFlash block drafter + Domino head rollout.
+- `domino`: DFlash block drafter + Domino head rollout; for greedy requests a draft tree grown by
+  the head along several branches (tree.py), verified in the same one target pass.
 - `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
   tokens occurred before), the Domino drafter otherwise. Code copies identifiers and whole lines
   from its context, where lookup drafts are long and right; prose rarely does, where the drafter
@@ -27,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .batch_invariant import MAX_ROWS
 from .draft_model import DraftCache, DraftModel
 from .head import rollout
 from .sampling import SamplingParams
 from .target import Target
+from .tree import TreeConfig, grow
 
 METHODS = ("ar", "ngram", "dflash", "domino", "domino+ngram")
 NEEDS_DRAFTER = ("dflash", "domino", "domino+ngram")
@@ -135,13 +138,18 @@ class NgramProposer(Proposer):
 
 
 class BlockProposer(Proposer):
-    """DFlash block drafting (+ the Domino head when `use_head`)."""
+    """DFlash block drafting (+ the Domino head when `use_head`); with `tree` (greedy requests,
+    head on) a round drafting K tokens proposes a tree of round(tree.width * K) nodes, depth <= K."""
 
-    def __init__(self, model: DraftModel, target: Target, use_head: bool):
+    def __init__(self, model: DraftModel, target: Target, use_head: bool, tree: TreeConfig | None = None):
         self.model, self.target, self.use_head = model, target, use_head
+        self.tree = tree if use_head and model.has_head else None
         self.layer_ids = list(model.cfg.target_layer_ids)
         self.max_k = model.cfg.num_drafts
         self.cache = DraftCache(model.cfg.num_hidden_layers)
+
+    def route(self, anchor: int) -> tuple[str, int]:
+        return ("tree" if self.tree else ""), self.max_k  # a tree accepts more per K than a chain
 
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
         # Into the drafter's context cache now, not at the next draft: then a draft costs its block
@@ -161,6 +169,11 @@ class BlockProposer(Proposer):
         z = self.model.forward_block(self.target.embed(block), positions, self.cache)
         z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
         base = self.model.base_logits(z, self.target.lm_head).float()  # [1, K, V_draft]
+        # A tree's rows sit in the target's cache until verified: keep them inside the context, and
+        # within the rows the verify attention runs one by one (bitwise equal to decoding).
+        if self.tree:
+            nodes = min(max(1, round(self.tree.width * k)), MAX_ROWS - 1, self.target.max_context - pos - 1)
+            return grow(self.model, z[0], base[0], anchor, self.target.embed, nodes, self.tree.beam), None
         anchor_t = block[:, 0]
         tokens, probs = rollout(self.model, z, base, anchor_t, self.target.embed, params, generator, self.use_head)
         return tokens[0].cpu(), None if probs is None else probs[0]
@@ -184,7 +197,10 @@ class HybridProposer(Proposer):
         return bool(cont) and n >= self.min_match
 
     def route(self, anchor: int) -> tuple[str, int]:
-        return ("lookup", self.ngram.max_k) if self._by_lookup(anchor) else ("drafter", self.block.max_k)
+        if self._by_lookup(anchor):
+            return "lookup", self.ngram.max_k
+        shape, max_k = self.block.route(anchor)
+        return "/".join(filter(None, ("drafter", shape))), max_k
 
     def propose(self, anchor, pos, k, params, generator):
         if self._by_lookup(anchor):
@@ -192,7 +208,8 @@ class HybridProposer(Proposer):
         return self.block.propose(anchor, pos, min(k, self.block.max_k), params, generator)
 
 
-def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: NgramConfig):
+def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: NgramConfig,
+                  tree: TreeConfig | None = None):
     if method == "ar":
         return ArProposer()
     if method == "ngram":
@@ -202,7 +219,7 @@ def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: 
             raise ValueError(f"method {method!r} needs a drafter checkpoint (--draft)")
         if method != "dflash" and not draft.has_head:
             raise ValueError(f"method {method!r} needs a Domino head; this drafter is plain DFlash (use 'dflash')")
-        block = BlockProposer(draft, target, use_head=method != "dflash")
+        block = BlockProposer(draft, target, use_head=method != "dflash", tree=tree)
         if method == "domino+ngram":
             return HybridProposer(block, NgramProposer(ngram), ngram.hybrid_min_match)
         return block

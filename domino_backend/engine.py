@@ -4,7 +4,8 @@ Round invariant: the target's KV cache holds every committed token except the la
 `anchor`, at position `pos = cache length`. A round drafts K tokens after the anchor, runs the
 target once on [anchor, d_1..d_K], accepts a prefix of a drafts plus one bonus token (so every
 round makes progress), and rolls the cache back to pos + a + 1. With K = 0 this is plain
-decoding, which is how `ar` runs through the same code.
+decoding, which is how `ar` runs through the same code. A draft tree (greedy, tree.py) is verified
+the same way in one pass; the accepted branch's K/V are moved to pos + 1 .. pos + a first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .drafters import NgramConfig, make_proposer
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, select, verify_chain
 from .target import Target
+from .tree import DraftTree, TreeConfig, verify_tree
 
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # bounds the per-round stop-string scan
@@ -46,6 +48,9 @@ class GenerationRequest:
     # Pick the number of drafts per round (<= the cap above) from measured acceptance and verify
     # cost, see draft_length.py; False verifies the full cap every round.
     adaptive_drafts: bool = False
+    # Greedy requests: the Domino drafter proposes a tree (the engine's TreeConfig) instead of a
+    # chain, see tree.py. Sampling always drafts a chain.
+    draft_tree: bool = True
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -109,15 +114,16 @@ class Engine:
     """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
 
     def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig(),
-                 placeholder_draft: bool = False, prefill_chunk: int = 512, prefix_cache: int = 4):
-        self.target, self.draft, self.ngram = target, draft, ngram
+                 placeholder_draft: bool = False, prefill_chunk: int = 512, prefix_cache: int = 4,
+                 tree: TreeConfig = TreeConfig()):
+        self.target, self.draft, self.ngram, self.tree = target, draft, ngram, tree
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
         # Snapshots of recent prompts' KV caches for prefix reuse (0 disables it).
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
         # Adaptive draft-length state per method (per "method/source" for methods that route rounds
-        # to several proposers), shared by requests: verify cost is the machine's.
+        # to several proposers or draft trees), shared by requests: verify cost is the machine's.
         self.draft_length: dict[str, AdaptiveDraftLength] = {}
         if draft is not None:
             from .checkpoint import check_compatible
@@ -145,7 +151,8 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.target.vocab_size})")
         params = req.sampling()  # validates temperature / top-p / top-k now, not on the first round
-        proposer = make_proposer(req.method, self.target, self.draft, self.ngram)
+        tree = self.tree if req.draft_tree and params.greedy else None
+        proposer = make_proposer(req.method, self.target, self.draft, self.ngram, tree)
         return Generation(self, list(prompt_ids), req, proposer, params)
 
     def generate(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
@@ -210,18 +217,25 @@ class Engine:
                 t0 = time.perf_counter()
                 drafts, q = proposer.propose(anchor, pos, k, params, rng)
                 t1 = time.perf_counter()
-                ids = torch.cat([torch.tensor([anchor]), drafts]).to(t.device)
-                out = sess.forward(ids, proposer.layer_ids)
-                a, bonus = verify_chain(drafts, q, out.logits, params, rng)
-                sess.rollback(pos + a + 1)
-                committed = [anchor] + drafts[:a].tolist()
-                proposer.commit(committed, None if out.feats is None else out.feats[: a + 1])
+                if isinstance(drafts, DraftTree):
+                    out = sess.forward(torch.cat([torch.tensor([anchor]), drafts.tokens]).to(t.device),
+                                       proposer.layer_ids, parents=drafts.parents)
+                    rows, bonus = verify_tree(drafts, out.logits)
+                    sess.keep_path(pos, rows)
+                    committed = [anchor] + drafts.tokens[[r - 1 for r in rows[1:]]].tolist()
+                    depth, a = drafts.depth, len(rows) - 1
+                else:
+                    out = sess.forward(torch.cat([torch.tensor([anchor]), drafts]).to(t.device), proposer.layer_ids)
+                    a, bonus = verify_chain(drafts, q, out.logits, params, rng)
+                    sess.rollback(pos + a + 1)
+                    committed, rows, depth = [anchor] + drafts[:a].tolist(), slice(0, a + 1), drafts.shape[0]
+                proposer.commit(committed, None if out.feats is None else out.feats[rows])
             t2 = time.perf_counter()
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            stats.record(drafts.shape[0], a)
-            if policy is not None:
-                policy.update(drafts.shape[0], a, t1 - t0, t2 - t1)
+            stats.record(depth, a)  # per-position statistics of a tree are per depth
+            if policy is not None:  # a tree is priced and credited as the K it was grown for
+                policy.update(k if isinstance(drafts, DraftTree) else drafts.shape[0], a, t1 - t0, t2 - t1)
             anchor = bonus
             new = committed[1:] + [bonus]
             produced += len(new)

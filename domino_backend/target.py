@@ -73,17 +73,28 @@ class TargetSession:
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, layer_ids: list[int] | None = None, keep_last: int = 0) -> ForwardOut:
+    def forward(self, ids: torch.Tensor, layer_ids: list[int] | None = None, keep_last: int = 0,
+                parents: list[int] | None = None) -> ForwardOut:
         """Run `ids` [T] at positions length..length+T-1, appending their K/V to the cache.
 
         keep_last: compute logits for the last N positions only (0 = all); prefill needs one row,
         and skipping the rest saves a [T, V] matmul. layer_ids: capture these layers' outputs.
+        parents: `ids` is a draft tree, ids[0] its root and parents[i] the index of ids[i + 1]'s
+        parent (0 = the root; parents before children): each token sits at its depth's position and
+        sees the cache, its ancestors and itself. Rows follow `ids`; `keep_path` then keeps a branch.
         """
-        start = self.length
-        pos = torch.arange(start, start + ids.shape[0], device=ids.device)[None]
+        start, t = self.length, ids.shape[0]
+        mask = None
+        if parents is None:
+            pos = torch.arange(start, start + t, device=ids.device)
+        else:
+            block = tree_mask(parents).to(ids.device)  # [T, T]
+            pos = start + block.sum(1) - 1  # depth = number of ancestors
+            mask = torch.cat([block.new_ones(t, start), block], 1)[None, None]
         out = self.t.model(
             input_ids=ids[None],
-            position_ids=pos,
+            position_ids=pos[None],
+            attention_mask=mask,
             use_cache=True,
             output_hidden_states=layer_ids is not None,
             logits_to_keep=keep_last,
@@ -94,11 +105,35 @@ class TargetSession:
             feats = torch.cat([out.hidden_states[i + 1][0] for i in layer_ids], dim=-1)
         return ForwardOut(out.logits[0].float(), feats)
 
+    @torch.inference_mode()
+    def keep_path(self, start: int, rows: list[int]) -> None:
+        """After a tree forward at `start`: keep the cache rows start + rows (a root-to-node branch,
+        increasing) as positions start .. start + len(rows) - 1, and drop the rest."""
+        n = len(rows)
+        if rows != list(range(n)):
+            idx = torch.tensor(rows, device=self.t.device) + start
+            for layer in self.cache.layers:
+                layer.keys[:, :, start:start + n] = layer.keys.index_select(2, idx)
+                layer.values[:, :, start:start + n] = layer.values.index_select(2, idx)
+        self.rollback(start + n)
+
     def rollback(self, length: int) -> None:
         """Drop cached positions >= length (rejected drafts)."""
         remove = self.length - length
         if remove > 0:
             self.cache.crop(-remove)  # negative = number of tokens to drop, in every transformers version
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    """[T, T] bool, row i = the nodes node i may see (its ancestors and itself) in a tree of T =
+    len(parents) + 1 nodes: node 0 the root, node i + 1's parent parents[i] < i + 1."""
+    t = len(parents) + 1
+    mask = torch.eye(t, dtype=torch.bool)
+    for i, p in enumerate(parents, start=1):
+        if not 0 <= p < i:
+            raise ValueError(f"tree node {i} has parent {p}: parents must come before their children")
+        mask[i] |= mask[p]
+    return mask
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -8,7 +8,7 @@ from domino_backend.batch_invariant import MAX_ROWS, rowwise_attention
 from domino_backend.cpu import cpu_has_fast_bf16
 from domino_backend.engine import Engine
 from domino_backend.models import load_target
-from domino_backend.target import Target
+from domino_backend.target import Target, tree_mask
 
 from tiny import tiny_target
 
@@ -97,3 +97,56 @@ def test_rowwise_attention_honours_masks_it_cannot_run_row_by_row():
     causal = torch.ones(4, 10, dtype=torch.bool).tril(6)[None, None].expand(2, 1, 4, 10)
     out, _ = rowwise_attention(_Module(), qb, kb, vb, causal)
     torch.testing.assert_close(out, _reference(qb, kb, vb, causal))
+
+
+def test_rowwise_attention_runs_a_draft_tree_mask_as_masked_attention():
+    parents = [0, 0, 1, 1, 2, 3]  # root 0; 1 and 2 its children; ...
+    block = tree_mask(parents)
+    m, past = block.shape[0], 5
+    mask = torch.cat([torch.ones(m, past, dtype=torch.bool), block], 1)[None, None]
+    q, k, v = _attn_inputs(m=m, n_keys=m + past)
+    out, _ = rowwise_attention(_Module(), q, k, v, mask)
+    torch.testing.assert_close(out, _reference(q, k, v, mask))
+
+
+# A tree where most branches are not a prefix of the block (their keys are gathered), depths 1-4.
+TREE = [0, 0, 0, 1, 2, 2, 4, 5, 7]
+
+
+def _branch(parents: list[int], node: int) -> list[int]:
+    """Tree rows from the root to `node`, root first."""
+    path = [node]
+    while path[-1]:
+        path.append(parents[path[-1] - 1])
+    return path[::-1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype):
+    """Every tree row's logits and features are those of decoding its branch token by token, and
+    keeping one branch leaves the cache plain decoding would have (the next token agrees too)."""
+    t = tiny_target(family, vocab=96, seed=4)
+    t.model.to(dtype)
+    Engine(t)
+    g = torch.Generator().manual_seed(5)
+    prompt, tree = torch.randint(0, 96, (19,), generator=g), torch.randint(0, 96, (len(TREE) + 1,), generator=g)
+    layers = [0, t.num_layers - 1]
+    sess = t.session()
+    sess.forward(prompt, keep_last=1)
+    whole = sess.forward(tree, layer_ids=layers, parents=TREE)
+    for node in range(len(TREE) + 1):
+        one = t.session()
+        one.forward(prompt, keep_last=1)
+        for row in _branch(TREE, node):
+            step = one.forward(tree[row:row + 1], layer_ids=layers)
+        assert torch.equal(step.logits[0], whole.logits[node]), node
+        assert torch.equal(step.feats[0], whole.feats[node]), node
+    kept = _branch(TREE, 8)  # rows 0, 2, 5, 7, 8
+    sess.keep_path(len(prompt), kept)
+    assert sess.length == len(prompt) + len(kept)
+    nxt = torch.tensor([7])
+    after_tree = sess.forward(nxt).logits
+    plain = t.session()
+    plain.forward(torch.cat([prompt, tree[kept]]), keep_last=1)
+    assert torch.equal(after_tree, plain.forward(nxt).logits)

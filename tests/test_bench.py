@@ -1,6 +1,8 @@
 """The benchmark compares methods fairly: same prompts, same costs paid."""
 
-from domino_backend.bench import run_one
+import pytest
+
+from domino_backend.bench import parse_method, run_one
 from domino_backend.engine import Engine, GenerationRequest
 from tiny import tiny_draft, tiny_target
 
@@ -16,3 +18,17 @@ def test_every_benchmarked_method_pays_its_own_prefill():
     # Serving keeps the cache: the same prompt again reuses the last snapshot.
     gen = engine.generate(prompt, GenerationRequest(max_new_tokens=8, method="dflash"))
     assert gen.stats.reused_tokens == len(prompt) - 1
+
+
+def test_method_options_reach_the_request_and_bad_specs_are_refused():
+    assert parse_method("domino:chain:adaptive") == ("domino", {"chain", "adaptive"})
+    assert parse_method("domino+ngram") == ("domino+ngram", set())
+    for bad in ("domino:fast", "ar:adaptive", "hf:chain", "nope"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+    target = tiny_target("qwen3", vocab=12, peak=4.0, seed=1)
+    engine = Engine(target, tiny_draft(target, seed=1))
+    prompt = list(range(1, 11))
+    run_one(engine, prompt, "domino:chain:adaptive", 12)
+    run_one(engine, prompt, "domino:adaptive", 12)
+    assert set(engine.draft_length) == {"domino", "domino/tree"}  # one policy per draft shape

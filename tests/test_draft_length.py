@@ -83,7 +83,7 @@ def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter()
     target = tiny_target("qwen3", vocab=12, peak=4.0, seed=1)
     engine = Engine(target, tiny_draft(target, seed=1, block_size=8))
     # Seed the engine's policy as if verification were steep and drafts never accepted.
-    p = engine.draft_length["domino"] = AdaptiveDraftLength(max_k=engine.draft.cfg.num_drafts)
+    p = engine.draft_length["domino/tree"] = AdaptiveDraftLength(max_k=engine.draft.cfg.num_drafts)
     for k in (0, 7) * 10:
         p.update(k, 0, 0.01, 1.0 + 0.5 * k)
     for prompt in ([1, 2, 3], [5], list(range(11))):
@@ -99,7 +99,7 @@ def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter()
     # domino+ngram keeps one policy per source: lookup rounds draft free and long, drafter rounds not.
     gen = engine.generate([1, 2, 3], GenerationRequest(max_new_tokens=50, method="domino+ngram", adaptive_drafts=True))
     assert gen.token_ids == ref
-    lookup, drafter = engine.draft_length["domino+ngram/lookup"], engine.draft_length["domino+ngram/drafter"]
+    lookup, drafter = engine.draft_length["domino+ngram/lookup"], engine.draft_length["domino+ngram/drafter/tree"]
     assert lookup.rounds > 0 and drafter.rounds > 0
     assert lookup.rounds + drafter.rounds == gen.stats.rounds
     assert (lookup.max_k, drafter.max_k) == (engine.ngram.num_draft, engine.draft.cfg.num_drafts)

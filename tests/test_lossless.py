@@ -5,6 +5,7 @@ import torch
 
 import domino_backend.engine as engine_mod
 from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.tree import DraftTree
 from tiny import tiny_draft, tiny_target
 
 PROMPTS = [[3, 5, 7, 9, 11], [1], [8, 8, 8, 8, 2, 8, 8], list(range(10, 40))]
@@ -169,7 +170,7 @@ def test_reduced_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(shif
 
         def propose(*args):
             toks, q = inner(*args)
-            seen.update(toks.tolist())
+            seen.update((toks.tokens if isinstance(toks, DraftTree) else toks).tolist())  # greedy: trees
             if q is not None:  # the verifier sees q over the full vocabulary, zero outside the draft vocab
                 outside = [t for t in range(16) if t not in allowed]
                 assert q.shape[-1] == 16 and float(q[:, outside].sum()) == 0.0
