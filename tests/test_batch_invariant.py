@@ -57,6 +57,7 @@ def test_verify_logits_equal_decoding_bitwise_on_the_default_target(dtype):
     prompt, block = torch.tensor(ids[:-9]), torch.tensor(ids[-9:])
     step_logits, block_logits, step_feats, block_feats = _decode_vs_verify(t, prompt, block)
     assert torch.equal(step_logits, block_logits) and torch.equal(step_feats, block_feats)
+    _check_tree_verify_equals_branch_decoding(t, prompt, torch.tensor(ids[-10:]))  # draft trees too
 
 
 def _attn_inputs(b=1, h=4, kv=2, m=5, n_keys=12, d=8, seed=0):
@@ -121,16 +122,9 @@ def _branch(parents: list[int], node: int) -> list[int]:
     return path[::-1]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype):
+def _check_tree_verify_equals_branch_decoding(t: Target, prompt: torch.Tensor, tree: torch.Tensor) -> None:
     """Every tree row's logits and features are those of decoding its branch token by token, and
     keeping one branch leaves the cache plain decoding would have (the next token agrees too)."""
-    t = tiny_target(family, vocab=96, seed=4)
-    t.model.to(dtype)
-    Engine(t)
-    g = torch.Generator().manual_seed(5)
-    prompt, tree = torch.randint(0, 96, (19,), generator=g), torch.randint(0, 96, (len(TREE) + 1,), generator=g)
     layers = [0, t.num_layers - 1]
     sess = t.session()
     sess.forward(prompt, keep_last=1)
@@ -145,8 +139,21 @@ def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype):
     kept = _branch(TREE, 8)  # rows 0, 2, 5, 7, 8
     sess.keep_path(len(prompt), kept)
     assert sess.length == len(prompt) + len(kept)
-    nxt = torch.tensor([7])
+    nxt = tree[:1]
     after_tree = sess.forward(nxt).logits
-    plain = t.session()
-    plain.forward(torch.cat([prompt, tree[kept]]), keep_last=1)
+    plain = t.session()  # the prompt prefilled the same way, the branch decoded token by token
+    plain.forward(prompt, keep_last=1)
+    for row in kept:
+        plain.forward(tree[row:row + 1])
     assert torch.equal(after_tree, plain.forward(nxt).logits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype):
+    t = tiny_target(family, vocab=96, seed=4)
+    t.model.to(dtype)
+    Engine(t)
+    g = torch.Generator().manual_seed(5)
+    prompt, tree = torch.randint(0, 96, (19,), generator=g), torch.randint(0, 96, (len(TREE) + 1,), generator=g)
+    _check_tree_verify_equals_branch_decoding(t, prompt, tree)
