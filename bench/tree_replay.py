@@ -25,20 +25,13 @@ from domino_backend.head import rollout
 from domino_backend.loader import build_engine
 from domino_backend.prompts import encode_record
 from domino_backend.sampling import SamplingParams
-from domino_backend.tree import TreeConfig, grow
+from domino_backend.tree import TreeConfig, follow, grow
 
 
 def accepted(tree, truth: list[int]) -> int:
-    """Drafts accepted from `tree` when the target's greedy continuation is `truth` (the walk
-    `tree.verify_tree` makes, with the continuation standing in for the target's argmax)."""
-    children: dict[int, dict[int, int]] = {}
-    for i, (p, tok) in enumerate(zip(tree.parents, tree.tokens.tolist()), start=1):
-        children.setdefault(p, {}).setdefault(tok, i)
-    node = a = 0
-    while a < len(truth) and truth[a] in children.get(node, {}):
-        node = children[node][truth[a]]
-        a += 1
-    return a
+    """Drafts accepted from `tree` when the target's greedy continuation is `truth`: the target's
+    pick after a row of depth d is truth[d] while its branch is right."""
+    return len(follow(tree, [truth[d] if d < len(truth) else -1 for d in tree.depths])) - 1
 
 
 def replay(lengths: list[int]) -> tuple[int, int]:

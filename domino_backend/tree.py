@@ -33,16 +33,21 @@ class DraftTree:
     parents: list[int]  # node i's parent row: 0 = the anchor, j = tokens[j - 1]
 
     @property
-    def depth(self) -> int:
-        depth = [0]
+    def depths(self) -> list[int]:
+        """Depth of each row, the anchor's (0) first."""
+        depths = [0]
         for p in self.parents:
-            depth.append(depth[p] + 1)
-        return max(depth)
+            depths.append(depths[p] + 1)
+        return depths
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
 
 
 def grow(model: DraftModel, z: torch.Tensor, base: torch.Tensor, anchor: int, embed: torch.nn.Module,
          nodes: int, beam: int) -> DraftTree:
-    """A tree of at most `nodes` drafts, depth <= K, for one block.
+    """A tree of at most `nodes` drafts, depth <= K, for one block of a drafter with a Domino head.
 
     z [K, H] slot hiddens, base [K, V_draft] base logits (draft slots only). Depth j < P
     (`pure_draft_prefix_len`) ranks base logits alone, as the chain rollout does; from P on, each
@@ -51,51 +56,48 @@ def grow(model: DraftModel, z: torch.Tensor, base: torch.Tensor, anchor: int, em
     """
     k, p = base.shape[0], model.cfg.pure_draft_prefix_len
     beam = min(beam, nodes)
-    # Candidates per depth: (parent index into the previous depth's kept nodes, draft idx, log prob).
-    cand_parent, cand_tok, cand_lp = [], [], []
     dev = base.device
+    # Candidates of all depths, each (depth, path log prob, draft idx, parent candidate or -1).
+    cands: list[tuple[int, float, int, int]] = []
+    front: list[int] = []  # candidate indices of the nodes expanded at the last depth
     h = model.head_gru_step(embed(torch.tensor([anchor], device=dev)),
-                            z.new_zeros(1, model.cfg.gru_hidden_dim, dtype=model.prefix_gru.weight_hh_l0.dtype)) \
-        if model.has_head else None
-    front_lp = torch.zeros(1, device=dev)  # [F] path log prob of the expanded nodes of the last depth
+                            z.new_zeros(1, model.cfg.gru_hidden_dim, dtype=model.prefix_gru.weight_hh_l0.dtype))
+    front_lp = torch.zeros(1, device=dev)  # [F] their path log probs
     for j in range(k):
         logits = base[j].float().expand(front_lp.shape[0], -1)
-        if h is not None and j >= p:
+        if j >= p:
             logits = logits + model.head_delta(z[j].expand(front_lp.shape[0], -1), h).float()
         lp, tok = torch.log_softmax(logits, -1).topk(min(beam, logits.shape[-1]), -1)  # [F, C]
         total = (front_lp[:, None] + lp).flatten()
-        parent = torch.arange(front_lp.shape[0], device=dev).repeat_interleave(lp.shape[1])
         order = total.argsort(descending=True)[:nodes]  # the rest can never make the top N
-        cand_parent.append(parent[order])
-        cand_tok.append(tok.flatten()[order])
-        cand_lp.append(total[order])
+        parent = order // lp.shape[1]  # row of `front`
+        start = len(cands)
+        for f, t, v in zip(parent.tolist(), tok.flatten()[order].tolist(), total[order].tolist()):
+            cands.append((j, v, t, front[f] if front else -1))
         if j == k - 1:
             break
         keep = order[:beam]  # expand the most probable nodes of this depth
-        front_lp = total[keep]
-        if h is not None:
-            ids = model.to_target_ids(tok.flatten()[keep])
-            h = model.head_gru_step(embed(ids), h[parent[keep]])
-    # Top-N over all depths (ties: shallower first, so a parent precedes its equal child).
-    lps = torch.cat(cand_lp)
-    depth = torch.cat([torch.full_like(c, j) for j, c in enumerate(cand_lp)])
-    rank = sorted(range(lps.numel()), key=lambda i: (-float(lps[i]), int(depth[i])))[:nodes]
-    offsets = [0]
-    for c in cand_lp:
-        offsets.append(offsets[-1] + c.numel())
-    chosen = sorted(rank, key=lambda i: (int(depth[i]), -float(lps[i])))  # parents before children
+        front, front_lp = list(range(start, start + keep.numel())), total[keep]
+        h = model.head_gru_step(embed(model.to_target_ids(tok.flatten()[keep])), h[parent[:beam]])
+    # Top-N over all depths (ties: shallower first, so a parent precedes its equal child), then
+    # ordered by depth so parents come before children.
+    top = sorted(range(len(cands)), key=lambda i: (-cands[i][1], cands[i][0]))[:nodes]
+    chosen = sorted(top, key=lambda i: (cands[i][0], -cands[i][1]))
     row = {i: r + 1 for r, i in enumerate(chosen)}
-    tokens, parents = [], []
-    for i in chosen:
-        j = int(depth[i])
-        local = i - offsets[j]
-        tokens.append(int(cand_tok[j][local]))
-        if j == 0:
-            parents.append(0)
-        else:  # candidate's parent = the `cand_parent`-th expanded node of depth j - 1
-            parents.append(row[offsets[j - 1] + int(cand_parent[j][local])])
-    ids = model.to_target_ids(torch.tensor(tokens, dtype=torch.long, device=dev))
+    parents = [row[cands[i][3]] if cands[i][3] >= 0 else 0 for i in chosen]
+    ids = model.to_target_ids(torch.tensor([cands[i][2] for i in chosen], dtype=torch.long, device=dev))
     return DraftTree(ids.cpu(), parents)
+
+
+def follow(tree: DraftTree, best: list[int]) -> list[int]:
+    """Rows of the longest branch whose every token is `best` at its parent's row (root first)."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (p, t) in enumerate(zip(tree.parents, tree.tokens.tolist()), start=1):
+        children.setdefault(p, {}).setdefault(t, i)
+    path = [0]
+    while (nxt := children.get(path[-1], {}).get(best[path[-1]])) is not None:
+        path.append(nxt)
+    return path
 
 
 def verify_tree(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[int], int]:
@@ -103,10 +105,5 @@ def verify_tree(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[int]
     rows of the accepted branch, root first ([0] when no draft is accepted), and the bonus token:
     the target's argmax after the branch, exactly what plain decoding would emit next."""
     best = target_logits.argmax(-1).tolist()
-    children: dict[int, dict[int, int]] = {}
-    for i, (p, t) in enumerate(zip(tree.parents, tree.tokens.tolist()), start=1):
-        children.setdefault(p, {}).setdefault(t, i)
-    path = [0]
-    while (nxt := children.get(path[-1], {}).get(best[path[-1]])) is not None:
-        path.append(nxt)
+    path = follow(tree, best)
     return path, best[path[-1]]
