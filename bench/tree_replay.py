@@ -19,13 +19,13 @@ import torch
 from tqdm import tqdm
 
 from domino_backend.bench import read_prompts
-from domino_backend.draft_model import DraftCache
+from domino_backend.drafters import BlockProposer
 from domino_backend.engine import GenerationRequest
 from domino_backend.head import rollout
 from domino_backend.loader import build_engine
 from domino_backend.prompts import encode_record
 from domino_backend.sampling import SamplingParams
-from domino_backend.tree import TreeConfig, follow, grow
+from domino_backend.tree import DraftTree, TreeConfig, follow, grow
 
 
 def accepted(tree, truth: list[int]) -> int:
@@ -47,32 +47,24 @@ def replay(lengths: list[int]) -> tuple[int, int]:
 @torch.inference_mode()
 def run(group: str, limit: int, sizes: list[int], max_new_tokens: int, engine) -> dict:
     t, m = engine.target, engine.draft
-    cfg, k = m.cfg, m.cfg.num_drafts
-    beam = TreeConfig().beam
+    k, beam = m.cfg.num_drafts, TreeConfig().beam
     prompts = [encode_record(t.tokenizer, r) for r in read_prompts(f"bench/heldout_{group}.jsonl")][:limit]
     totals = {name: [0, 0] for name in ["chain"] + [f"tree{n}" for n in sizes]}
     for ids in tqdm(prompts, desc=group, unit="prompt"):
         out = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method="ar")).token_ids
         full = ids + out
-        feats = t.session().forward(torch.tensor(full), cfg.target_layer_ids, keep_last=1).feats
-        cache = DraftCache(cfg.num_hidden_layers)
-        m.extend_context(feats[None, :len(ids)], cache)
+        feats = t.session().forward(torch.tensor(full), m.cfg.target_layer_ids, keep_last=1).feats
+        drafter = BlockProposer(m, t, use_head=True)
+        drafter.commit(ids, feats[:len(ids)])
         lengths = {name: [] for name in totals}
         for p in range(len(ids), len(full) - 1):  # anchor full[p], its context full[:p]
-            block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long)
-            block[0, 0] = full[p]
-            z = m.forward_block(t.embed(block), torch.arange(p, p + cfg.block_size)[None], cache)
-            z = z[:, cfg.slot_offset:cfg.slot_offset + k]
-            base = m.base_logits(z, t.lm_head).float()
+            z, base = drafter.draft_slots(full[p], p, k)
             truth = full[p + 1:p + 1 + k]
-            chain, _ = rollout(m, z, base, block[:, 0], t.embed, SamplingParams())
-            a = 0
-            while a < len(truth) and int(chain[0, a]) == truth[a]:
-                a += 1
-            lengths["chain"].append(a)
+            chain, _ = rollout(m, z, base, torch.tensor([full[p]]), t.embed, SamplingParams())
+            lengths["chain"].append(accepted(DraftTree(chain[0], list(range(k))), truth))
             for n in sizes:
                 lengths[f"tree{n}"].append(accepted(grow(m, z[0], base[0], full[p], t.embed, n, beam), truth))
-            m.extend_context(feats[None, p:p + 1], cache)
+            drafter.commit([full[p]], feats[p:p + 1])
         for name, arr in lengths.items():
             r, made = replay(arr)
             totals[name][0] += r

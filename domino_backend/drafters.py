@@ -159,22 +159,28 @@ class BlockProposer(Proposer):
         self.model.extend_context(feats[None], self.cache)
 
     @torch.inference_mode()
-    def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator):
+    def draft_slots(self, anchor: int, pos: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block pass over [anchor, MASK...] at `pos`: the first k draft slots' hiddens z
+        [1, K, H] and base logits [1, K, V_draft], over the context committed so far."""
         cfg, dev = self.model.cfg, self.target.device
-        if k == 0:
-            return _EMPTY, None
         block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
         block[0, 0] = anchor
         positions = torch.arange(pos, pos + cfg.block_size, device=dev)[None]
         z = self.model.forward_block(self.target.embed(block), positions, self.cache)
-        z = z[:, cfg.slot_offset:cfg.slot_offset + k]  # [1, K, H] the draft slots
-        base = self.model.base_logits(z, self.target.lm_head).float()  # [1, K, V_draft]
+        z = z[:, cfg.slot_offset:cfg.slot_offset + k]
+        return z, self.model.base_logits(z, self.target.lm_head).float()
+
+    @torch.inference_mode()
+    def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator):
+        if k == 0:
+            return _EMPTY, None
+        z, base = self.draft_slots(anchor, pos, k)
         # A tree's rows sit in the target's cache until verified: keep them inside the context, and
         # within the rows the verify attention runs one by one (bitwise equal to decoding).
         if self.tree:
             nodes = min(max(1, round(self.tree.width * k)), MAX_ROWS - 1, self.target.max_context - pos - 1)
             return grow(self.model, z[0], base[0], anchor, self.target.embed, nodes, self.tree.beam), None
-        anchor_t = block[:, 0]
+        anchor_t = torch.tensor([anchor], device=self.target.device)
         tokens, probs = rollout(self.model, z, base, anchor_t, self.target.embed, params, generator, self.use_head)
         return tokens[0].cpu(), None if probs is None else probs[0]
 

@@ -223,19 +223,20 @@ class Engine:
                     rows, bonus = verify_tree(drafts, out.logits)
                     sess.keep_path(pos, rows)
                     committed = [anchor] + drafts.tokens[[r - 1 for r in rows[1:]]].tolist()
-                    depth, a = drafts.depth, len(rows) - 1
+                    depth, a, priced_k = drafts.depth, len(rows) - 1, k  # grown for K: priced as K
                 else:
                     out = sess.forward(torch.cat([torch.tensor([anchor]), drafts]).to(t.device), proposer.layer_ids)
                     a, bonus = verify_chain(drafts, q, out.logits, params, rng)
                     sess.rollback(pos + a + 1)
-                    committed, rows, depth = [anchor] + drafts[:a].tolist(), slice(0, a + 1), drafts.shape[0]
+                    committed, rows = [anchor] + drafts[:a].tolist(), slice(0, a + 1)
+                    depth = priced_k = drafts.shape[0]
                 proposer.commit(committed, None if out.feats is None else out.feats[rows])
             t2 = time.perf_counter()
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
             stats.record(depth, a)  # per-position statistics of a tree are per depth
-            if policy is not None:  # a tree is priced and credited as the K it was grown for
-                policy.update(k if isinstance(drafts, DraftTree) else drafts.shape[0], a, t1 - t0, t2 - t1)
+            if policy is not None:
+                policy.update(priced_k, a, t1 - t0, t2 - t1)
             anchor = bonus
             new = committed[1:] + [bonus]
             produced += len(new)
