@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("network")
     g.add_argument("--host", default=DEFAULT_HOST, help="bind address (default loopback only)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT)
-    g.add_argument("--no-ui", action="store_true", help="serve the APIs alone (the UI is not built yet: always)")
+    g.add_argument("--no-ui", action="store_true", help="serve the APIs alone, without the browser UI at /")
     g = ap.add_argument_group("model")
     g.add_argument("--profile", default=None, choices=sorted(PROFILES), help=f"embedded target (default {DEFAULT_PROFILE})")
     g.add_argument("--target", default=None, help="Hugging Face causal-LM folder or hub id instead of a profile")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo([a for a in argv if a != "--demo"])
     a = parser().parse_args(argv)
     kw = dict(
-        host=a.host, port=a.port, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
+        host=a.host, port=a.port, ui=not a.no_ui, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
         threads=a.threads, method=a.method, adaptive_drafts=not a.fixed_drafts, backend_url=a.backend_url, backend_model=a.backend_model,
         max_active=a.max_active, max_queue=a.max_queue, max_message_bytes=a.max_message_bytes,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,

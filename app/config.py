@@ -25,7 +25,7 @@ class ServerConfig(BaseModel):
     # --- network
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)  # 0 = pick a free port (tests)
-    ui: bool = False  # the UI mounts here in a later issue; `--no-ui` serves the APIs alone
+    ui: bool = False  # the Gradio UI at `/` (`python -m app` turns it on; `--no-ui` serves the APIs alone)
 
     # --- backend: the in-process engine, or any OpenAI-compatible server
     target: str = "coder"  # profile name, HF folder or hub id

@@ -7,7 +7,7 @@ Each app gets its own registry, so several servers can live in one process (test
 from __future__ import annotations
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .backend import Result
+from .backend import Backend, Result
 
 # Completion latencies that matter sit between ~50 ms and a few seconds (see anchors §2.4).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -79,3 +79,19 @@ class Metrics:
         self.running.set(load.get("active", 0))
         self.queued.set(load.get("queued", 0))
         return generate_latest(self.registry)
+
+
+def attach(app, backend: Backend, cfg) -> None:
+    """`/health` (open, 503 while the backend is not ready) and `/metrics` (Prometheus text)."""
+    from starlette.responses import JSONResponse, Response
+
+    metrics: Metrics = app.state.metrics
+
+    @app.get("/health")
+    async def health():
+        h = backend.health()
+        return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(backend.load()), media_type=CONTENT_TYPE_LATEST)

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backend import GenRequest, Job, RequestError, Result
+from .backend import Backend, GenRequest, Job, RequestError, Result
 
 router = APIRouter()
 
@@ -253,3 +253,8 @@ async def chat_completions(body: ChatBody, request: Request):
         return error_response(e.status, e.code, e.message)
     inc = bool(body.stream_options and body.stream_options.include_usage)
     return await _run(request, req, body.stream, inc, chat=True)
+
+
+def attach(app, backend: Backend, cfg) -> None:
+    """`/v1/models`, `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible, SSE streaming)."""
+    app.include_router(router)

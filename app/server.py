@@ -1,7 +1,8 @@
-"""The ASGI app: `create_app(cfg, backend)` wires routes, limits, auth and metrics; `run(cfg)` serves it.
+"""The ASGI app: `create_app(cfg, backend)` builds the backend's app and lets each surface attach itself.
 
-Routes: /health (open), /metrics, /v1/models, /v1/completions, /v1/chat/completions, /v1/ws.
-The UI (a later issue) mounts on the same app.
+A surface is a module with `attach(app, backend, cfg)` that adds its routes (and may read
+`app.state.metrics`). `SURFACES` lists them in mount order; the browser UI mounts last because it
+takes `/`. A new surface is a module plus one line here.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, Response
 
 from .backend import Backend
 from .config import ServerConfig
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import Metrics
 from .openai_api import error_response
-from .openai_api import router as openai_router
 from .security import PUBLIC_PATHS, BodyLimit, install_log_redaction, key_ok, origin_ok
-from .ws import ws_endpoint
 
 log = logging.getLogger("domino.server")
+
+
+# module paths, imported when the app is built; `ui` only when cfg.ui (Gradio is a heavy import)
+SURFACES = ("app.metrics", "app.openai_api", "app.ws")
+UI_SURFACE = "ui.app"
+
+
+def attach_surfaces(app: FastAPI, backend: Backend, cfg: ServerConfig) -> None:
+    import importlib
+
+    for name in SURFACES + ((UI_SURFACE,) if cfg.ui else ()):
+        importlib.import_module(name).attach(app, backend, cfg)
 
 
 def make_backend(cfg: ServerConfig) -> Backend:
@@ -90,17 +100,7 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPI:
     app = FastAPI(title="Domino", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.cfg, app.state.backend, app.state.metrics = cfg, backend, metrics
 
-    @app.get("/health")
-    async def health():
-        h = backend.health()
-        return JSONResponse(h, status_code=200 if h.get("status") == "ok" else 503)
-
-    @app.get("/metrics")
-    async def metrics_route():
-        return Response(metrics.render(backend.load()), media_type=CONTENT_TYPE_LATEST)
-
-    app.include_router(openai_router)
-    app.add_api_websocket_route("/v1/ws", ws_endpoint)
+    attach_surfaces(app, backend, cfg)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError):

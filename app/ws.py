@@ -173,3 +173,8 @@ class Connection:
             self.inflight.pop(entry.id, None)
             if entry.document is not None and self.documents.get(entry.document) == entry.id:
                 del self.documents[entry.document]
+
+
+def attach(app, backend: Backend, cfg: ServerConfig) -> None:
+    """`/v1/ws`: the WebSocket completion API."""
+    app.add_api_websocket_route("/v1/ws", ws_endpoint)
