@@ -30,6 +30,13 @@ class VoiceConfig(BaseModel):
     # --- turn taking while the assistant speaks (used by the session)
     backchannel_max_s: float = Field(0.6, ge=0)  # user speech this short ("mhm", "yeah") does not barge in
     echo_guard_ms: int = Field(200, ge=0)  # ignore speech starting this soon after our own audio starts
+    # ASR and the LLM start after this much silence, while the turn is confirmed only at `silence_ms`
+    # (speech in between discards the early start): the silence wait overlaps ASR and prefill.
+    early_turn_ms: int = Field(200, ge=32, le=5000)
+    # Reply audio is paced in real time this far ahead of the listener: a barge-in silences it within
+    # about this much, and the server knows what was heard. Raise it for clients on jittery links.
+    audio_lead_ms: int = Field(120, ge=20, le=5000)
+    max_reply_tokens: int = Field(160, ge=1)  # spoken answers are short; this bounds a runaway one
 
     # --- recognition and synthesis
     asr: str = "tiny"  # "tiny" (Whisper tiny.en) | "accurate" (Whisper base)
@@ -40,6 +47,9 @@ class VoiceConfig(BaseModel):
     # --- conversation
     system_prompt: str = SPOKEN_SYSTEM_PROMPT
     max_session_idle_s: float = Field(300.0, gt=0)
+    # Each session runs its own ASR and TTS on the server's CPU; more sessions are refused (overloaded).
+    max_sessions: int = Field(8, ge=1)
+    send_timeout_s: float = Field(10.0, gt=0)  # a client that reads nothing for this long is dropped
 
     # --- limits (clear errors, never a crash)
     max_frame_bytes: int = Field(256 << 10, ge=1024)  # one audio frame from the client (~2.7 s at 48 kHz int16)
