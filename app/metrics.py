@@ -18,7 +18,7 @@ from prometheus_client import (
 
 from .backend import Backend, Result
 
-# Completion latencies that matter sit between ~50 ms and a few seconds (see anchors §2.4).
+# Completion latencies that matter sit between ~50 ms and a few seconds.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0)
 MAX_POSITIONS = 16

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP: `/v1/models`, `/v1/completions` (with `suffix` = fill-in-the-middle) and
 `/v1/chat/completions`, streaming (SSE) and not. Works with the official `openai` client.
 
-Conventions as in SGLang/vLLM (anchors §3.4): SSE lines `data: {json}` ending with `data: [DONE]`;
+Conventions as in SGLang/vLLM: SSE lines `data: {json}` ending with `data: [DONE]`;
 `stream_options.include_usage` adds a last chunk with `usage` and no choices. Speculative decoding
 stats and timings ride in an extension field `domino` ({finish_reason, timings, spec}) on the
 response, or on the last choice chunk when streaming. Extensions accepted in the body (the openai

