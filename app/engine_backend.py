@@ -68,12 +68,11 @@ class EngineBackend:
     def _ready(self) -> None:
         e = self.engine
         if self.default_method == "auto":
-            # What bench/results/heldout_*.json measured fastest. With a trained drafter: `domino`
-            # on a GPU; on a CPU `domino+ngram`, prompt lookup where the text repeats itself and
-            # the drafter elsewhere (held-out code, adaptive: tau 4.2 and 2.3-2.5x, against 3.2 for
-            # lookup alone and 1.7 for the drafter alone; chat 1.4-1.5x, like `domino`). Without
-            # one: n-gram lookup with the adaptive draft length (it falls back to plain decoding on
-            # prose), or `ar` with fixed drafts.
+            # What the held-out benchmark measures fastest (docs/design.md, "Serving"). With a
+            # trained drafter: `domino` on a GPU, where a whole block verifies for about one step;
+            # on a CPU `domino+ngram`, prompt lookup where the text repeats itself and the drafter
+            # elsewhere. Without one: n-gram lookup with the adaptive draft length (it falls back
+            # to plain decoding on prose), or `ar` with fixed drafts.
             on_gpu = str(getattr(e.target, "device", "cpu")).startswith("cuda")
             if e.draft is not None and not e.placeholder_draft:
                 self.default_method = "domino" if on_gpu else "domino+ngram"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Held-out benchmark of the shipped `coder` drafter (issue 3): prompts from source files and chat
+# Held-out benchmark of the shipped `coder` drafter: prompts from source files and chat
 # asks the drafter never saw in training, every method side by side in one process, greedy,
 # 128 new tokens. `dflash` is the same checkpoint with the Domino head off, `domino:chain` the head
 # drafting a chain instead of a tree (greedy default, tree.py); `domino+ngram` drafts by

@@ -5,9 +5,8 @@ Greedy speculative decoding returns exactly plain decoding's tokens only if the 
 argmax at each position is the one plain decoding would take. In fp32 the two passes agree to
 ~1e-5, but not bitwise: BLAS kernels pick another summation order for another M, and transformers'
 SDPA path for one query (GQA heads packed as queries, no mask) differs from the path for many
-(repeated KV heads, causal mask). On a near-tie that flips the argmax, and the held-out benchmark
-saw it (session 7, bf16 on a native-bf16 CPU, stock kernels: `lossless` False for 3 of 5 drafting
-methods on code and all 5 on chat).
+(repeated KV heads, causal mask). On a near-tie that flips the argmax, which the held-out
+benchmark shows as `lossless` False with stock kernels (docs/design.md, "Exactness").
 
 The fix has two halves, both exact computations with no approximation:
 * Linear layers: `domino_backend.cpu.PackedLinear` (oneDNN, weights pre-packed) gives each row the

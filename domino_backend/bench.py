@@ -121,8 +121,8 @@ def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_t
 def run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
             max_drafts: int | None = None) -> tuple[list[int], Stats]:
     # Every method pays its own prefill: the engine's prefix cache would hand the KV snapshot of
-    # the first method run on a prompt to the next ones (measured on held-out code before this:
-    # `ar` and `dflash` paid 2.2 s of prefill over 8 prompts, the methods after them ~0.2 s).
+    # the first method run on a prompt to the next ones, flattering their speed by the prefill
+    # time (each method's `prefill_s` in the report).
     if engine.prefix_cache is not None:
         engine.prefix_cache.clear()
     if method == "hf":

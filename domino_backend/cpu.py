@@ -2,20 +2,13 @@
 
 Speculative decoding pays off only if verifying K+1 tokens costs about as much as decoding one: a
 decoding step reads every weight once (memory-bound), and a verify of 9 tokens does 9x the FLOPs on
-the same reads. MKL's default path for small M is far from that. Linear layers of
-Qwen2.5-Coder-0.5B (24 layers + LM head), 2 threads, median of 6 (`python bench/cpu_linear.py`,
-2-core AMD EPYC with AVX-512 BF16, session 7):
-
-    M tokens per forward          M=1      M=9      M=17     M=128
-    fp32 plain nn.Linear (MKL)    109.7 ms 131.4 ms 169.7 ms 773.6 ms
-    fp32 packed (oneDNN)           48.3 ms  54.9 ms  61.8 ms 301.6 ms   2.3x-2.8x
-    bf16 plain nn.Linear           38.4 ms  43.6 ms  51.8 ms 177.6 ms
-    bf16 packed (oneDNN)           27.3 ms  30.9 ms  34.4 ms 152.7 ms   1.2x-1.5x
+the same reads. MKL's default path for small M is far from that: `python bench/cpu_linear.py`
+compares both on the default target's Linear shapes (results: docs/design.md, "CPU speed").
 
 Two settings, both exact GEMMs in the model's dtype (only the summation order differs from MKL's):
 
 * MKL picks a slow generic code path on non-Intel CPUs; `MKL_CBWR=AVX2` pins its AVX2 kernels
-  (on a 2-core EPYC without AVX-512, a 9-token fp32 forward went 345 -> 219 ms). MKL reads the
+  (markedly faster small-M fp32 forwards on AMD EPYCs without AVX-512). MKL reads the
   variable at its first BLAS call, so setting it at import of this package works even after
   `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not set it. It still
   matters for the GEMMs that are not Linear layers and for training.

@@ -4,8 +4,8 @@ Any K is lossless (verification decides what is kept), so this only trades speed
 drafts commits E[K] = 1 + sum_{i=1..K} prod_{j<=i} a_j tokens on average, where a_j is the
 acceptance of draft j given drafts 1..j-1 were accepted, and costs draft_s (0 when K = 0) plus the
 target's verify time for K+1 tokens. On a GPU verifying 17 tokens costs about one decoding step,
-so the best K is the block's; on a 2-core CPU without native bf16 it costs ~2 steps, so a weak
-drafter is better verified a few tokens at a time, or not at all (K = 0 is plain decoding).
+so the best K is the block's; on a small CPU it can cost several, so a weak drafter is better
+verified a few tokens at a time, or not at all (K = 0 is plain decoding).
 
 The policy keeps exponentially decayed estimates (recent rounds weigh most, so a request that
 turns from prose to boilerplate is followed within a few rounds) of a_j, of the draft time and of
@@ -13,7 +13,7 @@ the verify time per K (interpolated between measured K's), and picks the K with 
 per second. Probe rounds verify the full cap so the estimates for long drafts stay fresh even while
 short ones are chosen: every `probe_every` rounds while drafting pays, and, while plain decoding
 (K = 0) keeps winning, at a doubling interval up to `max_probe_every` (each failed probe costs a
-full verify, ~2 decoding steps on a CPU; chat on the n-gram drafter lost 4% to them at a fixed 8).
+full verify). Measurements behind these choices: docs/design.md, "Adaptive draft length".
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class AdaptiveDraftLength:
     accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
     verify: dict[int, list[float]] = field(default_factory=dict)  # K -> [decayed weight, decayed sum of seconds]
     # Draft time: the median of recent drafting rounds, not a decayed mean. The first draft of a
-    # process pays one-off kernel set-up (measured 56 ms against 6 ms after, Qwen2.5-Coder drafter,
-    # bf16); a mean remembers it for dozens of rounds, during which drafting looks too dear to try.
+    # process pays one-off kernel set-up (about 10x a warm draft); a mean remembers it for dozens
+    # of rounds, during which drafting looks too dear to try.
     draft_samples: deque = field(default_factory=lambda: deque(maxlen=9))
     interval: int = field(init=False)  # rounds between probes now (probe_every .. max_probe_every)
     next_probe: int = field(init=False)  # round number of the next full-cap probe

@@ -217,8 +217,8 @@ class DraftModel(nn.Module):
     def base_logits(self, z: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         """The target's frozen LM head applied to slot hiddens, restricted to the draft vocabulary."""
         # Rows folded to 2-D: the engine passes a strided view of the first K < S slots, on which
-        # F.linear takes a batched matmul that copies the whole weight every call (a K = 2 draft:
-        # 15 ms against 5 ms for K = 7, 16k-row head, bf16 CPU).
+        # F.linear takes a batched matmul that copies the whole weight every call (a short draft
+        # then costs more than a long one).
         x = z.to(lm_head.weight.dtype).reshape(-1, z.shape[-1])
         ids = self.draft_token_ids()
         if ids is None:

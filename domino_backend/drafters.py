@@ -17,8 +17,7 @@ source, since sources (lookup, a drafter's chain, its tree) differ in acceptance
 - `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
   tokens occurred before), the Domino drafter otherwise. Code copies identifiers and whole lines
   from its context, where lookup drafts are long and right; prose rarely does, where the drafter
-  guesses better than a one-token match (held-out acceptance per round by match length: README,
-  "Design choices").
+  guesses better than a one-token match (measurements: docs/design.md, "Drafting").
 """
 
 from __future__ import annotations
@@ -47,10 +46,8 @@ class NgramConfig:
     max_ngram: int = 3  # longest suffix tried first
     min_ngram: int = 1
     # Tokens proposed per round. Long: a copied line or block is accepted whole, and the adaptive
-    # draft length verifies fewer where lookup drafts fail (held-out code, native-bf16 CPU, 16
-    # against 8 in one process: domino+ngram:adaptive tau 4.05 against 3.49, 8% faster; a 17-token
-    # verify costs 1.53 decoding steps, a 9-token one 1.25). Fixed-length `ngram` on chat pays for
-    # it (8% slower): cap it per request with `max_drafts`.
+    # draft length verifies fewer where lookup drafts fail (docs/design.md). Fixed-length `ngram`
+    # pays for long drafts where lookup rarely hits (prose): cap them per request with `max_drafts`.
     num_draft: int = 16
     hybrid_min_match: int = 2  # domino+ngram: shorter matches (or none) draft with the Domino drafter
 
@@ -112,8 +109,7 @@ class NgramProposer(Proposer):
 
         Among the occurrences, the one whose match runs furthest back wins (then the most recent):
         a 3-token suffix like "self.x =" recurs everywhere in code, while the occurrence that also
-        matches the line before it is the one being copied. Replayed on the held-out code outputs,
-        lookup alone: tau 3.29 against 3.22 for the most recent occurrence (16 drafts).
+        matches the line before it is the one being copied.
         """
         if k <= 0 or self._len == 0:
             return [], 0
@@ -154,8 +150,8 @@ class BlockProposer(Proposer):
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
         # Into the drafter's context cache now, not at the next draft: then a draft costs its block
         # alone, also after rounds that drafted nothing (adaptive K = 0, or lookup rounds of
-        # domino+ngram). Deferred, the catch-up made the next draft look 4x dearer to the draft
-        # length policy, which then kept choosing K = 0.
+        # domino+ngram). Deferred, the catch-up would make the next draft look several times dearer
+        # to the draft length policy, which would then keep choosing K = 0.
         self.model.extend_context(feats[None], self.cache)
 
     @torch.inference_mode()

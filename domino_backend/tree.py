@@ -3,11 +3,11 @@ target pass, the longest branch the target agrees with kept.
 
 The drafter's block pass is parallel, so its base logits at depth j are the same on every branch;
 only the head's GRU state differs (it has consumed that branch's tokens). A chain commits the
-head's top token at each depth and loses the round at the first miss; a tree keeps the runners-up
-(held-out code, shipped drafter: the first draft is the target's token 38% of the time, one of
-the top 3 ~55%). Which nodes: the N with the highest path probability (the product of the head's
-softmax along the branch, as EAGLE-2 ranks its candidates), grown depth by depth from the `beam`
-most probable nodes of each depth; a child never outranks its parent, so the set is a tree.
+head's top token at each depth and loses the round at the first miss; a tree keeps the runners-up,
+which often hold the target's token where the top one misses (`python bench/tree_replay.py`).
+Which nodes: the N with the highest path probability (the product of the head's softmax along
+the branch, as EAGLE-2 ranks its candidates), grown depth by depth from the `beam` most probable
+nodes of each depth; a child never outranks its parent, so the set is a tree.
 
 Sampling keeps the chain: lossless tree sampling needs multi-draft rejection sampling (not here).
 """

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The whole drafter pipeline for the `coder` profile (issue 3, docs/training.md). Every step appends
-# to its output and skips what is already done: kill the script at any time and run it again to go
-# on, in the same session or a later one. Steps run one after another on purpose: two 2-thread jobs
-# on a 2-core machine slow each other several-fold.
+# The whole drafter pipeline for the `coder` profile (docs/training.md). Every step appends to its
+# output and skips what is already done: kill the script at any time and run it again to go on.
+# Steps run one after another on purpose: two 2-thread jobs on a 2-core machine slow each other
+# several-fold.
 #   bash scripts/train_coder.sh        # from scratch: ~1 h on 2 native-bf16 cores, ~2.5 h without; no GPU
 #   SEED=1 INIT=domino_backend/drafters_shipped/coder STEPS=3000 bash scripts/train_coder.sh
 #                                      # fresh data (new windows, holes, asks), warm start

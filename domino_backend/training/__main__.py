@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-curriculum", action="store_true", help="lambda = 0 from the start")
     t.add_argument("--lambda-decay-ratio", type=float, default=1.0)
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast for the step; auto = on where the CPU has native bf16 (~1.9x faster "
+                   help="bf16 autocast for the step; auto = on where the CPU has native bf16 (faster "
                         "there, same losses), off elsewhere (emulated bf16 is slower than fp32)")
     t.add_argument("--init", default=None, help="warm start from an exported drafter folder of the same shape")
     t.add_argument("--save-every", type=int, default=200)

@@ -133,7 +133,7 @@ def source_records(tokenizer, out: Path, n: int, seed: int = 0, holdout_frac: fl
     """Records cut straight from real source files of the *train* split (same file hash as the
     prompts, so held-out files never leak): a window of up to `window` tokens starting at a random
     line, the first `context` tokens as prompt and the rest as response. Cheap bulk data: one
-    teacher-forced pass (~100+ tok/s here) instead of generation (~10 tok/s); the labels are the
+    teacher-forced pass instead of generation (an order of magnitude faster on a CPU); the labels are the
     real code rather than the target's own continuation, which the generated records supply.
     A `fim_frac` share are fill-in-the-middle records instead: the FIM prompt around a real hole of
     1-12 lines, the hole's text (+ the end-of-text token the target emits after a middle) as response."""
