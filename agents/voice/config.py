@@ -22,7 +22,8 @@ class VoiceConfig(BaseModel):
     vad_threshold: float = Field(0.5, gt=0, lt=1)  # speech probability that counts as speech
     # Pauses inside a spoken sentence (breaths, commas, hesitations) are mostly under ~300 ms, while
     # the gap a speaker leaves for an answer is longer. 400 ms keeps a margin over in-sentence pauses
-    # and answers 100 ms sooner than the common 500 ms (OpenAI server_vad); raise it for slow speakers.
+    # (a multi-sentence Piper utterance stays one turn: test_vad_on_piper_speech_with_noise) and
+    # answers 100 ms sooner than the common 500 ms (OpenAI server_vad); raise it for slow speakers.
     silence_ms: int = Field(400, ge=100, le=5000)
     # Speech shorter than this never opens a turn: clicks, coughs and keyboard noise stay below it.
     min_speech_ms: int = Field(200, ge=32, le=2000)

@@ -142,3 +142,58 @@ def prepare(cfg, progress: bool = True) -> dict[str, float]:
             times[label] = time.perf_counter() - t0
     _prepared[key] = times
     return times
+
+
+def measure(cfg, text: str, repeats: int = 3) -> dict[str, float]:
+    """Per-part speed on this machine: TTS first-chunk latency and RTF on `text`, ASR RTF on that speech.
+
+    Median of `repeats` warm runs (after `prepare`). RTF = processing time / audio duration.
+    """
+    from .audio import to_16k
+
+    tts, asr = get_tts(cfg.tts, **cfg.tts_options()), get_asr(cfg.asr)
+    firsts, tts_times, asr_times = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chunks = []
+        for chunk in tts.synthesize(text):
+            if not chunks:
+                firsts.append(time.perf_counter() - t0)
+            chunks.append(chunk)
+        tts_times.append(time.perf_counter() - t0)
+        speech = to_16k(np.concatenate(chunks).astype(np.float32) / 32768.0, tts.sample_rate)
+        t0 = time.perf_counter()
+        asr.transcribe(speech)
+        asr_times.append(time.perf_counter() - t0)
+    audio_s = len(speech) / SAMPLE_RATE
+    return {
+        "audio_s": audio_s,
+        "tts_first_chunk_s": float(np.median(firsts)),
+        "tts_rtf": float(np.median(tts_times)) / audio_s,
+        "asr_s": float(np.median(asr_times)),
+        "asr_rtf": float(np.median(asr_times)) / audio_s,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m agents.voice.models [--asr tiny] [--tts piper] [--measure]`: prepare (and time) the voice models."""
+    import argparse
+    import json
+
+    from .config import VoiceConfig
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--asr", default=VoiceConfig().asr)
+    ap.add_argument("--tts", default=VoiceConfig().tts)
+    ap.add_argument("--voice", default=None)
+    ap.add_argument("--measure", action="store_true", help="also time ASR and TTS on a two-sentence reply")
+    args = ap.parse_args(argv)
+    cfg = VoiceConfig(asr=args.asr, tts=args.tts, voice=args.voice)
+    report: dict = {"load_and_warm_s": prepare(cfg)}
+    if args.measure:
+        report["speed"] = measure(cfg, "Sure, I can help with that. The meeting is moved to Thursday at three in the afternoon.")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
