@@ -116,6 +116,7 @@ def test_unclosed_code_fence_is_held_until_flush_and_run_ons_are_cut():
         ("| Name | Age |\n|---|---|\n| Bob | 42 |", "Name, Age. Bob, 42"),
         ("> quoted text\n---\nDone.", "quoted text. Done."),
         ("Try `sorted(items, key=lambda item: item.priority, reverse=True)` here.", f"Try {CODE_PHRASE} here."),
+        ("Set my_var_name to 2*3, **not** 5.", "Set my var name to 2 times 3, not 5."),
         ("👍", ""),
     ],
 )

@@ -20,7 +20,8 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
 _LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
 # A URL's trailing punctuation ends the sentence, it is not part of the link.
 _URL = re.compile(r"\b(?:https?://|www\.)([\w.-]*\w)(?::\d+)?(?:[/?#][^\s<>()]*?)?(?=[.,;:!?]*(?:\s|$))", re.I)
-_EMPHASIS = re.compile(r"(\*\*|__|~~|\*|_)(?=\S)(.+?)(?<=\S)\1")
+# Markers must sit at word edges: my_var_name and 2*3*4 are not emphasis.
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|~~|\*|_)(?=[^\s*_])(.+?)(?<=[^\s*_])\1(?![\w*])")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.M)
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+", re.M)
 _QUOTE = re.compile(r"^\s*>\s?", re.M)
@@ -108,6 +109,7 @@ def _say_symbols(line: str) -> str:
     line = re.sub(r"\band/or\b", "and or", line)
     line = re.sub(r"(?<=\w)/(?=\w)", " or ", line)  # yes/no, read/write
     line = re.sub(r"(?<=\w)_(?=\w)", " ", line)  # snake_case words outside backticks
+    line = re.sub(r"(?<=\d)\s*\*\s*(?=\d)", " times ", line)
     line = _SYMBOL_RE.sub(lambda m: _SYMBOL_WORDS[m.group(0)], line)
     # Whatever markup is left has no spoken form.
     return re.sub(r"[#*_~`\\{}\[\]]", " ", line).strip()
