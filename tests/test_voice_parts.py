@@ -234,6 +234,15 @@ def test_vad_silence_ms_decides_whether_a_pause_ends_the_turn(espeak_speech):
     assert [k for k, _ in run_vad(get_vad(silence_ms=100), pcm)].count("speech_end") >= 2
 
 
+def test_vad_refuses_int16_and_stereo():
+    vad = get_vad()
+    with pytest.raises(VoiceError, match="float samples.*pcm16_to_float"):
+        vad.feed(np.zeros(512, np.int16))
+    with pytest.raises(VoiceError, match="mono"):
+        vad.feed(np.zeros((512, 2), np.float32))
+    assert vad.feed(np.zeros(511, np.float32)) == [] and vad.time_s == 0.0  # under one window: buffered
+
+
 @pytest.mark.parametrize("amplitude", [0.0, 0.01, 0.1])
 def test_vad_stays_quiet_on_silence_and_noise(amplitude):
     assert run_vad(get_vad(), noise(5.0, amplitude, seed=1)) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import models
+from .audio import as_float_mono
 from .parts import SAMPLE_RATE, VoiceDependencyError, VoiceError, INSTALL_HINT
 
 
@@ -30,9 +31,7 @@ class WhisperASR:
         self.model = WhisperModel(str(self.model_dir), device="cpu", compute_type=compute_type)
 
     def transcribe(self, pcm: np.ndarray) -> str:
-        pcm = np.asarray(pcm, dtype=np.float32)
-        if pcm.ndim != 1:
-            raise VoiceError(f"ASR expects mono audio (1-D), got shape {pcm.shape}")
+        pcm = as_float_mono(pcm, "ASR")
         if len(pcm) < SAMPLE_RATE // 10:  # under 0.1 s: nothing Whisper could recognise
             return ""
         segments, _ = self.model.transcribe(

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .parts import SAMPLE_RATE
+from .parts import SAMPLE_RATE, VoiceError
+
+
+def as_float_mono(pcm: np.ndarray, who: str) -> np.ndarray:
+    """Check what VAD and ASR consume (1-D float samples in [-1, 1]); int16 here is a caller's bug."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1:
+        raise VoiceError(f"{who} expects mono audio (1-D), got shape {pcm.shape}")
+    if not np.issubdtype(pcm.dtype, np.floating):
+        raise VoiceError(f"{who} expects float samples in [-1, 1], got {pcm.dtype} (convert PCM16 with pcm16_to_float)")
+    return pcm.astype(np.float32, copy=False)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

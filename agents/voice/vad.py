@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .audio import as_float_mono
 from .parts import SAMPLE_RATE, VadEvent, VoiceDependencyError, VoiceError, INSTALL_HINT
 
 WINDOW = 512  # samples per model call at 16 kHz (fixed by the model)
@@ -77,10 +78,7 @@ class SileroVAD:
         self.last_prob = 0.0
 
     def feed(self, pcm: np.ndarray) -> list[VadEvent]:
-        pcm = np.asarray(pcm, dtype=np.float32)
-        if pcm.ndim != 1:
-            raise VoiceError(f"VAD expects mono audio (1-D), got shape {pcm.shape}")
-        audio = np.concatenate([self._pending, pcm])
+        audio = np.concatenate([self._pending, as_float_mono(pcm, "VAD")])
         n = len(audio) // WINDOW
         self._pending = audio[n * WINDOW :].copy()
         if n == 0:
