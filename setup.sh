@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-extras="models,voice"
+extras="models,voice,serve"  # python -m app is a server: it needs the serve extra too
 [ "${1:-}" = "dev" ] && extras="models,voice,serve,kernels,train,dev"
 # Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
