@@ -52,6 +52,38 @@ def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return resample_poly(pcm, dst_rate // g, src_rate // g).astype(np.float32)
 
 
+class StreamResampler:
+    """`resample` for a stream cut into frames of any size: the output equals resampling the whole
+    stream at once, up to the last few samples, which wait for the input their filter still needs.
+
+    Each call resamples a window that starts on the output grid (a multiple of `down` input samples)
+    and keeps `_half` input samples of filter support on each side of what it emits.
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int):
+        g = gcd(int(src_rate), int(dst_rate))
+        self.up, self.down = dst_rate // g, src_rate // g
+        self._half = -(-10 * max(self.up, self.down) // self.up) + 1  # resample_poly's filter, in input samples
+        self._buf = np.zeros(0, np.float32)
+        self._start = 0  # stream index of _buf[0]; a multiple of `down`
+        self._emitted = 0  # output samples returned so far
+
+    def feed(self, pcm: np.ndarray) -> np.ndarray:
+        if self.up == self.down:
+            return np.asarray(pcm, dtype=np.float32)
+        self._buf = np.concatenate([self._buf, np.asarray(pcm, dtype=np.float32)])
+        end = self._start + len(self._buf)
+        last = (end - self._half) * self.up // self.down  # outputs before this have their whole filter
+        first_of_window = self._start * self.up // self.down
+        if last <= self._emitted:
+            return np.zeros(0, np.float32)
+        out = resample(self._buf, self.down, self.up)[self._emitted - first_of_window : last - first_of_window]
+        self._emitted = last
+        keep = max(0, self._emitted * self.down // self.up - self._half) // self.down * self.down
+        self._buf, self._start = self._buf[keep - self._start :], keep
+        return out
+
+
 def to_16k(pcm: np.ndarray, rate: int) -> np.ndarray:
     """What VAD and ASR consume: float32 mono at 16 kHz."""
     return resample(pcm, rate, SAMPLE_RATE)
