@@ -57,7 +57,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     method: str | None = None  # None = the backend's default
-    single_line: bool = False
+    single_line: bool = False  # stop rules (agents.code.postprocess): the first line with content
+    multi_line: bool = False  # ... or the block at the cursor
     deadline_ms: int | None = None  # from `received`
     # perf_counter() when the request arrived: queue and TTFT timings start here, not at submit().
     received: float = field(default_factory=time.perf_counter)
@@ -180,30 +181,6 @@ async def collect(job: Job) -> Result:
         if isinstance(ev, Result):
             return ev
     raise RuntimeError("job ended without a result")  # pragma: no cover - StreamJob always finishes
-
-
-class SingleLine:
-    """`single_line`: stop at the end of the first line that has content.
-
-    Leading newlines are kept (a completion at the end of `def f():` starts on the next line);
-    the line break that ends the first non-blank line is not part of the text.
-    """
-
-    def __init__(self) -> None:
-        self.seen = ""
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Return (text to emit, whether the line is complete)."""
-        start = len(self.seen)
-        self.seen += delta
-        content = len(self.seen) - len(self.seen.lstrip())  # index of the first non-blank char
-        if content >= len(self.seen):
-            return delta, False
-        cut = self.seen.find("\n", content)
-        if cut < 0:
-            return delta, False
-        self.seen = self.seen[:cut]
-        return self.seen[start:], True
 
 
 def clamp_stop(stop: list[str], limit: int) -> list[str]:

@@ -11,10 +11,12 @@ import threading
 from domino_backend.drafters import METHODS, NEEDS_DRAFTER
 from domino_backend.engine import GenerationRequest
 
-from .backend import GenRequest, RequestError, StreamJob, clamp_stop
+from agents.code.postprocess import for_request
+
+from .backend import GenRequest, RequestError, StreamJob
 from .config import ServerConfig
 from .prompting import build_prompt
-from .scheduler import Scheduler, Task
+from .scheduler import EngineThread, Scheduler, Task
 
 log = logging.getLogger("domino.server")
 
@@ -45,6 +47,7 @@ class EngineBackend:
         # used from two threads at once, so prompts get their own copy, guarded by its own lock.
         self._tok = None
         self._tok_lock = threading.Lock()
+        self._engine_thread = EngineThread()  # loads the engine, then runs the scheduler (see EngineThread)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -58,7 +61,8 @@ class EngineBackend:
 
         c = self.cfg
         try:
-            self.engine = await asyncio.to_thread(build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads())
+            self.engine = await asyncio.wrap_future(self._engine_thread.submit(
+                build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads()))
         except Exception as e:
             log.exception("model load failed")
             self._status, self._error = "error", f"model load failed: {type(e).__name__}: {e}"
@@ -82,7 +86,7 @@ class EngineBackend:
             log.warning("no drafter loaded: default method %s -> ar", self.default_method)
             self.default_method = "ar"
         self._tok = copy.deepcopy(e.target.tokenizer)
-        self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue)
+        self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread)
         self.scheduler.start()
         self._status = "ok"
         log.info("engine ready: target=%s method=%s max_context=%d", self.model_id, self.default_method,
@@ -106,9 +110,9 @@ class EngineBackend:
     def load(self) -> dict:
         return self.scheduler.load() if self.scheduler else {"active": 0, "queued": 0}
 
-    def _encode(self, req: GenRequest) -> list[int]:
+    def _encode(self, req: GenRequest, budget: int) -> list[int]:
         with self._tok_lock:
-            ids = build_prompt(self._tok, req)
+            ids = build_prompt(self._tok, req, budget)
             if log.isEnabledFor(logging.DEBUG):  # the exact prompt, for "why is my completion empty"; never at info
                 log.debug("prompt for %s (%d tokens): %r", req.tag, len(ids), self._tok.decode(ids)[:4000])
             return ids
@@ -127,8 +131,9 @@ class EngineBackend:
             raise RequestError("invalid_request", f"max_tokens must be between 1 and {cfg.max_tokens_limit}, "
                                                   f"got {req.max_tokens}")
         stop = clamp_stop(req.stop, cfg.max_stop_strings)
-        ids = await asyncio.to_thread(self._encode, req)
+        post = for_request(req)
         limit = min(cfg.max_prompt_tokens, self.engine.target.max_context - 1)
+        ids = await asyncio.to_thread(self._encode, req, limit)  # FIM prompts are trimmed to the limit
         if len(ids) > limit:
             raise RequestError("prompt_too_long", f"the prompt has {len(ids)} tokens; the limit is {limit}")
         greq = GenerationRequest(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -136,7 +141,7 @@ class EngineBackend:
                                  adaptive_drafts=cfg.adaptive_drafts)
         holder: list[Task] = []
         job = StreamJob(self._loop, on_cancel=lambda: holder and self.scheduler.cancel(holder[0]))
-        task = Task(job, ids, greq, req.received, req.deadline, req.single_line, req.tag)
+        task = Task(job, ids, greq, req.received, req.deadline, post=post, tag=req.tag)
         holder.append(task)
         self.scheduler.submit(task)
         log.debug("queued %s: %d prompt tokens, method %s", req.tag, len(ids), method)

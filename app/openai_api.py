@@ -5,7 +5,8 @@ Conventions as in SGLang/vLLM: SSE lines `data: {json}` ending with `data: [DONE
 `stream_options.include_usage` adds a last chunk with `usage` and no choices. Speculative decoding
 stats and timings ride in an extension field `domino` ({finish_reason, timings, spec}) on the
 response, or on the last choice chunk when streaming. Extensions accepted in the body (the openai
-client sends them with `extra_body`): `method`, `single_line`, `deadline_ms`, `top_k`.
+client sends them with `extra_body`): `method`, `single_line`, `multi_line` (completions),
+`deadline_ms`, `top_k`.
 
 OpenAI finish reasons are stop | length: a `deadline` finish is reported as "length" (the text was
 cut by a budget), with the precise reason in `domino.finish_reason`.
@@ -56,6 +57,7 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
+    multi_line: bool = False  # extension: the block at the cursor (agents.code.postprocess)
     prompt: str | list[str]
     suffix: str | None = None
     echo: bool = False
@@ -110,7 +112,8 @@ def completion_request(body: CompletionBody, received: float) -> GenRequest:
         prompt = prompt[0]
     common = dict(max_tokens=body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, temperature=body.temperature,
                   top_p=body.top_p, top_k=body.top_k, stop=_stops(body.stop), seed=body.seed, method=body.method,
-                  single_line=body.single_line, deadline_ms=body.deadline_ms, received=received)
+                  single_line=body.single_line, multi_line=body.multi_line, deadline_ms=body.deadline_ms,
+                  received=received)
     if body.suffix is not None:
         return GenRequest(kind="fim", prefix=prompt, suffix=body.suffix, tag="http:completions", **common)
     return GenRequest(kind="text", prompt=prompt, tag="http:completions", **common)

@@ -46,6 +46,7 @@ class Complete(_Sampling):
     filename: str | None = Field(None, max_length=1024)
     extra: list[ExtraFileMsg] = Field(default_factory=list, max_length=64)
     single_line: bool = False
+    multi_line: bool = False
     document: str | None = Field(None, max_length=1024)  # a newer complete on this key supersedes older ones
 
 
@@ -120,7 +121,7 @@ def to_gen_request(msg: Complete | Chat, default_max_tokens: int, received: floa
         raise RequestError("invalid_request", "complete needs a prefix or a suffix")
     return GenRequest(kind="fim", prefix=msg.prefix, suffix=msg.suffix,
                       extra=[ExtraFile(f.filename, f.text) for f in msg.extra], filename=msg.filename,
-                      language=msg.language, single_line=msg.single_line, **common)
+                      language=msg.language, single_line=msg.single_line, multi_line=msg.multi_line, **common)
 
 
 # ---- server -> client ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Any OpenAI-compatible server (SGLang, vLLM, llama.cpp, another Domino) behind the Backend interface.
 
-Requests stream from the remote (`stream: true`), so deltas, cancellation, deadlines and
-`single_line` behave as with the in-process engine: cancelling closes the HTTP stream, which makes
-the remote server drop the request. Concurrency is bounded the same way (`max_active` in flight,
+Requests stream from the remote (`stream: true`), so deltas, cancellation, deadlines and the stop
+rules (`single_line`, `multi_line`) behave as with the in-process engine: cancelling closes the
+HTTP stream, which makes the remote server drop the request. Concurrency is bounded the same way (`max_active` in flight,
 `max_queue` waiting, then `overloaded`). Spec stats come through when the remote is a Domino server
 (its `domino` extension field); otherwise `spec` is null.
 """
@@ -16,7 +16,10 @@ import time
 
 import httpx
 
-from .backend import GenRequest, RequestError, Result, SingleLine, StreamJob, clamp_stop
+from agents.code.fim import remote_prompt
+from agents.code.postprocess import Postprocessor, for_request
+
+from .backend import GenRequest, RequestError, Result, StreamJob, clamp_stop
 from .config import ServerConfig
 
 log = logging.getLogger("domino.server")
@@ -94,11 +97,12 @@ class RemoteBackend:
         clamp_stop(req.stop, self.cfg.max_stop_strings)
         if self._active + self._queued >= self.cfg.max_active + self.cfg.max_queue:
             raise RequestError("overloaded", "server busy; retry later", 429)
+        post = for_request(req)
         holder: list[asyncio.Task] = []
         loop = self._loop
         job = StreamJob(loop, on_cancel=lambda: holder and loop.call_soon_threadsafe(holder[0].cancel))
         self._queued += 1  # counted now, so a burst of submits sees the queue fill up
-        holder.append(asyncio.create_task(self._run(req, job)))
+        holder.append(asyncio.create_task(self._run(req, job, post)))
         return job
 
     def _body(self, req: GenRequest) -> tuple[str, dict]:
@@ -115,11 +119,10 @@ class RemoteBackend:
         if req.kind == "chat":
             return "/chat/completions", {**body, "messages": req.messages}
         if req.kind == "fim":  # remote FIM templates take prompt + suffix; context files go in front
-            head = "".join(f"{f.text}\n\n" for f in req.extra)
-            return "/completions", {**body, "prompt": head + req.prefix, "suffix": req.suffix}
+            return "/completions", {**body, "prompt": remote_prompt(req.prefix, req.extra), "suffix": req.suffix}
         return "/completions", {**body, "prompt": req.prompt}
 
-    async def _run(self, req: GenRequest, job: StreamJob) -> None:
+    async def _run(self, req: GenRequest, job: StreamJob, post: Postprocessor | None) -> None:
         st = {"text": "", "first": None, "started": None, "usage": {}, "ext": None, "finish": None}
         reason, error = "stop", None
         queued = True
@@ -132,7 +135,7 @@ class RemoteBackend:
                     self._active += 1
                     try:
                         st["started"] = time.perf_counter()
-                        reason, error = await self._stream(req, job, st)
+                        reason, error = await self._stream(req, job, st, post)
                     finally:
                         self._active -= 1
         except TimeoutError:
@@ -148,6 +151,8 @@ class RemoteBackend:
             if queued:
                 self._queued -= 1
         now = time.perf_counter()
+        if post is not None:  # text the stop rules held back is decided now
+            self._emit(job, st, post.finish())
         usage = st["usage"] or {}
         ext = st["ext"] or {}
         job.finish(Result(
@@ -159,9 +164,16 @@ class RemoteBackend:
             total_ms=(now - req.received) * 1000, spec=ext.get("spec"), error=error,
         ))
 
-    async def _stream(self, req: GenRequest, job: StreamJob, st: dict) -> tuple[str, str | None]:
+    @staticmethod
+    def _emit(job: StreamJob, st: dict, text: str) -> None:
+        if text:
+            st["first"] = st["first"] or time.perf_counter()
+            st["text"] += text
+            job.put(text)
+
+    async def _stream(self, req: GenRequest, job: StreamJob, st: dict,
+                      post: Postprocessor | None) -> tuple[str, str | None]:
         path, body = self._body(req)
-        line = SingleLine() if req.single_line else None
         chat = req.kind == "chat"
         async with self._client.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
@@ -187,12 +199,9 @@ class RemoteBackend:
                     if not text:
                         continue
                     done = False
-                    if line is not None:
-                        text, done = line.feed(text)
-                    if text:
-                        st["first"] = st["first"] or time.perf_counter()
-                        st["text"] += text
-                        job.put(text)
+                    if post is not None:
+                        text, done = post.feed(text)
+                    self._emit(job, st, text)
                     if done:
                         return "stop", None  # leaving the block closes the stream: the remote stops
         ext_reason = (st["ext"] or {}).get("finish_reason")

@@ -16,16 +16,20 @@ prefill). Only the worker thread touches Generation objects.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from domino_backend.engine import GenerationRequest
 
-from .backend import RequestError, Result, SingleLine, StreamJob
+from agents.code.postprocess import Postprocessor
+
+from .backend import RequestError, Result, StreamJob
 
 log = logging.getLogger("domino.server")
 
@@ -37,18 +41,13 @@ class Task:
     req: GenerationRequest
     received: float  # perf_counter() at arrival
     deadline: float | None = None  # perf_counter() time
-    single_line: bool = False
+    post: Postprocessor | None = None  # the request's stop rules (agents.code.postprocess)
     tag: str = ""
     gen: Any = None  # domino_backend.engine.Generation once started
     it: Iterator[str] | None = None
     started: float | None = None
     first: float | None = None
     text: str = ""
-    line: SingleLine | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.single_line:
-            self.line = SingleLine()
 
 
 def spec_stats(stats) -> dict:
@@ -60,19 +59,55 @@ def spec_stats(stats) -> dict:
     }
 
 
+class EngineThread:
+    """The one daemon OS thread that does all of the engine's torch work: loading, then serving.
+
+    Why one thread: libgomp gives every thread that enters a parallel region its own OpenMP team,
+    and once the process manages more OpenMP threads than it has CPUs, every team switches from
+    spin-waiting to sleeping between parallel regions (its "throttled" spin count). Loading on one
+    thread and decoding on another left two teams, and each of the hundreds of parallel regions in
+    a forward then paid a futex wake-up: the served engine ran ~35 % slower than on the thread
+    that loaded it. So the backend loads the engine here and the scheduler's loop runs here too.
+    """
+
+    def __init__(self, name: str = "domino-engine"):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        """Run fn(*args) on this thread after everything submitted before it."""
+        f: Future = Future()
+        self._q.put((f, fn, args))
+        return f
+
+    def _loop(self) -> None:
+        while True:
+            f, fn, args = self._q.get()
+            if not f.set_running_or_notify_cancel():
+                continue
+            try:
+                f.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the future
+                f.set_exception(e)
+
+
 class Scheduler:
-    def __init__(self, engine, max_active: int = 8, max_queue: int = 64):
+    def __init__(self, engine, max_active: int = 8, max_queue: int = 64,
+                 engine_thread: EngineThread | None = None):
+        """engine_thread: the thread that built the engine; the worker loop runs on it too."""
         self.engine = engine
         self.max_active, self.max_queue = max_active, max_queue
         self._cv = threading.Condition()
         self._pending: deque[Task] = deque()
         self._active: list[Task] = []
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="domino-scheduler", daemon=True)
+        self._engine_thread = engine_thread or EngineThread()
+        self._worker: Future | None = None
 
     # ---- called from the asyncio side -------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self._worker = self._engine_thread.submit(self._run)
 
     def submit(self, task: Task) -> None:
         with self._cv:
@@ -109,8 +144,11 @@ class Scheduler:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        if self._worker is not None:
+            try:
+                self._worker.result(timeout)
+            except Exception:  # still mid-forward after the timeout, or the loop died
+                log.warning("the engine worker did not stop cleanly")
         with self._cv:
             left = list(self._pending) + list(self._active)
             self._pending.clear()
@@ -178,13 +216,9 @@ class Scheduler:
             log.exception("engine error in %s", t.tag)
             return self._finish(t, "error", f"engine error: {type(e).__name__}")
         line_done = False
-        if t.line is not None:
-            delta, line_done = t.line.feed(delta)
-        if delta:
-            if t.first is None:
-                t.first = time.perf_counter()
-            t.text += delta
-            t.job.put(delta)
+        if t.post is not None:
+            delta, line_done = t.post.feed(delta)
+        self._emit(t, delta)
         if line_done:
             return self._finish(t, "stop")
         if t.gen.finish_reason in ("stop", "length"):  # saves one worker cycle per request
@@ -194,7 +228,16 @@ class Scheduler:
         if t.deadline is not None and time.perf_counter() >= t.deadline:
             self._finish(t, "deadline")
 
+    def _emit(self, t: Task, delta: str) -> None:
+        if delta:
+            if t.first is None:
+                t.first = time.perf_counter()
+            t.text += delta
+            t.job.put(delta)
+
     def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
+        if t.post is not None:  # text the stop rules held back is decided now
+            self._emit(t, t.post.finish())
         if t.it is not None:
             t.it.close()  # runs the Generation's cleanup (stats totals) and frees its KV cache
             t.it = None

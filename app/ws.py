@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from agents.code.debounce import Supersede
+
 from . import protocol as P
 from .backend import Backend, Job, RequestError, Result
 from .config import ServerConfig
@@ -69,7 +71,7 @@ class Connection:
     def __init__(self, ws: WebSocket, backend: Backend, cfg: ServerConfig, metrics: Metrics):
         self.ws, self.backend, self.cfg, self.metrics = ws, backend, cfg, metrics
         self.inflight: dict[str, _Inflight] = {}
-        self.documents: dict[str, str] = {}  # document key -> id of its newest request
+        self.documents = Supersede()  # a newer `complete` for a document cancels the older one
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.closed = False
@@ -136,13 +138,8 @@ class Connection:
             req = P.to_gen_request(m, self.cfg.default_max_tokens, received)
         except RequestError as e:
             return await self.fail(m.id, e.code, e.message)
-        document = getattr(m, "document", None)
-        if document is not None:  # supersede: the editor moved on, the older suggestion is stale
-            old = self.inflight.get(self.documents.get(document, ""))
-            if old is not None:
-                old.cancel()
-            self.documents[document] = m.id
-        entry = _Inflight(m.id, req.kind, document)
+        entry = _Inflight(m.id, req.kind, getattr(m, "document", None))
+        self.documents.claim(entry.document, entry)
         self.inflight[m.id] = entry
         task = asyncio.create_task(self.serve(entry, req))
         self._tasks.add(task)
@@ -171,8 +168,7 @@ class Connection:
             await self.fail(entry.id, "internal", "internal server error")
         finally:
             self.inflight.pop(entry.id, None)
-            if entry.document is not None and self.documents.get(entry.document) == entry.id:
-                del self.documents[entry.document]
+            self.documents.release(entry.document, entry)
 
 
 def attach(app, backend: Backend, cfg: ServerConfig) -> None:

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-
-END_TOKENS = (
-    "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>",
-    "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",
-)
+from .prompts import END_TOKENS
 
 
 @dataclass
@@ -143,8 +139,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
         if eos is None:
             continue
         ids.update([eos] if isinstance(eos, int) else eos)
-    # Turn ends and FIM/repo markers: normal text never contains them, and a completion that emits
-    # one has left the hole (Qwen2.5-Coder FIM stop tokens).
+    # Turn ends and every FIM template's stop tokens (domino_backend.prompts): normal text never
+    # contains them, and a completion that emits one has left the hole.
     if tokenizer is not None:
         vocab = tokenizer.get_vocab()
         ids.update(vocab[t] for t in END_TOKENS if t in vocab)

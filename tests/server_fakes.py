@@ -74,6 +74,9 @@ class FakeTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {t: 1000 + i for i, t in enumerate(self.SPECIAL)}
 
+    def get_added_vocab(self) -> dict[str, int]:
+        return self.get_vocab()
+
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.get_vocab().get(token)  # like HF: no exception for an unknown token
 
@@ -90,7 +93,8 @@ class FakeTokenizer:
         return ids
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: ")
+        text = "".join(f"{m['role']}: {m['content']}<|im_end|>\n" for m in messages) + "assistant: "
+        return self.encode(text) if tokenize else text
 
 
 class FakeGeneration:

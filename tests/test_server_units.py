@@ -1,4 +1,4 @@
-"""Server pieces without a server: single-line cut, FIM prompt building, origin rules, log redaction,
+"""Server pieces without a server: FIM prompt building, origin rules, log redaction,
 scheduler fairness, and the documented WebSocket examples."""
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app import protocol as P
-from app.backend import ExtraFile, GenRequest, RequestError, Result, SingleLine
+from app.backend import ExtraFile, GenRequest, RequestError, Result
 from app.config import ServerConfig
 from app.prompting import build_prompt
 from app.scheduler import Scheduler, Task
@@ -21,27 +21,6 @@ from server_fakes import FakeEngine, FakeTokenizer
 from domino_backend.engine import GenerationRequest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "websocket-api.md"
-
-
-def feed_all(parts):
-    s, out = SingleLine(), ""
-    for p in parts:
-        text, done = s.feed(p)
-        out += text
-        if done:
-            return out, True
-    return out, False
-
-
-@pytest.mark.parametrize("parts,want", [
-    (["return a", " + b\n", "next"], ("return a + b", True)),
-    (["\n", "    return 1", "\nx"], ("\n    return 1", True)),  # leading blank line kept
-    (["x = 1"], ("x = 1", False)),
-    (["  ", "\n", "\n  y\n"], ("  \n\n  y", True)),
-    (["ab\ncd"], ("ab", True)),
-])
-def test_single_line(parts, want):
-    assert feed_all(parts) == want
 
 
 def test_qwen_fim_prompt_and_special_tokens_in_user_code_stay_text():
