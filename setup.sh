@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-extras="models,voice,serve"  # python -m app is a server: it needs the serve extra too
-[ "${1:-}" = "dev" ] && extras="models,voice,serve,kernels,train,dev"
+extras="models,voice,serve,ui"  # python -m app is a server (serve) with the browser UI at / (ui)
+[ "${1:-}" = "dev" ] && extras="models,voice,serve,ui,kernels,train,dev"
 # Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[${extras}]"
@@ -21,4 +21,10 @@ fi
 if [ "${1:-}" = "dev" ]; then
   # SGLang parity tests read single files of the pinned wheel (never imported or installed whole).
   $PY -m pip download -q --no-deps "sglang==0.5.23" -d "${DOMINO_CACHE:-$HOME/.cache/domino}/wheels"
+  # Browser tests: Playwright drives Debian's Chromium (tests/test_ui_browser.py); it never downloads a browser.
+  if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; } >/dev/null \
+      || echo "setup.sh: could not install chromium (the browser tests will fail)" >&2
+  fi
 fi

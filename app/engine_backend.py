@@ -105,6 +105,8 @@ class EngineBackend:
         if self._status == "ok":
             h["default_method"] = self.default_method
             h["methods"] = [m for m in METHODS if m not in NEEDS_DRAFTER or self.engine.draft is not None]
+            e = self.engine
+            h["drafter"] = None if e.draft is None else "untrained placeholder" if e.placeholder_draft else "trained"
         return h
 
     def load(self) -> dict:

@@ -6,6 +6,11 @@ Each app gets its own registry, so several servers can live in one process (test
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections import deque
+from typing import NamedTuple
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -22,6 +27,16 @@ from .backend import Backend, Result
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0)
 MAX_POSITIONS = 16
+RECENT = 200  # finished requests kept for the UI's charts
+
+
+class Finished(NamedTuple):
+    """One finished request as the UI charts it: its Result without the text (no user data kept)."""
+
+    at: float  # time.time() when it finished
+    api: str
+    kind: str
+    result: Result
 
 # `*_created` timestamp series double the output and no dashboard uses them.
 disable_created_metrics()
@@ -52,8 +67,10 @@ class Metrics:
         self.running = Gauge("domino_requests_running", "Requests being decoded", registry=r)
         self.queued = Gauge("domino_requests_queued", "Requests waiting for a slot", registry=r)
         self.ws_connections = Gauge("domino_ws_connections", "Open WebSocket connections", registry=r)
+        self.recent: deque[Finished] = deque(maxlen=RECENT)  # newest last
 
     def observe(self, r: Result, api: str, kind: str) -> None:
+        self.recent.append(Finished(time.time(), api, kind, dataclasses.replace(r, text="")))
         self.requests.labels(api, kind, r.finish_reason).inc()
         self.prompt_tokens.inc(r.prompt_tokens)
         method = (r.spec or {}).get("method", "remote")

@@ -6,21 +6,34 @@ import hmac
 import json
 import logging
 import re
+from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
 from .config import ServerConfig
 
 # Paths anyone may read: load balancers and the UI poll /health without a key.
 PUBLIC_PATHS = ("/health",)
+# The browser UI keeps the key here after the user opened `/?token=KEY` once (ui/app.py sets it,
+# HttpOnly + SameSite=Strict, so other sites' pages never send it).
+KEY_COOKIE = "domino_key"
 
 
 def presented_key(headers, query_params) -> str | None:
-    """The key a client sent: `Authorization: Bearer K`, `X-API-Key: K`, or `?token=K` (browsers cannot
-    set headers on a WebSocket handshake, so the query parameter is the only way for them)."""
+    """The key a client sent: `Authorization: Bearer K`, `X-API-Key: K`, `?token=K` (browsers cannot
+    set headers on a WebSocket handshake, so the query parameter is the only way for them), or the UI's
+    cookie."""
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return headers.get("x-api-key") or query_params.get("token") or None
+    return headers.get("x-api-key") or query_params.get("token") or _cookie(headers, KEY_COOKIE)
+
+
+def _cookie(headers, name: str) -> str | None:
+    try:
+        morsel = SimpleCookie(headers.get("cookie", "")).get(name)
+    except CookieError:
+        return None
+    return morsel.value if morsel is not None and morsel.value else None
 
 
 def key_ok(cfg: ServerConfig, headers, query_params) -> bool:
