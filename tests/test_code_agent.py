@@ -397,7 +397,7 @@ def test_agent_over_the_engine_backend_applies_the_rules_and_supersedes():
             agent = CodeAgent(backend)
             done = await agent.complete_text("def total(xs):\n    ", "\n", mode="block", language="python",
                                              max_tokens=100)
-            slow = await agent.complete("def f():\n    ", mode="block", max_tokens=1000, document="d")
+            slow = await agent.complete("def f():\n    ", mode="raw", max_tokens=1000, document="d")
             await asyncio.sleep(0.05)
             fast = await agent.complete_text("def f():\n    ", mode="line", max_tokens=5, document="d")
             return done, await collect(slow), fast
