@@ -95,5 +95,5 @@ def test_fim_prompt_uses_control_tokens_and_code_cannot_inject_them():
     assert ids.count(middle) == 1  # the literal inside the user's code stayed text
     class F:  # a context file, as an IDE sends it
         filename, text = "util.py", "def helper():\n    return 1\n"
-    repo = build_fim(tok, "x = ", "", extra=[F()], filename="main.py")
+    repo = build_fim(tok, "x = ", "", files=[F()], filename="main.py")
     assert repo[0] == tok.convert_tokens_to_ids("<|repo_name|>") and "util.py" in tok.decode(repo)
