@@ -162,6 +162,9 @@ SNIPPETS = [
     ("block", "func main() {\n\t", "\n}\n", GO, "x := compute(1)\n\tfmt.Println(x)\n}\n\nfunc compute() {}\n"),
     ("line", "x = foo(", ")\n", PYTHON, "bar(1, 2))\nprint(x)\n"),
     ("block", "x = [", "]\n", PYTHON, "\n    1,\n    2,\n]\n"),
+    ("block", "", "", PYTHON, "class A:\ndef f():\n    pass\n"),  # a line that starts a block keeps its verdict
+    ("block", "x = 1\n", "", PYTHON, "y = 2\nasync  def f():\n    pass\n"),
+    ("block", "#include <stdio.h>\n", "", C, "int x;\n#define N 4\n"),
 ]
 
 

@@ -32,11 +32,17 @@ class Language:
 
     def starts(self, kind: str, code: str, complete: bool = True) -> bool | None:
         """Whether `code` (a line without its indentation) starts with one of the `kind` entries
-        ("top_level" or "continuations"); None while an incomplete line may still turn out to."""
+        ("top_level" or "continuations"); None while an incomplete line may still turn out either
+        way ("de" may become "def", "def" may become "default")."""
         words, pattern = self._patterns[kind]
-        if not complete and any(w.startswith(code) for w in words):
-            return None  # "de" may become "def", "def" may become "default"
-        return pattern.match(code) is not None
+        code = re.sub(r"\s+", " ", code)
+        m = pattern.match(code)
+        if m:
+            return True if complete or m.end() < len(code) or not _WORD_END.match(code[-1]) else None
+        return None if not complete and any(w.startswith(code) for w in words) else False
+
+
+_WORD_END = re.compile(r"[\w$]")
 
 
 def _starts(entries: tuple[str, ...]) -> re.Pattern:
@@ -76,7 +82,7 @@ _BY_ID = {
     "go": GO, "golang": GO,
     "rust": RUST, "rs": RUST,
     "c": C, "cpp": C, "c++": C, "objective-c": C, "cuda": C,
-    "java": JAVA, "kotlin": JAVA,
+    "java": JAVA,
     "csharp": CSHARP, "c#": CSHARP, "cs": CSHARP,
 }
 _BY_EXT = {
@@ -85,7 +91,7 @@ _BY_EXT = {
     ".tsx": JAVASCRIPT, ".mts": JAVASCRIPT,
     ".go": GO, ".rs": RUST,
     ".c": C, ".h": C, ".cc": C, ".cpp": C, ".cxx": C, ".hpp": C, ".hh": C, ".cu": C, ".m": C,
-    ".java": JAVA, ".kt": JAVA, ".cs": CSHARP,
+    ".java": JAVA, ".cs": CSHARP,
 }
 
 

@@ -144,6 +144,7 @@ class Completion:
         # Indentation of the block being written: set by the first line with content, and again by
         # the first line after line 0 when the cursor's line opens a block.
         self._block: int | None = None
+        self._block_line = -1  # the line that set it (its verdict must not change as it grows)
         self._opens = False  # the cursor's line, completed by line 0, ends with a block opener
 
     # ---- streaming ------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Completion:
                 return self._pos + len(line)
             if verdict == _KEEP:
                 if self._block is None:
-                    self._block = self._indent(line)
+                    self._block, self._block_line = self._indent(line), self._line
                 self._kept = self._pos + len(line)
             if end < 0:
                 return None
@@ -222,7 +223,7 @@ class Completion:
         if self._line == 0:
             return _KEEP
         ind = indent_width(line)
-        if self._block is None:  # it starts the block: not below the cursor's line
+        if self._block is None or self._block_line == self._line:  # it starts the block: not below the cursor
             return _STOP_BEFORE if ind < self._cursor_indent else _KEEP
         if ind < self._block:
             return self._dedent(code, ind, complete)
