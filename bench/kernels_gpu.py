@@ -10,15 +10,24 @@ Steps, at Qwen3-8B head shapes (V 151936, H 4096, G 1024, E 256, block 16 -> 15 
    `domino_greedy_rollout` (K=0 and K=2048) when the SGLang files are available
    (`domino_backend.sglang.upstream`; copy the wheel and set DOMINO_SGLANG_WHEEL);
 3. capture the Triton rollout in a `torch.cuda.CUDAGraph` per batch size, replay, compare with eager;
-4. time per batch size: Triton graph replay, Triton eager, PyTorch-reference eager, SGLang eager.
+4. time per batch size: Triton graph replay, Triton eager, PyTorch-reference eager, SGLang eager;
+5. SGLang parity per batch size (needs the SGLang files): our reference vs SGLang's K=0 rollout in
+   the run's dtype and again on fp32 copies of the same weights and inputs (TF32 off), each row
+   alone vs the batch on both sides, and at every bf16 divergence the fp32 logit gap between the
+   two picks (a near-tie means rounding; a logic bug would also diverge in fp32).
 Writes one JSON report. Random weights: parity and speed only, not acceptance.
+
+    python bench/kernels_gpu.py --cpu-parity --out /tmp/parity.json     # step 5 only, CPU, bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +42,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1 on tiny shapes (checks the script)")
+    ap.add_argument("--cpu-parity", action="store_true", help="only the SGLang parity step, on CPU in bf16 (no Triton)")
+    ap.add_argument("--shapes", default="32768,1024,256,256", help="V,H,G,E for --cpu-parity (Qwen3-8B's are too "
+                    "slow on a CPU; the head keeps the GPU run's fan-in scaling)")
     return ap.parse_args(argv)
 
 
@@ -52,6 +64,11 @@ if ARGS.smoke:
     DEV, V, H, G, E, BLOCK = torch.device("cpu"), 1000, 32, 16, 24, 8
     DTYPE = torch.float16  # the interpreter mis-computes bf16
     BATCHES = [1, 3]
+    ITERS = 1
+elif ARGS.cpu_parity:
+    DEV, BLOCK, DTYPE = torch.device("cpu"), 16, torch.bfloat16
+    V, H, G, E = (int(x) for x in ARGS.shapes.split(","))
+    BATCHES = [int(b) for b in ARGS.batch_sizes.split(",")]
     ITERS = 1
 else:
     DEV, V, H, G, E, BLOCK = torch.device("cuda"), 151936, 4096, 1024, 256, 16
@@ -190,6 +207,73 @@ def rollout_checks(report):
     report["rollout"] = rows
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """fp32 GEMMs and cuDNN RNNs in full fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def sglang_parity(report):
+    """Logic or rounding? Our reference vs SGLang's K=0 rollout per batch size, in DTYPE and in fp32."""
+    from domino_backend.sglang.rollout import domino_rollout, proposal_slots
+
+    sgl, report["sglang_source"] = sglang_rollout_fn()
+    if sgl is None:
+        return False
+    head = make_head()
+    head32 = [copy.deepcopy(m).float() for m in head[:3]] + [head[3].float()]
+    hw = kernels.prepare_from_modules(head[0], head[1], head[2].weight)
+    hw32 = kernels.prepare_from_modules(head32[0], head32[1], head32[2].weight)
+
+    def both(h, hidden, bonus, hw_):
+        gru, proj, embed, lm_head = h
+        kw = dict(draft_hidden=hidden, bonus_tokens=bonus, target_embedding=embed, lm_head_weight=lm_head,
+                  prefix_gru=gru, embed_proj=proj, vocab_size=V, shift_label=True)
+        return (domino_rollout(**kw, head=hw_, backend="torch").tokens,
+                sgl(**kw, candidate_pool_size=0, in_cuda_graph=False))
+
+    rows = []
+    for b in BATCHES:
+        hidden, bonus = block_inputs(b, seed=b)
+        ours, theirs = both(head, hidden, bonus, hw)
+        alone = [both(head, hidden[i:i + 1], bonus[i:i + 1], hw) for i in range(b)]
+        with strict_fp32():
+            ours32, theirs32 = both(head32, hidden.float(), bonus, hw32)
+            z32 = hidden.float()[:, proposal_slots(BLOCK, True)]
+            fp32_logits = kernels.fused_rollout(hw32, z32, F.linear(z32, head32[3]), bonus, backend="torch",
+                                                return_logits=True).logits
+        row = {"batch": b,
+               "reference_vs_sglang_token_match": (ours == theirs).float().mean().item(),
+               "fp32_reference_vs_sglang_token_match": (ours32 == theirs32).float().mean().item(),
+               "reference_batch_equals_rows_alone": all(torch.equal(ours[i], a[0][0]) for i, a in enumerate(alone)),
+               "sglang_batch_equals_rows_alone": all(torch.equal(theirs[i], a[1][0]) for i, a in enumerate(alone)),
+               "rows_alone_reference_vs_sglang_token_match":
+                   torch.cat([(a[0] == a[1]).float() for a in alone], 1).mean().item()}
+        # First divergence of each row that differs: where both chains still share the fp32 chain's
+        # prefix, the fp32 logit gap between our pick and SGLang's (and the row's logit scale).
+        gaps, scale = [], 0.0
+        for i in range(b):
+            diff = (ours[i] != theirs[i]).nonzero()
+            if not len(diff):
+                continue
+            j = int(diff[0])
+            if torch.equal(ours32[i, :j], ours[i, :j]):
+                lg = fp32_logits[i, j]
+                gaps.append(abs(float(lg[ours[i, j]] - lg[theirs[i, j]])))
+                scale = max(scale, float(lg.abs().max()))
+        row.update(divergent_rows=int((ours != theirs).any(-1).sum()), divergences_checked_in_fp32=len(gaps),
+                   fp32_gap_at_divergence_max=max(gaps, default=None), fp32_logit_abs_max=scale or None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report["sglang_parity"] = rows
+    return True
+
+
 def graph_check(hw, z, base, bonus, eager_tokens):
     """Capture the whole Triton rollout (plus a sampled one) in CUDA graphs; replay; compare; time."""
     out = {}
@@ -236,9 +320,28 @@ def graph_check(hw, z, base, bonus, eager_tokens):
     return out
 
 
+def git_commit() -> str | None:
+    """The checked-out commit, "+dirty" when kernels/ or this script differ from it; None without git."""
+    def run(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        dirty = run("status", "--porcelain", "--", "kernels", "bench/kernels_gpu.py").strip()
+        return run("rev-parse", "HEAD").strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main():
-    report = {"smoke": ARGS.smoke, "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch."),
+    report = {"smoke": ARGS.smoke, "cpu_parity": ARGS.cpu_parity, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "commit": git_commit(), "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch."),
               "shapes": dict(V=V, H=H, G=G, E=E, block=BLOCK, drafts=K), "torch": torch.__version__}
+    if ARGS.cpu_parity:
+        t0 = time.perf_counter()
+        if not sglang_parity(report):
+            print(f"SGLang parity skipped, SGLang files {report['sglang_source']}", file=sys.stderr)
+            return 2
+        return write(report, t0)
     if DEV.type == "cuda" and not torch.cuda.is_available():
         report["status"] = "skipped: no CUDA device (use --smoke on CPU)"
         print(report["status"], file=sys.stderr)
@@ -258,6 +361,11 @@ def main():
     kernel_parity(report)
     print(json.dumps(report["kernels"]), flush=True)
     rollout_checks(report)
+    sglang_parity(report)
+    return write(report, t0)
+
+
+def write(report, t0):
     report["wall_s"] = time.perf_counter() - t0
     report["status"] = "ok"
     Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import gru_cell
+
 from .config import DraftConfig
 
 
@@ -125,19 +127,6 @@ class DraftCache:
         return self.k[layer], self.v[layer]
 
 
-def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
-    """Bias-free GRU cell in PyTorch's gate order (r, z, n): h' = (1-z)*n + z*h,
-    n = tanh(W_in x + r * (W_hn h)). x [B, H], h [B, G], w_ih [3G, H], w_hh [3G, G]."""
-    gi = F.linear(x.to(w_ih.dtype), w_ih)
-    gh = F.linear(h.to(w_hh.dtype), w_hh)
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return (1 - z) * n + z * h.to(n.dtype)
-
-
 class DraftModel(nn.Module):
     """DFlash backbone (+ Domino head when `cfg.projector_type` is set)."""
 
@@ -233,7 +222,8 @@ class DraftModel(nn.Module):
         return self.embed_proj(torch.cat([z, s.to(z.dtype)], dim=-1))
 
     def head_gru_step(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One GRU step, x [B, H] token embedding, h [B, G] -> h' [B, G]."""
+        """One GRU step, x [B, H] token embedding, h [B, G] -> h' [B, G] (the kernels' reference
+        cell, in the module's dtype; training runs the same weights through `nn.GRU`)."""
         return gru_cell(x, h, self.prefix_gru.weight_ih_l0, self.prefix_gru.weight_hh_l0)
 
     def fuse_context(self, target_feats: torch.Tensor) -> torch.Tensor:

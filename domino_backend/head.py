@@ -7,6 +7,15 @@ target embeddings of [anchor, d_0..d_{P-1}], and each later draft j uses
     logits_j = base_j + W2 · SiLU(W1 · [z_j ; s_j])
 where s_j has consumed exactly the tokens at positions anchor .. anchor+j (the invariant that
 makes rollout and training agree). The state never crosses a block boundary.
+
+The GRU step is the kernels' reference cell (`kernels.reference.gru_cell`, via
+`DraftModel.head_gru_step`). The rollout itself is not `kernels.fused_rollout`, because the engine
+needs what the capture-safe loop leaves out: every `SamplingParams` (top-k/top-p, a torch
+Generator), reduced-vocabulary drafters (picks mapped through d2t) and the full draft
+distributions; and it keeps the delta in the module's dtype as `embed_proj` computes it (the fused
+path adds it in fp32), gathering embeddings rather than holding a [V, 3G] input table. Both
+rollouts are token-identical in fp32 (tests/test_kernels.py). Training runs the same weights
+through `nn.GRU` over the whole block (autograd); tests/test_head.py ties it to the cell.
 """
 
 from __future__ import annotations

@@ -14,29 +14,46 @@ import torch
 import torch.nn.functional as F
 
 
+def gru_update(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The bias-free GRU update from the two projections, in PyTorch's gate order (r, z, n):
+    r = σ(gi_r + gh_r), z = σ(gi_z + gh_z), n = tanh(gi_n + r·gh_n), h' = (1 − z)·n + z·h.
+
+    gi = x·W_ih^T, gh = h·W_hh^T [B, 3G]; h [B, G]. Computes in the dtype of its inputs: the one
+    op sequence shared by the engine's cell (`gru_cell`, model dtype) and the kernel reference
+    (`gru_step_from_table`, fp32), so the two agree bit for bit whenever their inputs do.
+    """
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h.to(n.dtype)
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
+    """One bias-free GRU step on an input vector, in the weights' dtype (the engine's head step).
+
+    x [B, H], h [B, G], w_ih [3G, H], w_hh [3G, G] -> h' [B, G]. Equals one step of `nn.GRU`; the
+    engine keeps the module's dtype (no fp32 upcast, no table) so its drafts do not change when
+    the fused path's precision choices do.
+    """
+    return gru_update(F.linear(x.to(w_ih.dtype), w_ih), F.linear(h.to(w_hh.dtype), w_hh), h)
+
+
 def gru_step_from_table(
     table: torch.Tensor,
     tokens: torch.Tensor,
     gh: torch.Tensor | None,
     h: torch.Tensor,
 ) -> torch.Tensor:
-    """One bias-free GRU step whose input projection is a row of a precomputed table.
+    """`gru_cell` with the input projection read from a precomputed table, gates in fp32.
 
     table [V, 3G] = E_target · W_ih^T (gate order r, z, n); tokens [B] ids; gh [B, 3G] = h · W_hh^T
-    (None means h == 0, the first priming step); h [B, G]. Returns h' [B, G] in h's dtype:
-    r = σ(gi_r + gh_r), z = σ(gi_z + gh_z), n = tanh(gi_n + r·gh_n), h' = (1 − z)·n + z·h.
+    (None means h == 0, the first priming step); h [B, G]. Returns h' [B, G] in h's dtype.
     """
     gi = table.index_select(0, tokens).float()
-    g = h.shape[-1]
-    hf = h.float()
-    if gh is None:
-        ghf = torch.zeros_like(gi)
-    else:
-        ghf = gh.float()
-    r = torch.sigmoid(gi[:, :g] + ghf[:, :g])
-    z = torch.sigmoid(gi[:, g:2 * g] + ghf[:, g:2 * g])
-    n = torch.tanh(gi[:, 2 * g:] + r * ghf[:, 2 * g:])
-    return ((1 - z) * n + z * hf).to(h.dtype)
+    ghf = torch.zeros_like(gi) if gh is None else gh.float()
+    return gru_update(gi, ghf, h.float()).to(h.dtype)
 
 
 def head_logits(

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 import domino_backend.head as head_mod
-from domino_backend.draft_model import DraftModel, gru_cell
+from domino_backend.draft_model import DraftModel
 from domino_backend.head import rollout, teacher_forced_logits
 from domino_backend.sampling import SamplingParams, probs_from_logits
+from kernels.reference import gru_cell
 from tiny import head_test_draft
 
 H, V, G, E, S = 16, 40, 6, 7, 8  # hidden, vocab, GRU width, MLP bottleneck, block size

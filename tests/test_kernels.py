@@ -19,7 +19,7 @@ from torch import nn
 
 import kernels
 from domino_backend.config import DraftConfig
-from domino_backend.draft_model import DraftModel, gru_cell
+from domino_backend.draft_model import DraftModel
 from domino_backend.head import rollout as head_rollout
 from domino_backend.sampling import SamplingParams
 from kernels import reference as ref
@@ -45,10 +45,13 @@ def test_reference_gru_step_from_table_equals_gru_cell_on_embeddings():
     h, tok = rnd(b, g, seed=4), torch.tensor([3, 0, 49, 3])
     table = emb @ w_ih.T
     out = ref.gru_step_from_table(table, tok, h @ w_hh.T, h)
-    torch.testing.assert_close(out, gru_cell(emb[tok], h, w_ih, w_hh), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref.gru_cell(emb[tok], h, w_ih, w_hh), rtol=1e-5, atol=1e-5)
     # gh=None means a zero state: the first priming step.
     zero = torch.zeros_like(h)
-    torch.testing.assert_close(ref.gru_step_from_table(table, tok, None, zero), gru_cell(emb[tok], zero, w_ih, w_hh))
+    torch.testing.assert_close(ref.gru_step_from_table(table, tok, None, zero), ref.gru_cell(emb[tok], zero, w_ih, w_hh))
+    # One gate sequence: fed the engine's own input projections, the table step is the engine's cell bit for bit.
+    rows = emb[tok] @ w_ih.T
+    assert torch.equal(ref.gru_step_from_table(rows, torch.arange(b), h @ w_hh.T, h), ref.gru_cell(emb[tok], h, w_ih, w_hh))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
