@@ -15,7 +15,8 @@ import sys
 
 from pydantic import ValidationError
 
-from domino_backend.drafters import METHODS
+from domino_backend import settings as engine_settings
+from domino_backend.methods import METHODS
 from domino_backend.models import DEFAULT_PROFILE, PROFILES
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
@@ -52,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="browser Origin allowed to connect (repeat; '*' = any). Default: localhost, 127.0.0.1, "
                         "VS Code webviews")
+    g.add_argument("--allow-host", action="append", default=None, metavar="NAME",
+                   help="Host name served besides loopback names (repeat; '*' = any). Bound to loopback, other "
+                        "names are refused (DNS rebinding); bound beyond it, any name unless some are given")
+    engine_settings.add_arguments(ap)
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     kw = dict(
         host=a.host, port=a.port, ui=not a.no_ui, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
-        threads=a.threads, method=a.method, adaptive_drafts=not a.fixed_drafts, backend_url=a.backend_url, backend_model=a.backend_model,
+        threads=a.threads, method=a.method, engine=engine_settings.from_args(a), backend_url=a.backend_url, backend_model=a.backend_model,
         max_active=a.max_active, max_queue=a.max_queue, max_message_bytes=a.max_message_bytes,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
         default_max_tokens=a.default_max_tokens, max_inflight_per_connection=a.max_inflight_per_connection,

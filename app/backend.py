@@ -80,7 +80,7 @@ class Result:
     prefill_ms: float = 0.0
     ttft_ms: float | None = None  # None when no text came out
     total_ms: float = 0.0
-    spec: dict | None = None  # method, tau, drafted, accepted, rounds, per_position
+    spec: dict | None = None  # domino_backend.engine.Stats.to_dict(): method, tau, rounds, per-position acceptance, times
     error: str | None = None  # message when finish_reason == "error"
 
     @property

@@ -10,7 +10,9 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from domino_backend.drafters import METHODS
+from domino_backend.methods import METHODS
+from domino_backend.settings import EngineSettings
+from domino_backend.engine import MAX_STOPS
 
 # Loopback by default: the server runs models on the user's machine and has no key unless asked to.
 DEFAULT_HOST = "127.0.0.1"
@@ -32,13 +34,10 @@ class ServerConfig(BaseModel):
     draft: str | None = None  # None = the profile's default drafter, "none" = ar/ngram only
     dtype: str = "auto"
     threads: int | None = None  # torch threads; None = cores - 1 (see engine_backend.engine_threads)
-    # Default decoding method when a request names none. "auto": with a trained drafter, domino on a
-    # GPU and domino+ngram on a CPU; without one, n-gram lookup with adaptive drafts (ar with
-    # --fixed-drafts). Lossless either way.
+    # Default decoding method when a request names none; "auto" is resolved by
+    # domino_backend.methods.resolve. Lossless either way.
     method: str = "auto"
-    # Draft length per round chosen from measured acceptance and verify cost (lossless either way;
-    # on slow CPUs it verifies a weak drafter's guesses a few at a time instead of 16 at once).
-    adaptive_drafts: bool = True
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # draft length, trees, lookup, caches
     backend_url: str | None = None  # e.g. http://gpu-box:30000/v1 (SGLang, vLLM, llama.cpp, another Domino)
     backend_model: str | None = None  # model name sent to the remote backend (default: its first model)
     backend_api_key: str | None = None  # sent as Bearer to the remote backend, never logged

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 
-from domino_backend.drafters import METHODS, NEEDS_DRAFTER
+from domino_backend import methods
 from domino_backend.engine import GenerationRequest
 
 from agents.code.postprocess import for_request
@@ -71,20 +71,11 @@ class EngineBackend:
 
     def _ready(self) -> None:
         e = self.engine
-        if self.default_method == "auto":
-            # What the held-out benchmark measures fastest (docs/design.md, "Serving"). With a
-            # trained drafter: `domino` on a GPU, where a whole block verifies for about one step;
-            # on a CPU `domino+ngram`, prompt lookup where the text repeats itself and the drafter
-            # elsewhere. Without one: n-gram lookup with the adaptive draft length (it falls back
-            # to plain decoding on prose), or `ar` with fixed drafts.
-            on_gpu = str(getattr(e.target, "device", "cpu")).startswith("cuda")
-            if e.draft is not None and not e.placeholder_draft:
-                self.default_method = "domino" if on_gpu else "domino+ngram"
-            else:
-                self.default_method = "ngram" if self.cfg.adaptive_drafts else "ar"
-        if e.draft is None and self.default_method in NEEDS_DRAFTER:
-            log.warning("no drafter loaded: default method %s -> ar", self.default_method)
-            self.default_method = "ar"
+        on_gpu = str(getattr(e.target, "device", "cpu")).startswith("cuda")
+        self.default_method = methods.resolve(self.cfg.method, e.draft, not e.placeholder_draft, on_gpu,
+                                              self.cfg.engine.adaptive_drafts)
+        if self.default_method != self.cfg.method != "auto":
+            log.warning("this engine cannot run %s: default method %s", self.cfg.method, self.default_method)
         self._tok = copy.deepcopy(e.target.tokenizer)
         self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread)
         self.scheduler.start()
@@ -104,7 +95,7 @@ class EngineBackend:
             h["error"] = self._error
         if self._status == "ok":
             h["default_method"] = self.default_method
-            h["methods"] = [m for m in METHODS if m not in NEEDS_DRAFTER or self.engine.draft is not None]
+            h["methods"] = methods.available(self.engine.draft)
             e = self.engine
             h["drafter"] = None if e.draft is None else "untrained placeholder" if e.placeholder_draft else "trained"
         return h
@@ -125,14 +116,11 @@ class EngineBackend:
             raise RequestError("unavailable", msg, 503)
         cfg = self.cfg
         method = req.method or self.default_method
-        if method not in METHODS:
-            raise RequestError("invalid_request", f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        if method in NEEDS_DRAFTER and self.engine.draft is None:
-            raise RequestError("invalid_request", f"method {method!r} needs a drafter; this server runs without one")
-        if not 1 <= req.max_tokens <= cfg.max_tokens_limit:
-            raise RequestError("invalid_request", f"max_tokens must be between 1 and {cfg.max_tokens_limit}, "
-                                                  f"got {req.max_tokens}")
-        stop = clamp_stop(req.stop, cfg.max_stop_strings)
+        try:
+            methods.check(method, self.engine.draft)
+        except ValueError as e:
+            raise RequestError("invalid_request", str(e)) from None
+        # max_tokens, stop strings and the prompt's size were checked at the edge (app/edge.check_request)
         post = for_request(req)
         limit = min(cfg.max_prompt_tokens, self.engine.target.max_context - 1)
         ids = await asyncio.to_thread(self._encode, req, limit)  # FIM prompts are trimmed to the limit

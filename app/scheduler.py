@@ -50,15 +50,6 @@ class Task:
     text: str = ""
 
 
-def spec_stats(stats) -> dict:
-    return {
-        "method": stats.method, "tau": round(stats.tau, 4), "rounds": stats.rounds,
-        "drafted": stats.drafted, "accepted": stats.accepted,
-        "per_position": [round(x, 4) for x in stats.per_position_acceptance],
-        "accepted_per_position": list(stats.pos_accepted),  # counts, for Prometheus counters
-    }
-
-
 class EngineThread:
     """The one daemon OS thread that does all of the engine's torch work: loading, then serving.
 
@@ -254,7 +245,7 @@ class Scheduler:
             prefill_ms=stats.prefill_s * 1000 if stats else 0.0,
             ttft_ms=(t.first - t.received) * 1000 if t.first else None,
             total_ms=(now - t.received) * 1000,
-            spec=spec_stats(stats) if stats else None,
+            spec=stats.to_dict() if stats else None,
             error=error,
         )
         t.gen = None  # drop the reference to the KV cache now, not when the job is collected

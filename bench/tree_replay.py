@@ -25,7 +25,8 @@ from domino_backend.head import rollout
 from domino_backend.loader import build_engine
 from domino_backend.prompts import encode_record
 from domino_backend.sampling import SamplingParams
-from domino_backend.tree import DraftTree, TreeConfig, follow, grow
+from domino_backend.settings import TreeConfig
+from domino_backend.tree import DraftTree, follow, grow
 
 
 def accepted(tree, truth: list[int]) -> int:

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .drafters import METHODS
+from .methods import METHODS
 from .engine import Engine, GenerationRequest, Stats
 from .prompts import encode_record
 
-BENCH_METHODS = METHODS + ("hf",)
+BENCH_METHODS = (*METHODS, "hf")
 OPTIONS = ("adaptive", "chain")
 
 
@@ -101,19 +101,13 @@ def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_t
             r = results[m]
             r.outputs.append(toks)
             r.texts.append(tok.decode(toks, skip_special_tokens=True))
-            _accumulate(r.stats, stats)
+            r.stats.merge(stats)
     ref = results["ar"]
     report = {"max_new_tokens": max_new_tokens, "max_drafts": max_drafts, "num_prompts": len(prompts),
               "methods": {}, "speedup": {}, "lossless": {}}
     for m, r in results.items():
-        s = r.stats
-        report["methods"][m] = {
-            "tokens_per_s": s.tokens_per_s, "tau": s.tau, "per_position_acceptance": s.per_position_acceptance,
-            "accept_hist": s.accept_hist, "new_tokens": s.new_tokens, "total_s": s.total_s,
-            "draft_s": s.draft_s, "verify_s": s.verify_s, "prefill_s": s.prefill_s, "outputs": r.texts,
-            "output_ids": r.outputs,
-        }
-        report["speedup"][m] = s.tokens_per_s / ref.stats.tokens_per_s if ref.stats.tokens_per_s else 0.0
+        report["methods"][m] = {**r.stats.to_dict(), "outputs": r.texts, "output_ids": r.outputs}
+        report["speedup"][m] = r.stats.tokens_per_s / ref.stats.tokens_per_s if ref.stats.tokens_per_s else 0.0
         report["lossless"][m] = r.outputs == ref.outputs
     return report
 
@@ -132,22 +126,6 @@ def run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
     gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=base, max_drafts=max_drafts,
                                                  adaptive_drafts="adaptive" in opts, draft_tree="chain" not in opts))
     return gen.token_ids, gen.stats
-
-
-def _accumulate(total: Stats, s: Stats) -> None:
-    total.new_tokens += s.new_tokens
-    total.total_s += s.total_s
-    total.draft_s += s.draft_s
-    total.verify_s += s.verify_s
-    total.prefill_s += s.prefill_s
-    total.rounds += s.rounds
-    total.drafted += s.drafted
-    total.accepted += s.accepted
-    for name in ("pos_tried", "pos_accepted", "accept_hist"):
-        a, b = getattr(total, name), getattr(s, name)
-        a.extend([0] * (len(b) - len(a)))
-        for i, x in enumerate(b):
-            a[i] += x
 
 
 def format_table(report: dict) -> str:

@@ -8,7 +8,8 @@ import json
 import sys
 
 from .bench import BENCH_METHODS, format_table, read_prompts, run_bench
-from .drafters import METHODS
+from .methods import METHODS, resolve
+from . import settings as engine_settings
 from .engine import GenerationRequest
 from .loader import build_engine
 from .models import DEFAULT_PROFILE, PROFILES
@@ -25,19 +26,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    engine_settings.add_arguments(p)
 
 
 def _engine(args):
     target = args.target or args.profile or DEFAULT_PROFILE
-    return build_engine(target, args.draft, dtype=args.dtype, threads=args.threads)
+    return build_engine(target, args.draft, dtype=args.dtype, threads=args.threads,
+                        settings=engine_settings.from_args(args))
 
 
 def cmd_generate(args) -> int:
     engine = _engine(args)
     ids = encode(engine.target.tokenizer, prompt=args.prompt, chat=args.chat)
     req = GenerationRequest(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, stop=args.stop, seed=args.seed, method=args.method,
-                            max_drafts=args.max_drafts, adaptive_drafts=args.adaptive_drafts)
+                            top_k=args.top_k, stop=args.stop, seed=args.seed,
+                            method=resolve(args.method, engine.draft, not engine.placeholder_draft,
+                                           engine.target.device.type == "cuda", engine.settings.adaptive_drafts))
     gen = engine.stream(ids, req)
     for delta in gen:
         sys.stdout.write(delta)
@@ -55,7 +59,7 @@ def cmd_bench(args) -> int:
     engine = _engine(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = read_prompts(args.prompts)[: args.limit]
-    report = run_bench(engine, records, methods, args.max_new_tokens, max_drafts=args.max_drafts)
+    report = run_bench(engine, records, methods, args.max_new_tokens, max_drafts=engine.settings.max_drafts)
     report["target"] = args.target or args.profile or DEFAULT_PROFILE
     report["draft"] = args.draft
     report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
@@ -74,16 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="stream one completion and print its stats")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--method", default="domino", choices=METHODS)
+    g.add_argument("--method", default="auto", choices=("auto", *METHODS),
+                   help="auto: what the server would pick for this engine (methods.resolve)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round (15 = SGLang's window)")
-    g.add_argument("--adaptive-drafts", action="store_true",
-                   help="choose the drafts per round (<= the cap) from measured acceptance and verify cost")
     _add_model_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list of {', '.join(BENCH_METHODS)}; options :adaptive, :chain (e.g. domino:chain:adaptive)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--json", default=None, help="write the full report here")
-    b.add_argument("--max-drafts", type=int, default=None, help="cap drafts per round for every method")
     b.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
     _add_model_args(b)
     b.set_defaults(fn=cmd_bench)

@@ -8,48 +8,27 @@ absolute position `pos`. With the adaptive draft length the engine first asks `r
 which source will draft the round (and its most drafts): it keeps one draft-length policy per
 source, since sources (lookup, a drafter's chain, its tree) differ in acceptance and draft cost.
 
-- `ar`: proposes nothing; verification of [anchor] alone is plain decoding.
-- `ngram`: prompt lookup (what followed the earlier occurrence of the longest recurring suffix
-  that matches furthest back, in prompt + output), a deterministic draft of up to 16 tokens.
-- `dflash`: DFlash block drafter, base logits only (head off, even if the checkpoint has one).
-- `domino`: DFlash block drafter + Domino head rollout; for greedy requests a draft tree grown by
-  the head along several branches (tree.py), verified in the same one target pass.
-- `domino+ngram`: prompt lookup when the text repeats itself (the last `hybrid_min_match` or more
-  tokens occurred before), the Domino drafter otherwise. Code copies identifiers and whole lines
-  from its context, where lookup drafts are long and right; prose rarely does, where the drafter
-  guesses better than a one-token match (measurements: docs/design.md, "Drafting").
+`propose` returns a `Draft` (drafts.py) that the engine verifies and commits. Proposers:
+`Proposer` (drafts nothing: `ar`), `NgramProposer` (prompt lookup), `BlockProposer` (the block
+drafter, head on or off, chain or tree) and `HybridProposer` (lookup where the text repeats
+itself, the block drafter elsewhere); methods.py says which method uses which.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .batch_invariant import MAX_ROWS
 from .draft_model import DraftCache, DraftModel
+from .drafts import ChainDraft, Draft, empty_draft
 from .head import rollout
 from .sampling import SamplingParams
+from .settings import NgramConfig, TreeConfig
 from .target import Target
-from .tree import TreeConfig, grow
+from .tree import grow
 
-METHODS = ("ar", "ngram", "dflash", "domino", "domino+ngram")
-NEEDS_DRAFTER = ("dflash", "domino", "domino+ngram")
-
-_EMPTY = torch.empty(0, dtype=torch.long)
 MAX_BACK_MATCH = 64  # lookup: how far back a match is extended to rank occurrences
-
-
-@dataclass(frozen=True)
-class NgramConfig:
-    max_ngram: int = 3  # longest suffix tried first
-    min_ngram: int = 1
-    # Tokens proposed per round. Long: a copied line or block is accepted whole, and the adaptive
-    # draft length verifies fewer where lookup drafts fail (docs/design.md). Fixed-length `ngram`
-    # pays for long drafts where lookup rarely hits (prose): cap them per request with `max_drafts`.
-    num_draft: int = 16
-    hybrid_min_match: int = 2  # domino+ngram: shorter matches (or none) draft with the Domino drafter
 
 
 class Proposer:
@@ -65,12 +44,8 @@ class Proposer:
         """(source that drafts the next round, its most drafts); "" = the method's only source."""
         return "", self.max_k
 
-    def propose(self, anchor, pos, k, params, generator):
-        return _EMPTY, None
-
-
-class ArProposer(Proposer):
-    pass
+    def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator) -> Draft:
+        return empty_draft()
 
 
 class NgramProposer(Proposer):
@@ -98,9 +73,9 @@ class NgramProposer(Proposer):
 
     def propose(self, anchor, pos, k, params, generator):
         if k <= 0:  # an adaptive round that drafts nothing: no scan
-            return _EMPTY, None
+            return empty_draft()
         cont = self.round_lookup(anchor)[0][:k]
-        return torch.tensor(cont, dtype=torch.long) if cont else _EMPTY, None
+        return ChainDraft(torch.tensor(cont, dtype=torch.long)) if cont else empty_draft()
 
     def lookup(self, anchor: int, k: int) -> tuple[list[int], int]:
         """Up to k tokens that followed an earlier occurrence of the longest recurring suffix
@@ -169,16 +144,16 @@ class BlockProposer(Proposer):
     @torch.inference_mode()
     def propose(self, anchor: int, pos: int, k: int, params: SamplingParams, generator):
         if k == 0:
-            return _EMPTY, None
+            return empty_draft()
         z, base = self.draft_slots(anchor, pos, k)
         # A tree's rows sit in the target's cache until verified: keep them inside the context, and
         # within the rows the verify attention runs one by one (bitwise equal to decoding).
         if self.tree:
             nodes = min(max(1, round(self.tree.width * k)), MAX_ROWS - 1, self.target.max_context - pos - 1)
-            return grow(self.model, z[0], base[0], anchor, self.target.embed, nodes, self.tree.beam), None
+            return grow(self.model, z[0], base[0], anchor, self.target.embed, nodes, self.tree.beam)
         anchor_t = torch.tensor([anchor], device=self.target.device)
         tokens, probs = rollout(self.model, z, base, anchor_t, self.target.embed, params, generator, self.use_head)
-        return tokens[0].cpu(), None if probs is None else probs[0]
+        return ChainDraft(tokens[0].cpu(), q=None if probs is None else probs[0])
 
 
 class HybridProposer(Proposer):
@@ -208,21 +183,3 @@ class HybridProposer(Proposer):
         if self._by_lookup(anchor):
             return self.ngram.propose(anchor, pos, k, params, generator)
         return self.block.propose(anchor, pos, min(k, self.block.max_k), params, generator)
-
-
-def make_proposer(method: str, target: Target, draft: DraftModel | None, ngram: NgramConfig,
-                  tree: TreeConfig | None = None):
-    if method == "ar":
-        return ArProposer()
-    if method == "ngram":
-        return NgramProposer(ngram)
-    if method in NEEDS_DRAFTER:
-        if draft is None:
-            raise ValueError(f"method {method!r} needs a drafter checkpoint (--draft)")
-        if method != "dflash" and not draft.has_head:
-            raise ValueError(f"method {method!r} needs a Domino head; this drafter is plain DFlash (use 'dflash')")
-        block = BlockProposer(draft, target, use_head=method != "dflash", tree=tree)
-        if method == "domino+ngram":
-            return HybridProposer(block, NgramProposer(ngram), ngram.hybrid_min_match)
-        return block
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -21,11 +21,11 @@ from .batch_invariant import use_rowwise_attention
 from .cpu import pack_linears
 from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
-from .drafters import NgramConfig, make_proposer
+from .methods import make_proposer
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, select, verify_chain
+from .sampling import SamplingParams, select
+from .settings import EngineSettings
 from .target import Target
-from .tree import DraftTree, TreeConfig, verify_tree
 
 
 MAX_STOPS, MAX_STOP_CHARS = 16, 256  # bounds the per-round stop-string scan
@@ -41,16 +41,10 @@ class GenerationRequest:
     stop_token_ids: list[int] = field(default_factory=list)  # extra end tokens (e.g. a FIM family's)
     seed: int | None = None
     method: str = "domino"
-    # Cap on drafts verified per round (None: the method's own, 16 for a shift_label b16 drafter).
-    # 15 reproduces SGLang's window for shift_label drafters; smaller caps trade tau for cheaper
-    # verification on slow CPUs.
+    # None: the engine's EngineSettings value (settings.py says what each does).
     max_drafts: int | None = None
-    # Pick the number of drafts per round (<= the cap above) from measured acceptance and verify
-    # cost, see draft_length.py; False verifies the full cap every round.
-    adaptive_drafts: bool = False
-    # Greedy requests: the Domino drafter proposes a tree (the engine's TreeConfig) instead of a
-    # chain, see tree.py. Sampling always drafts a chain.
-    draft_tree: bool = True
+    adaptive_drafts: bool | None = None
+    draft_tree: bool | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k)
@@ -99,12 +93,25 @@ class Stats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
+    def merge(self, other: Stats) -> None:
+        """Add another run's counts and times (a benchmark's total over prompts)."""
+        for name in ("prompt_tokens", "reused_tokens", "new_tokens", "rounds", "drafted", "accepted",
+                     "prefill_s", "draft_s", "verify_s", "total_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("pos_tried", "pos_accepted", "accept_hist"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, x in enumerate(theirs):
+                mine[i] += x
+
     def to_dict(self) -> dict:
+        """The one serialisation: the API's `spec`, benchmark reports, metrics."""
         return {
             "method": self.method, "prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
             "new_tokens": self.new_tokens,
             "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
-            "per_position_acceptance": self.per_position_acceptance, "accept_hist": self.accept_hist,
+            "per_position_acceptance": self.per_position_acceptance,
+            "accepted_per_position": list(self.pos_accepted), "accept_hist": self.accept_hist,
             "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
             "total_s": self.total_s, "tokens_per_s": self.tokens_per_s,
         }
@@ -113,13 +120,12 @@ class Stats:
 class Engine:
     """Shared model weights + the decoding loop. Each call to `stream` is an independent request."""
 
-    def __init__(self, target: Target, draft: DraftModel | None = None, ngram: NgramConfig = NgramConfig(),
-                 placeholder_draft: bool = False, prefill_chunk: int = 512, prefix_cache: int = 4,
-                 tree: TreeConfig = TreeConfig()):
-        self.target, self.draft, self.ngram, self.tree = target, draft, ngram, tree
-        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward
-        # Snapshots of recent prompts' KV caches for prefix reuse (0 disables it).
-        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache else None
+    def __init__(self, target: Target, draft: DraftModel | None = None, settings: EngineSettings = EngineSettings(),
+                 placeholder_draft: bool = False):
+        self.target, self.draft, self.settings = target, draft, settings
+        # Snapshots of recent prompts' KV caches for prefix reuse.
+        self.prefix_cache = (PrefixCache(settings.prefix_cache, settings.prefix_min_reuse)
+                             if settings.prefix_cache else None)
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
         # Adaptive draft-length state per method (per "method/source" for methods that route rounds
@@ -142,6 +148,10 @@ class Engine:
             raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
         if len(req.stop) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in req.stop):
             raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+        s = self.settings
+        req = replace(req, max_drafts=s.max_drafts if req.max_drafts is None else req.max_drafts,
+                      adaptive_drafts=s.adaptive_drafts if req.adaptive_drafts is None else req.adaptive_drafts,
+                      draft_tree=s.draft_tree if req.draft_tree is None else req.draft_tree)
         if req.max_drafts is not None and req.max_drafts < 0:
             raise ValueError(f"max_drafts must be >= 0, got {req.max_drafts}")
         limit = self.target.max_context
@@ -151,8 +161,7 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.target.vocab_size})")
         params = req.sampling()  # validates temperature / top-p / top-k now, not on the first round
-        tree = self.tree if req.draft_tree and params.greedy else None
-        proposer = make_proposer(req.method, self.target, self.draft, self.ngram, tree)
+        proposer = make_proposer(req.method, self.target, self.draft, s, req.draft_tree and params.greedy)
         return Generation(self, list(prompt_ids), req, proposer, params)
 
     def generate(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
@@ -181,7 +190,7 @@ class Engine:
         stats.reused_tokens = reused
         # Prefill in chunks, yielding nothing between them: a long prompt can then be cancelled
         # mid-prefill and does not stall the rounds of other requests sharing the worker.
-        chunk, n = self.prefill_chunk, len(prompt_ids)
+        chunk, n = self.settings.prefill_chunk, len(prompt_ids)
         for start in range(reused, n, chunk):
             piece = prompt_ids[start:start + chunk]
             t0 = time.perf_counter()
@@ -215,30 +224,22 @@ class Engine:
                 k = policy.choose(k)
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                drafts, q = proposer.propose(anchor, pos, k, params, rng)
+                draft = proposer.propose(anchor, pos, k, params, rng)  # a chain or a tree (drafts.py)
                 t1 = time.perf_counter()
-                if isinstance(drafts, DraftTree):
-                    out = sess.forward(torch.cat([torch.tensor([anchor]), drafts.tokens]).to(t.device),
-                                       proposer.layer_ids, parents=drafts.parents)
-                    rows, bonus = verify_tree(drafts, out.logits)
-                    sess.keep_path(pos, rows)
-                    committed = [anchor] + drafts.tokens[[r - 1 for r in rows[1:]]].tolist()
-                    depth, a, priced_k = drafts.depth, len(rows) - 1, k  # grown for K: priced as K
-                else:
-                    out = sess.forward(torch.cat([torch.tensor([anchor]), drafts]).to(t.device), proposer.layer_ids)
-                    a, bonus = verify_chain(drafts, q, out.logits, params, rng)
-                    sess.rollback(pos + a + 1)
-                    committed, rows = [anchor] + drafts[:a].tolist(), slice(0, a + 1)
-                    depth = priced_k = drafts.shape[0]
-                proposer.commit(committed, None if out.feats is None else out.feats[rows])
+                out = sess.forward(draft.verify_input(anchor, t.device), proposer.layer_ids, parents=draft.parents)
+                rows, bonus = draft.verify(out.logits, params, rng)  # committed rows: anchor first
+                draft.commit(sess, pos, rows)
+                new = draft.accepted(rows)
+                proposer.commit([anchor] + new, None if out.feats is None else out.feats[rows])
             t2 = time.perf_counter()
+            a = len(new)
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            stats.record(depth, a)  # per-position statistics of a tree are per depth
+            stats.record(draft.depth, a)  # per-position statistics of a tree are per depth
             if policy is not None:
-                policy.update(priced_k, a, t1 - t0, t2 - t1)
+                policy.update(draft.priced_k, a, t1 - t0, t2 - t1)
             anchor = bonus
-            new = committed[1:] + [bonus]
+            new.append(bonus)
             produced += len(new)
             yield new
 

@@ -14,6 +14,7 @@ from .cpu import cpu_has_fast_bf16
 from .draft_model import DraftModel
 from .engine import Engine
 from .models import PROFILES, load_target
+from .settings import EngineSettings
 from .target import Target
 
 # Trained drafters shipped with the package, by profile (see docs/training.md).
@@ -61,7 +62,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def build_engine(target: str = "coder", draft: str | None = None, dtype: str | torch.dtype = "auto",
-                 threads: int | None = None) -> Engine:
+                 threads: int | None = None, settings: EngineSettings = EngineSettings()) -> Engine:
     """target: profile name, HF folder or hub id. draft: checkpoint folder/hub id, "none" (ar/ngram
     only), or None for the profile's shipped drafter (a random-init one when none is shipped yet)."""
     if threads:
@@ -71,16 +72,16 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
     model, tokenizer = load_target(target, dtype=dtype)
     t = Target(model, tokenizer)
     if draft == "none":
-        return Engine(t)
+        return Engine(t, settings=settings)
     if draft is not None:
-        return Engine(t, load_draft(draft))
+        return Engine(t, load_draft(draft), settings)
     shipped = SHIPPED_DRAFTERS / target
     if shipped.is_dir():
-        return Engine(t, load_draft(shipped))
+        return Engine(t, load_draft(shipped), settings)
     mask = PROFILES[target].mask_token_id if target in PROFILES else t.vocab_size - 1
     print(
         f"[domino] WARNING: no trained drafter for {target!r}; using a RANDOMLY INITIALISED drafter. "
         "Output stays exactly the target's, but acceptance is ~0, so dflash/domino run slower than ar.",
         file=sys.stderr,
     )
-    return Engine(t, random_drafter(t, mask), placeholder_draft=True)
+    return Engine(t, random_drafter(t, mask), settings, placeholder_draft=True)

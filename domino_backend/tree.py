@@ -19,18 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from .draft_model import DraftModel
-
-
-@dataclass(frozen=True)
-class TreeConfig:
-    width: float = 1.0  # a round drafting K tokens verifies round(width * K) nodes (<= 31: batch_invariant.MAX_ROWS)
-    beam: int = 4  # nodes expanded per depth, each into its `beam` most probable children
+from .drafts import Draft
+from .sampling import SamplingParams
 
 
 @dataclass
-class DraftTree:
-    tokens: torch.Tensor  # [N] target ids, parents before children
-    parents: list[int]  # node i's parent row: 0 = the anchor, j = tokens[j - 1]
+class DraftTree(Draft):
+    """tokens [N] target ids, parents before children; parents[i]: node i's parent row (0 = the
+    anchor, j = tokens[j - 1]). Greedy only."""
+
+    k: int = 0  # the K it was grown for (its depth bound): the round is priced as K drafts
 
     @property
     def depths(self) -> list[int]:
@@ -43,6 +41,16 @@ class DraftTree:
     @property
     def depth(self) -> int:
         return max(self.depths)
+
+    @property
+    def priced_k(self) -> int:
+        return self.k or self.tokens.shape[0]
+
+    def verify(self, logits: torch.Tensor, params: SamplingParams, rng) -> tuple[list[int], int]:
+        return verify_tree(self, logits)
+
+    def commit(self, session, pos: int, rows: list[int]) -> None:
+        session.keep_path(pos, rows)
 
 
 def grow(model: DraftModel, z: torch.Tensor, base: torch.Tensor, anchor: int, embed: torch.nn.Module,
@@ -86,7 +94,7 @@ def grow(model: DraftModel, z: torch.Tensor, base: torch.Tensor, anchor: int, em
     row = {i: r + 1 for r, i in enumerate(chosen)}
     parents = [row[cands[i][3]] if cands[i][3] >= 0 else 0 for i in chosen]
     ids = model.to_target_ids(torch.tensor([cands[i][2] for i in chosen], dtype=torch.long, device=dev))
-    return DraftTree(ids.cpu(), parents)
+    return DraftTree(ids.cpu(), parents, k=k)
 
 
 def follow(tree: DraftTree, best: list[int]) -> list[int]:

@@ -145,7 +145,7 @@ class FakeEngine:
 
         self.round_s = round_s
         self.target = SimpleNamespace(tokenizer=FakeTokenizer(), max_context=max_context)
-        self.draft = object()
+        self.draft = SimpleNamespace(has_head=True)  # a drafter with a Domino head: every method runs
         self.placeholder_draft = False
         self.started = 0  # generations begun: lets tests check that cancelled work never started
 

@@ -102,7 +102,7 @@ def test_adaptive_engine_is_lossless_and_shortens_rounds_for_a_useless_drafter()
     lookup, drafter = engine.draft_length["domino+ngram/lookup"], engine.draft_length["domino+ngram/drafter/tree"]
     assert lookup.rounds > 0 and drafter.rounds > 0
     assert lookup.rounds + drafter.rounds == gen.stats.rounds
-    assert (lookup.max_k, drafter.max_k) == (engine.ngram.num_draft, engine.draft.cfg.num_drafts)
+    assert (lookup.max_k, drafter.max_k) == (engine.settings.ngram.num_draft, engine.draft.cfg.num_drafts)
     assert "domino+ngram" not in engine.draft_length
 
 

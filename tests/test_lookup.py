@@ -1,6 +1,7 @@
 """Prompt lookup (the `ngram` drafts, and the lookup half of `domino+ngram`)."""
 
-from domino_backend.drafters import NgramConfig, NgramProposer
+from domino_backend.drafters import NgramProposer
+from domino_backend.settings import NgramConfig
 
 
 def proposer(history: list[int]) -> NgramProposer:

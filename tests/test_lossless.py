@@ -5,13 +5,14 @@ import torch
 
 import domino_backend.engine as engine_mod
 from domino_backend.engine import Engine, GenerationRequest
-from domino_backend.tree import DraftTree
+from domino_backend.drafts import ChainDraft
 from tiny import tiny_draft, tiny_target
 
 PROMPTS = [[3, 5, 7, 9, 11], [1], [8, 8, 8, 8, 2, 8, 8], list(range(10, 40))]
 
 
 def run(engine, prompt, method, n=40, **kw):
+    kw.setdefault("adaptive_drafts", False)  # fixed drafts: every round exercises its draft
     return engine.generate(prompt, GenerationRequest(max_new_tokens=n, method=method, **kw))
 
 
@@ -77,7 +78,7 @@ class CorruptedOracle:
         start = pos + 1 - self.prompt_len
         d = torch.tensor(self.truth[start:start + k], dtype=torch.long)
         flip = torch.rand(d.shape, generator=self.g) < 0.25
-        return torch.where(flip, (d + 1) % 64, d), None
+        return ChainDraft(torch.where(flip, (d + 1) % 64, d))
 
 
 def test_partial_acceptance_rolls_back_exactly(monkeypatch):
@@ -169,12 +170,13 @@ def test_reduced_draft_vocabulary_stays_lossless_and_drafts_only_its_tokens(shif
         inner = prop.propose
 
         def propose(*args):
-            toks, q = inner(*args)
-            seen.update((toks.tokens if isinstance(toks, DraftTree) else toks).tolist())  # greedy: trees
+            draft = inner(*args)
+            seen.update(draft.tokens.tolist())  # greedy: trees, sampling: chains
+            q = getattr(draft, "q", None)
             if q is not None:  # the verifier sees q over the full vocabulary, zero outside the draft vocab
                 outside = [t for t in range(16) if t not in allowed]
                 assert q.shape[-1] == 16 and float(q[:, outside].sum()) == 0.0
-            return toks, q
+            return draft
 
         prop.propose = propose
         return prop

@@ -102,7 +102,7 @@ def test_domino_method_is_lossless_through_the_server(ctx):
     assert done["text"] == ref[(p, 12)]
     s = done["spec"]
     assert s["method"] == "domino" and s["drafted"] > 0 and s["rounds"] >= 1 and s["tau"] >= 1.0
-    assert len(s["per_position"]) > 0
+    assert len(s["per_position_acceptance"]) > 0
 
 
 def test_32_concurrent_clients_all_complete_correctly(ctx):

@@ -172,6 +172,7 @@ def test_scheduler_refuses_when_full():
 
 def test_auto_method_drafts_with_a_trained_drafter_else_adaptive_ngram():
     from app.engine_backend import EngineBackend
+    from domino_backend.settings import EngineSettings
 
     cases = ((False, "cuda:0", True, "domino"), (False, "cpu", True, "domino+ngram"),
              (False, "cpu", False, "domino+ngram"), (True, "cuda:0", True, "ngram"),
@@ -180,7 +181,8 @@ def test_auto_method_drafts_with_a_trained_drafter_else_adaptive_ngram():
         engine = FakeEngine()
         engine.placeholder_draft = placeholder
         engine.target.device = device
-        backend = EngineBackend(ServerConfig(target="tiny", adaptive_drafts=adaptive), engine=engine)
+        backend = EngineBackend(ServerConfig(target="tiny", engine=EngineSettings(adaptive_drafts=adaptive)),
+                                engine=engine)
         backend._ready()
         try:
             assert backend.default_method == expected

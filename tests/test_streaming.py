@@ -1,5 +1,6 @@
 """Streaming text, stop strings and cancellation."""
 
+import dataclasses
 import threading
 
 from domino_backend.engine import Engine, GenerationRequest
@@ -64,7 +65,7 @@ def test_long_prompt_prefills_in_chunks_and_can_be_cancelled_mid_prefill():
     engine.prefix_cache = None  # every request prefills the whole prompt
     prompt = [(7 * i) % 60 for i in range(150)]
     ref = engine.generate(prompt, GenerationRequest(max_new_tokens=30, method="domino")).token_ids
-    engine.prefill_chunk = 32  # 5 chunks
+    engine.settings = dataclasses.replace(engine.settings, prefill_chunk=32)  # 5 chunks
     for method in ("ar", "domino", "ngram"):
         assert engine.generate(prompt, GenerationRequest(max_new_tokens=30, method=method)).token_ids == ref
     gen = engine.stream(prompt, GenerationRequest(max_new_tokens=30, method="domino"))

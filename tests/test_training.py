@@ -8,6 +8,7 @@ import torch
 
 from domino_backend.checkpoint import load_draft
 from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.settings import EngineSettings
 from domino_backend.training.capture import CapturedData, CaptureSet, capture, interleave
 from domino_backend.training.objective import build_blocks, lambda_base, sample_anchors
 from domino_backend.training.trainer import TrainConfig, lr_at, train
@@ -384,7 +385,7 @@ def test_the_engine_drafts_with_exactly_what_the_trainer_optimises(shift_label):
         return z
 
     draft.forward_block = spy
-    engine = Engine(target, draft, prefill_chunk=8)
+    engine = Engine(target, draft, EngineSettings(prefill_chunk=8))
     prompt = torch.randint(0, 40, (21,), generator=torch.Generator().manual_seed(3)).tolist()
     cfg = draft.cfg
     for _ in range(2):  # the second run starts from the prefix cache's snapshot

@@ -13,7 +13,8 @@ from torch import nn
 from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.head import rollout, teacher_forced_logits
 from domino_backend.sampling import SamplingParams
-from domino_backend.tree import DraftTree, TreeConfig, grow, verify_tree
+from domino_backend.settings import EngineSettings, TreeConfig
+from domino_backend.tree import DraftTree, grow, verify_tree
 from tiny import head_test_draft, tiny_draft, tiny_target
 
 H, V, K = 16, 7, 3  # hidden, vocabulary, depth: V ** K = 343 branches to enumerate
@@ -92,7 +93,7 @@ def test_greedy_tree_verification_follows_the_targets_argmax_down_the_tree():
 @pytest.mark.parametrize("method", ["domino", "domino+ngram"])
 def test_tree_decoding_equals_plain_greedy_decoding(family, width, method):
     target = tiny_target(family, vocab=48, peak=3.0, seed=11)
-    engine = Engine(target, tiny_draft(target, seed=3, block_size=6), tree=TreeConfig(width=width))
+    engine = Engine(target, tiny_draft(target, seed=3, block_size=6), EngineSettings(tree=TreeConfig(width=width)))
     prompt = torch.randint(0, 48, (30,), generator=torch.Generator().manual_seed(4)).tolist()
     plain = engine.generate(prompt, GenerationRequest(max_new_tokens=40, method="ar")).token_ids
     for adaptive in (False, True):

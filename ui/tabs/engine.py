@@ -62,7 +62,7 @@ def info_html(ctx: Ctx, health: dict, hw: dict) -> str:
         if "drafter" in health:
             rows["drafter"] = drafter_text(health["drafter"], cfg.draft)
         rows["dtype"] = cfg.dtype
-        rows["draft length"] = "adaptive (measured per round)" if cfg.adaptive_drafts else "fixed (full block)"
+        rows["draft length"] = "adaptive (measured per round)" if cfg.engine.adaptive_drafts else "fixed (full block)"
     if health.get("default_method"):
         rows["default method"] = health["default_method"]
     if health.get("methods"):

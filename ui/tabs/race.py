@@ -60,7 +60,7 @@ def lane_html(lane: Lane, now: float, shared: bool = False) -> str:
         cells = [f"<b>{rate:.1f}</b> tok/s{' (shared engine)' if shared else ''}" if rate else "", f"τ <b>{t:.2f}</b>" if t else "",
                  f"{r.completion_tokens} tokens", f"{(r.spec or {}).get('rounds', len(lane.chunks))} rounds",
                  f"{r.total_ms / 1000:.2f} s"]
-        per_pos = (r.spec or {}).get("per_position") or []
+        per_pos = (r.spec or {}).get("per_position_acceptance") or []
         chart = bars(per_pos, label="acceptance per draft position") if per_pos else ""
         stats = (f'<div class="dm-lane-stats">{" · ".join(c for c in cells if c)}</div>'
                  + (f'<div class="dm-lane-chart"><div class="dm-chart-title">acceptance per draft position</div>{chart}</div>'
