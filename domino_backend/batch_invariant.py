@@ -55,18 +55,23 @@ def _row_keys(mask: torch.Tensor | None, m: int, n_keys: int) -> list[torch.Tens
     return rows
 
 
-_plan: tuple[torch.Tensor | None, int, int, list | None] = (None, 0, 0, None)  # one verify's mask, analysed once
+class _RowPlan:
+    """`_row_keys`, memoised on the mask object: every layer of a forward gets the same one
+    (a forward builds its mask once and hands that object to each layer)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor | None, int, int, list | None] = (None, 0, 0, None)
+
+    def __call__(self, mask: torch.Tensor | None, m: int, n_keys: int) -> list[torch.Tensor | None] | None:
+        if mask is None:
+            return [None] * m
+        last = self._last  # one read: another thread may swap it meanwhile
+        if last[0] is not mask or last[1:3] != (m, n_keys):
+            last = self._last = (mask, m, n_keys, _row_keys(mask, m, n_keys))
+        return last[3]
 
 
-def _rows_for(mask: torch.Tensor | None, m: int, n_keys: int) -> list[torch.Tensor | None] | None:
-    """`_row_keys`, memoised on the mask object: every layer of a forward gets the same one."""
-    global _plan
-    if mask is None:
-        return [None] * m
-    plan = _plan  # one read: another thread may swap it meanwhile
-    if plan[0] is not mask or plan[1:3] != (m, n_keys):
-        plan = _plan = (mask, m, n_keys, _row_keys(mask, m, n_keys))
-    return plan[3]
+_rows_for = _RowPlan()
 
 
 def rowwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -108,13 +113,16 @@ def rowwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return torch.cat(out, 1), None
 
 
-AttentionInterface.register(NAME, rowwise_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+def register() -> None:
+    """Make `NAME` known to transformers (idempotent): its attention and mask registries are global."""
+    AttentionInterface.register(NAME, rowwise_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_rowwise_attention(model) -> None:
     """Switch a transformers model to row-wise attention (idempotent); a model that cannot switch
     keeps its attention, and verify is then lossless only up to rounding, so say so."""
+    register()
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError) as e:

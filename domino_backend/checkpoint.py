@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import CheckpointError, DraftConfig
+from .config import CheckpointError, DraftConfig, text_config
 from .draft_model import DraftModel
 
 HEAD_TENSORS = ("prefix_gru.weight_ih_l0", "prefix_gru.weight_hh_l0", "embed_proj.0.weight", "embed_proj.2.weight")
@@ -128,7 +128,7 @@ def save_draft(model: DraftModel, path: str | Path, dtype: torch.dtype = torch.b
 
 def check_compatible(cfg: DraftConfig, target_cfg) -> None:
     """Raise CheckpointError if the drafter cannot run on this target (HF PretrainedConfig)."""
-    tc = target_cfg.get_text_config() if hasattr(target_cfg, "get_text_config") else target_cfg
+    tc = text_config(target_cfg)
     problems = []
     if cfg.hidden_size != tc.hidden_size:
         problems.append(f"draft hidden_size {cfg.hidden_size} != target hidden_size {tc.hidden_size}")

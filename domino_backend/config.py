@@ -27,6 +27,11 @@ def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> lis
     return [int(round(start + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
 
 
+
+def text_config(cfg):
+    """The language model's config of a Hugging Face config (multimodal configs nest it)."""
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
 @dataclass
 class DraftConfig:
     # Draft transformer (Qwen3-style layers). hidden_size must equal the target's: the drafter

@@ -9,8 +9,9 @@ Two settings, both exact GEMMs in the model's dtype (only the summation order di
 
 * MKL picks a slow generic code path on non-Intel CPUs; `MKL_CBWR=AVX2` pins its AVX2 kernels
   (markedly faster small-M fp32 forwards on AMD EPYCs without AVX-512). MKL reads the
-  variable at its first BLAS call, so setting it at import of this package works even after
-  `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not set it. It still
+  variable at its first BLAS call, so `build_engine` and the training CLI set it before loading
+  anything, even after `import torch`. Only set on AMD CPUs with AVX2 and only if the user has not
+  set it. It still
   matters for the GEMMs that are not Linear layers and for training.
 * `pack_linears`: every fp32 (or natively supported bf16) CPU `nn.Linear` keeps its weight
   Parameter (same object, same state-dict name, tying kept) and gains a copy reordered once into

@@ -10,10 +10,10 @@ import torch
 
 from .checkpoint import load_draft
 from .config import DraftConfig, build_target_layer_ids
-from .cpu import cpu_has_fast_bf16
+from .cpu import cpu_has_fast_bf16, pin_mkl_avx2_on_amd
 from .draft_model import DraftModel
 from .engine import Engine
-from .models import PROFILES, load_target
+from .models import load_target, mask_token_id
 from .settings import EngineSettings
 from .target import Target
 
@@ -65,6 +65,7 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
                  threads: int | None = None, settings: EngineSettings = EngineSettings()) -> Engine:
     """target: profile name, HF folder or hub id. draft: checkpoint folder/hub id, "none" (ar/ngram
     only), or None for the profile's shipped drafter (a random-init one when none is shipped yet)."""
+    pin_mkl_avx2_on_amd()  # before the first BLAS call (cpu.py)
     if threads:
         torch.set_num_threads(threads)
     if isinstance(dtype, str):
@@ -78,7 +79,7 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
     shipped = SHIPPED_DRAFTERS / target
     if shipped.is_dir():
         return Engine(t, load_draft(shipped), settings)
-    mask = PROFILES[target].mask_token_id if target in PROFILES else t.vocab_size - 1
+    mask = mask_token_id(target, t.vocab_size)
     print(
         f"[domino] WARNING: no trained drafter for {target!r}; using a RANDOMLY INITIALISED drafter. "
         "Output stays exactly the target's, but acceptance is ~0, so dflash/domino run slower than ar.",

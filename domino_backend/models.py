@@ -88,6 +88,11 @@ PROFILES: dict[str, Profile] = {
 DEFAULT_PROFILE = "coder"
 
 
+def mask_token_id(target: str, vocab_size: int) -> int:
+    """The drafter's mask token for a target: the profile's reserved token, else the last id."""
+    return PROFILES[target].mask_token_id if target in PROFILES else vocab_size - 1
+
+
 def cache_dir() -> Path:
     """Root of Domino's caches: ``$DOMINO_CACHE`` or ``~/.cache/domino``."""
     env = os.environ.get("DOMINO_CACHE")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .config import text_config
 from .prompts import END_TOKENS
 
 
@@ -31,7 +32,7 @@ class Target:
     def __init__(self, model, tokenizer, max_context: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = text_config(model.config)
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         self.num_layers = self.config.num_hidden_layers

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..cpu import cpu_has_fast_bf16, pack_linears
+from ..cpu import cpu_has_fast_bf16, pack_linears, pin_mkl_avx2_on_amd
 from ..loader import cpu_draft_config, resolve_dtype
-from ..models import PROFILES, load_target
+from ..models import load_target, mask_token_id
 from ..target import Target
 
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--target-labels", action="store_true",
                    help="supervise with the target's greedy tokens (run the `label` step first)")
     args = ap.parse_args(argv)
+    pin_mkl_avx2_on_amd()  # before the first BLAS call (cpu.py)
 
     if args.step == "prompts":
         from .data import build_prompts
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import TrainConfig, train
 
         data = CaptureSet(args.data)
-        mask = PROFILES[args.target].mask_token_id if args.target in PROFILES else model.config.vocab_size - 1
+        mask = mask_token_id(args.target, model.config.vocab_size)
         dcfg = cpu_draft_config(Target(model, tok), mask).replace(
             num_hidden_layers=args.draft_layers, block_size=args.block_size, gru_hidden_dim=args.gru_hidden,
             emb_dim=args.emb_dim, target_layer_ids=data.layer_ids, draft_vocab_size=args.draft_vocab,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import text_config
 from .data import read_complete_lines
 
 
@@ -32,7 +33,7 @@ def interleave(groups: list[list]) -> list:
 def capture(model, records_files: list[Path], out: Path, layer_ids: list[int], split: str = "train",
             max_len: int = 1024) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    hidden = text_config(model.config).hidden_size
     width = len(layer_ids) * hidden
     meta = {"layer_ids": layer_ids, "width": width, "dtype": "float16", "max_len": max_len}
     meta_file = out / "meta.json"
@@ -82,7 +83,7 @@ def label_targets(model, data_dir: Path, top_tokens: int | None = 16384) -> int:
     last = max(data.layer_ids)
     if last >= n_layers - 1:  # HF's last hidden state is already normed: nothing to re-run from
         raise ValueError(f"labels need a captured layer before the last decoder layer (got {last})")
-    types = getattr(model.config.get_text_config(), "layer_types", None)
+    types = getattr(text_config(model.config), "layer_types", None)
     rest = decoder.layers[last + 1:]
     if types is not None and list(types[last + 1:]) != list(types[:len(rest)]):
         raise ValueError("labels: the re-run layers must share the attention type of the first ones")
