@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         default_max_tokens=a.default_max_tokens, max_inflight_per_connection=a.max_inflight_per_connection,
         api_key=a.api_key, log_level=a.log_level,
     )
+    if a.allow_host:
+        kw["allowed_hosts"] = a.allow_host
     if a.allow_origin:
         kw["allowed_origins"] = a.allow_origin
     try:

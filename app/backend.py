@@ -14,19 +14,31 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
 
-class RequestError(Exception):
-    """A request the backend refuses; `code` goes on the wire, `status` is the HTTP status."""
+# The one error vocabulary of every surface: code -> HTTP status. A WebSocket `error` carries the
+# code; HTTP answers with the status and OpenAI's error shape (app/edge.py). docs/websocket-api.md
+# lists the codes (a test keeps the two in step).
+ERROR_STATUS = {
+    "bad_json": 400, "bad_utf8": 400, "binary_frame": 400, "invalid_message": 400, "unknown_type": 400,
+    "invalid_request": 400, "prompt_too_long": 400, "duplicate_id": 400,
+    "unauthorized": 401, "origin_not_allowed": 403, "host_not_allowed": 403, "not_found": 404,
+    "method_not_allowed": 405, "message_too_large": 413, "unsupported_media_type": 415,
+    "too_many_requests": 429, "overloaded": 429, "internal": 500, "unavailable": 503,
+}
 
-    def __init__(self, code: str, message: str, status: int = 400):
+
+class RequestError(Exception):
+    """A request refused; `code` (one of ERROR_STATUS) goes on the wire, `status` is its HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int | None = None):
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message, self.status = code, message, status or ERROR_STATUS[code]
 
 
 @dataclass
@@ -100,6 +112,10 @@ class Result:
 class Job(Protocol):
     def cancel(self) -> None: ...
 
+    def add_done_callback(self, fn: Callable[[Result], object]) -> None:
+        """Call fn(result) on the event loop when the job ends, however it ends and whether or not
+        anyone still iterates it (metrics count requests whose client went away)."""
+
     def __aiter__(self) -> AsyncIterator[str | Result]: ...
 
 
@@ -138,6 +154,8 @@ class StreamJob:
         self._finished = threading.Event()
         self.cancelled = threading.Event()
         self.result: Result | None = None
+        self._callbacks: list[Callable[[Result], object]] = []
+        self._cb_lock = threading.Lock()  # finish() runs on the worker thread, add_done_callback on the loop
 
     def cancel(self) -> None:
         if self._finished.is_set() or self.cancelled.is_set():
@@ -147,8 +165,11 @@ class StreamJob:
             self._on_cancel()
 
     def _post(self, item) -> None:
+        self._post_call(self._queue.put_nowait, item)
+
+    def _post_call(self, fn, arg) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:  # loop closed during shutdown: nobody is listening any more
             pass
 
@@ -156,11 +177,22 @@ class StreamJob:
         if delta and not self._finished.is_set():
             self._post(delta)
 
+    def add_done_callback(self, fn: Callable[[Result], object]) -> None:
+        with self._cb_lock:
+            if self.result is None:
+                self._callbacks.append(fn)
+                return
+        self._post_call(fn, self.result)
+
     def finish(self, result: Result) -> None:
-        if self._finished.is_set():
-            return
-        self._finished.set()
-        self.result = result
+        with self._cb_lock:
+            if self._finished.is_set():
+                return
+            self._finished.set()
+            self.result = result
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:  # before the result: whoever reads it next sees the callbacks' effects
+            self._post_call(fn, result)
         self._post(result)
 
     @property
@@ -181,10 +213,3 @@ async def collect(job: Job) -> Result:
         if isinstance(ev, Result):
             return ev
     raise RuntimeError("job ended without a result")  # pragma: no cover - StreamJob always finishes
-
-
-def clamp_stop(stop: list[str], limit: int) -> list[str]:
-    stop = [s for s in stop if s]
-    if len(stop) > limit:
-        raise RequestError("invalid_request", f"at most {limit} stop strings are allowed, got {len(stop)}")
-    return stop

@@ -19,6 +19,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "DOMINO_API_KEY"
 BACKEND_KEY_ENV = "DOMINO_BACKEND_API_KEY"
+# Chat and raw prompts with more characters than this many per allowed token are refused before
+# tokenizing (FIM text is cut to it around the cursor): tokenizing a huge prompt only to refuse it
+# costs memory the allocator keeps (bench/hostile_session.py). Code and prose run 3-5 characters
+# per token; only long runs of one repeated character come near 16.
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 class ServerConfig(BaseModel):
@@ -52,11 +57,13 @@ class ServerConfig(BaseModel):
     # Frames above this are refused by the transport itself (close 1009) so a client cannot make us
     # buffer gigabytes; between max_message_bytes and this they get an `error` and the socket lives.
     transport_max_bytes: int = Field(16 << 20, ge=1024)
-    max_prompt_tokens: int = Field(8192, ge=1)
+    max_prompt_tokens: int = Field(8192, ge=1)  # checked on the tokens; see max_prompt_chars for the cheap check
     max_tokens_limit: int = Field(1024, ge=1)  # upper bound on a request's max_tokens
     default_max_tokens: int = Field(128, ge=1)  # WebSocket requests that give none
     max_inflight_per_connection: int = Field(16, ge=1)
-    max_stop_strings: int = Field(8, ge=0)
+    # The only stop-string check clients meet (app/edge.check_request). The engine's own MAX_STOPS
+    # bounds its per-round scan for every caller; the server's limit may not exceed it.
+    max_stop_strings: int = Field(8, ge=0, le=MAX_STOPS)
 
     # --- security
     api_key: str | None = None  # None = no auth (loopback default)
@@ -65,6 +72,11 @@ class ServerConfig(BaseModel):
     allowed_origins: list[str] = Field(
         default_factory=lambda: ["http://localhost", "http://127.0.0.1", "vscode-webview://*", "vscode-file://*"]
     )
+    # DNS rebinding: a web page whose own name resolves to 127.0.0.1 reaches a loopback server with
+    # that name in Host (the Origin check stops its POSTs, not its GETs). So when bound to loopback
+    # only loopback Host names are served (localhost, 127.x, ::1), plus these names ("*" = any).
+    # Bound beyond loopback, any Host is served unless names are given here.
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     log_level: str = "info"
 
@@ -79,6 +91,15 @@ class ServerConfig(BaseModel):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower().strip("[]") for h in v]
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_prompt_tokens * PROMPT_CHARS_PER_TOKEN
 
     @classmethod
     def with_env(cls, **kw) -> ServerConfig:

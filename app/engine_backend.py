@@ -62,7 +62,7 @@ class EngineBackend:
         c = self.cfg
         try:
             self.engine = await asyncio.wrap_future(self._engine_thread.submit(
-                build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads()))
+                build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads(), c.engine))
         except Exception as e:
             log.exception("model load failed")
             self._status, self._error = "error", f"model load failed: {type(e).__name__}: {e}"
@@ -127,8 +127,7 @@ class EngineBackend:
         if len(ids) > limit:
             raise RequestError("prompt_too_long", f"the prompt has {len(ids)} tokens; the limit is {limit}")
         greq = GenerationRequest(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                 top_k=req.top_k, stop=stop, seed=req.seed, method=method,
-                                 adaptive_drafts=cfg.adaptive_drafts)
+                                 top_k=req.top_k, stop=req.stop, seed=req.seed, method=method)
         holder: list[Task] = []
         job = StreamJob(self._loop, on_cancel=lambda: holder and self.scheduler.cancel(holder[0]))
         task = Task(job, ids, greq, req.received, req.deadline, post=post, tag=req.tag)

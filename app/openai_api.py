@@ -15,17 +15,21 @@ cut by a budget), with the precise reason in `domino.finish_reason`.
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
+import logging
 import time
 import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .backend import Backend, GenRequest, Job, RequestError, Result
+from .edge import (DeadlineMs, JSONBody, MaxTokens, Seed, Temperature, TopK, TopP, check_request, decode_json,
+                   encode_json, error_body, error_response, validation_message)
 
+log = logging.getLogger("domino.server")
 router = APIRouter()
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI (and vLLM) default for legacy completions
@@ -41,19 +45,19 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # the OpenAI default
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0  # the OpenAI default
+    top_p: TopP = 1.0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     # extensions
-    top_k: int = Field(0, ge=0)
+    top_k: TopK = 0
     method: str | None = None
     single_line: bool = False
-    deadline_ms: int | None = Field(None, ge=1, le=3_600_000)
+    deadline_ms: DeadlineMs | None = None
 
 
 class CompletionBody(_Common):
@@ -78,7 +82,7 @@ class ChatMessageIn(BaseModel):
 
 class ChatBody(_Common):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     tools: list | None = None
 
@@ -132,18 +136,27 @@ def chat_request(body: ChatBody, default_max_tokens: int, received: float) -> Ge
                       deadline_ms=body.deadline_ms, received=received, tag="http:chat")
 
 
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as `model`, decoded as every surface decodes (app/edge.py); RequestError else."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise RequestError("unsupported_media_type", f"the body must be JSON: send Content-Type: application/json "
+                                                     f"(got {media[:64]!r})")
+    data = decode_json(await request.body())
+    if not isinstance(data, dict):
+        raise RequestError("invalid_message", "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestError("invalid_request", validation_message(e)) from None
+
+
 def openai_finish(r: Result) -> str:
     return "length" if r.finish_reason in ("length", "deadline") else "stop"
 
 
 def extension(r: Result) -> dict:
     return {"finish_reason": r.finish_reason, "timings": r.timings, "spec": r.spec}
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -163,7 +176,13 @@ async def _run(request: Request, req: GenRequest, stream: bool, include_usage: b
         job = await st.backend.submit(req)
     except RequestError as e:
         st.metrics.error(api, e.code)
-        return error_response(e.status, e.code, e.message)
+        return error_response(e.code, e.message, e.status)
+    except Exception:
+        log.exception("%s request failed", req.tag)
+        st.metrics.error(api, "internal")
+        return error_response("internal", "internal server error")
+    # counted however the request ends, also when a streaming client hangs up mid-stream
+    job.add_done_callback(functools.partial(st.metrics.observe, api=api, kind=kind))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     model = st.backend.model_id
@@ -178,7 +197,7 @@ async def _run(request: Request, req: GenRequest, stream: bool, include_usage: b
         payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
         if ext is not None:
             payload["domino"] = ext
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        return f"data: {encode_json(payload)}\n\n"
 
     if stream:
         async def events():
@@ -189,17 +208,14 @@ async def _run(request: Request, req: GenRequest, stream: bool, include_usage: b
                     if isinstance(ev, str):
                         yield chunk(ev)
                         continue
-                    st.metrics.observe(ev, api, kind)
                     if ev.finish_reason == "error":
-                        err = {"error": {"message": ev.error or "generation failed", "type": "server_error",
-                                         "param": None, "code": "internal"}}
-                        yield f"data: {json.dumps(err)}\n\n"
+                        yield f"data: {encode_json(error_body('internal', ev.error or 'generation failed'))}\n\n"
                     else:
                         yield chunk(None if chat else "", openai_finish(ev), extension(ev))
                         if include_usage:
                             usage = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                                      "usage": ev.usage}
-                            yield f"data: {json.dumps(usage)}\n\n"
+                            yield f"data: {encode_json(usage)}\n\n"
                     yield "data: [DONE]\n\n"
             finally:
                 job.cancel()  # no-op when finished; frees the slot when the client went away
@@ -216,16 +232,15 @@ async def _run(request: Request, req: GenRequest, stream: bool, include_usage: b
     finally:
         watcher.cancel()
         job.cancel()
-    st.metrics.observe(result, api, kind)
     if result.finish_reason == "error":
-        return error_response(500, "internal", result.error or "generation failed")
+        return error_response("internal", result.error or "generation failed")
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
                   "finish_reason": openai_finish(result)}
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": openai_finish(result)}
-    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                         "model": model, "choices": [choice], "usage": result.usage, "domino": extension(result)})
+    return JSONBody({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                     "model": model, "choices": [choice], "usage": result.usage, "domino": extension(result)})
 
 
 @router.get("/v1/models")
@@ -234,28 +249,29 @@ async def models(request: Request):
     return {"object": "list", "data": [{"id": b.model_id, "object": "model", "created": 0, "owned_by": "domino"}]}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionBody, request: Request):
+async def _serve(request: Request, model: type[_Common], chat: bool):
+    """Decode, validate and check the body (app/edge.py), then run it; every refusal is an OpenAI error."""
     received = time.perf_counter()
+    cfg = request.app.state.cfg
     try:
-        req = completion_request(body, received)
+        body = await read_body(request, model)
+        req = chat_request(body, cfg.default_max_tokens, received) if chat else completion_request(body, received)
+        check_request(req, cfg)
     except RequestError as e:
         request.app.state.metrics.error("openai", e.code)
-        return error_response(e.status, e.code, e.message)
+        return error_response(e.code, e.message, e.status)
     inc = bool(body.stream_options and body.stream_options.include_usage)
-    return await _run(request, req, body.stream, inc, chat=False)
+    return await _run(request, req, body.stream, inc, chat=chat)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _serve(request, CompletionBody, chat=False)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, request: Request):
-    received = time.perf_counter()
-    try:
-        req = chat_request(body, request.app.state.cfg.default_max_tokens, received)
-    except RequestError as e:
-        request.app.state.metrics.error("openai", e.code)
-        return error_response(e.status, e.code, e.message)
-    inc = bool(body.stream_options and body.stream_options.include_usage)
-    return await _run(request, req, body.stream, inc, chat=True)
+async def chat_completions(request: Request):
+    return await _serve(request, ChatBody, chat=True)
 
 
 def attach(app, backend: Backend, cfg) -> None:

@@ -8,12 +8,12 @@ working with older servers.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .backend import ExtraFile, GenRequest, RequestError, Result
+from .edge import DeadlineMs, MaxTokens, Seed, Temperature, TopP, decode_json, validation_message
 
 RequestId = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -28,12 +28,12 @@ class ExtraFileMsg(_Msg):
 
 
 class _Sampling(_Msg):
-    max_tokens: int | None = Field(None, ge=1)  # None = server default; the upper bound is a server limit
-    temperature: float = Field(0.0, ge=0.0, le=2.0)  # greedy by default: completions should be stable
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: MaxTokens | None = None  # None = server default
+    temperature: Temperature = 0.0  # greedy by default: completions should be stable
+    top_p: TopP = 1.0
+    seed: Seed | None = None
     stop: list[str] = Field(default_factory=list)
-    deadline_ms: int | None = Field(None, ge=1, le=3_600_000)
+    deadline_ms: DeadlineMs | None = None
     method: str | None = None  # ar | ngram | dflash | domino | domino+ngram (default: the server's)
 
 
@@ -76,18 +76,20 @@ _client = TypeAdapter(ClientMessage)
 CLIENT_TYPES = ("complete", "chat", "cancel", "ping")
 
 
-class ProtocolError(Exception):
+class ProtocolError(RequestError):
+    """A RequestError tied to the request id it could be read from (None if none could)."""
+
     def __init__(self, code: str, message: str, id: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.id = code, message, id
+        super().__init__(code, message)
+        self.id = id
 
 
 def parse_client(text: str) -> Complete | Chat | Cancel | Ping:
     """Parse one text frame; ProtocolError with a wire code for anything wrong with it."""
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError("bad_json", f"not valid JSON: {e}"[:300]) from None
+        data = decode_json(text)
+    except RequestError as e:
+        raise ProtocolError(e.code, e.message) from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "a message must be a JSON object with a \"type\" field")
     rid = data.get("id") if isinstance(data.get("id"), str) and 0 < len(data["id"]) <= 128 else None
@@ -99,16 +101,7 @@ def parse_client(text: str) -> Complete | Chat | Cancel | Ping:
     try:
         return _client.validate_python(data)
     except ValidationError as e:
-        raise ProtocolError("invalid_request", _summary(e), rid) from None
-
-
-def _summary(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:5]:
-        loc = ".".join(str(x) for x in err["loc"][1:]) or "message"  # loc[0] is the union tag
-        parts.append(f"{loc}: {err['msg']}")
-    more = f" (+{e.error_count() - 5} more)" if e.error_count() > 5 else ""
-    return "; ".join(parts) + more
+        raise ProtocolError("invalid_request", validation_message(e, skip=1), rid) from None  # loc[0]: the tag
 
 
 def to_gen_request(msg: Complete | Chat, default_max_tokens: int, received: float) -> GenRequest:

@@ -19,7 +19,7 @@ import httpx
 from agents.code.fim import remote_prompt
 from agents.code.postprocess import Postprocessor, for_request
 
-from .backend import GenRequest, RequestError, Result, StreamJob, clamp_stop
+from .backend import GenRequest, RequestError, Result, StreamJob
 from .config import ServerConfig
 
 log = logging.getLogger("domino.server")
@@ -91,10 +91,6 @@ class RemoteBackend:
     async def submit(self, req: GenRequest) -> StreamJob:
         if self._status != "ok":
             raise RequestError("unavailable", self._error or "the remote backend is not ready", 503)
-        if not 1 <= req.max_tokens <= self.cfg.max_tokens_limit:
-            raise RequestError("invalid_request", f"max_tokens must be between 1 and {self.cfg.max_tokens_limit}, "
-                                                  f"got {req.max_tokens}")
-        clamp_stop(req.stop, self.cfg.max_stop_strings)
         if self._active + self._queued >= self.cfg.max_active + self.cfg.max_queue:
             raise RequestError("overloaded", "server busy; retry later", 429)
         post = for_request(req)

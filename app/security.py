@@ -1,15 +1,18 @@
-"""API key, Origin allow-list, request body limit, and keeping secrets out of logs."""
+"""API key, Origin and Host allow-lists, request body limit, and logs that hold no secret and no
+forged line."""
 
 from __future__ import annotations
 
 import hmac
-import json
+import ipaddress
 import logging
 import re
+from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from .config import ServerConfig
+from .edge import encode_json, error_body
 
 # Paths anyone may read: load balancers and the UI poll /health without a key.
 PUBLIC_PATHS = ("/health",)
@@ -70,6 +73,30 @@ def origin_ok(cfg: ServerConfig, origin: str | None) -> bool:
     return False
 
 
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1); brackets allowed."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_HOST_RE = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::\d*)?")
+
+
+def host_ok(cfg: ServerConfig, host: str | None) -> bool:
+    """The Host header against cfg.allowed_hosts (see there): loopback names always pass; bound to
+    loopback, other names only when listed. No Host (HTTP/1.0 tools): allowed, browsers always send one."""
+    if not host or "*" in cfg.allowed_hosts or (not cfg.allowed_hosts and not is_loopback(cfg.host)):
+        return True
+    m = _HOST_RE.fullmatch(host)
+    name = m.group(1).strip("[]").lower() if m else ""
+    return bool(name) and (is_loopback(name) or name in cfg.allowed_hosts)
+
+
 class BodyLimit:
     """ASGI middleware: refuse HTTP bodies over `limit` bytes with 413. With Content-Length the header
     decides (the HTTP parser holds the body to it); without (chunked), the body is read here up to the
@@ -115,29 +142,72 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send):
-        body = json.dumps({"error": {"message": f"request body over {self.limit} bytes", "type": "invalid_request_error",
-                                     "param": None, "code": "message_too_large"}}).encode()
+        body = encode_json(error_body("message_too_large", f"request body over {self.limit} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-_TOKEN_RE = re.compile(r"([?&](?:token|api_key|key)=)[^&\s\"]*", re.IGNORECASE)
+# ---- logs ---------------------------------------------------------------------------------------
+# Client text reaches log lines (request ids, paths, error messages). A control character in it
+# could forge a line (\n), rewrite the terminal (ESC), reorder text (bidi controls) or, as a lone
+# surrogate, make the handler fail; all are written as \xNN / \uNNNN escapes instead.
+_OTHER_CONTROLS = "\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff"
+_CONTROL = re.compile(f"[\x00-\x1f{_OTHER_CONTROLS}]")
+_CONTROL_IN_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_OTHER_CONTROLS}]")  # keeps \t and \n
+_QUERY_PARAM = re.compile(r"([?&])([^=&\s\"]*)=([^&\s\"]*)")
+SECRET_PARAMS = frozenset({"token", "api_key", "apikey", "key", "access_token"})
 
 
-class RedactSecrets(logging.Filter):
-    """uvicorn's access log prints the full URL, which would include `?token=...`."""
+def _escape(m: re.Match) -> str:
+    o = ord(m.group())
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_TOKEN_RE.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = _TOKEN_RE.sub(r"\1***", record.msg)
-        return True
+
+def _mask_query(m: re.Match) -> str:
+    # decoded as the server decodes queries: `?%74oken=KEY` is `?token=KEY` to the key check too
+    return f"{m.group(1)}{m.group(2)}=***" if unquote_plus(m.group(2)).lower() in SECRET_PARAMS else m.group()
+
+
+def log_safe(text: str, keep_lines: bool = False) -> str:
+    """text with secrets in query strings masked and control characters escaped (`keep_lines`:
+    tabs and line breaks stay, for tracebacks and messages written to span lines)."""
+    if "=" in text:
+        text = _QUERY_PARAM.sub(_mask_query, text)
+    return (_CONTROL_IN_LINES if keep_lines else _CONTROL).sub(_escape, text)
+
+
+def _clean_arg(a):
+    if isinstance(a, str):
+        return log_safe(a)
+    if isinstance(a, BaseException):
+        return log_safe(str(a))
+    return a
+
+
+def _clean_record(record: logging.LogRecord) -> None:
+    if isinstance(record.msg, str):
+        record.msg = log_safe(record.msg, keep_lines=True)
+    if isinstance(record.args, tuple):
+        record.args = tuple(_clean_arg(a) for a in record.args)
+    elif isinstance(record.args, Mapping):
+        record.args = {k: _clean_arg(v) for k, v in record.args.items()}
+    if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+        # formatted now, once: Formatter.format uses a record's exc_text when it is set
+        record.exc_text = log_safe(logging.Formatter().formatException(record.exc_info), keep_lines=True)
 
 
 def install_log_redaction() -> None:
-    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "domino.server"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in lg.filters):
-            lg.addFilter(RedactSecrets())
+    """Clean every log record the process creates (any logger, any handler: uvicorn's access log,
+    ours, the agents'): a record factory, so no logger or handler can be missed. Idempotent."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "domino_clean", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        _clean_record(record)
+        return record
+
+    factory.domino_clean = True
+    logging.setLogRecordFactory(factory)

@@ -19,8 +19,8 @@ from starlette.middleware.cors import CORSMiddleware
 from .backend import Backend
 from .config import ServerConfig
 from .metrics import Metrics
-from .openai_api import error_response
-from .security import PUBLIC_PATHS, BodyLimit, install_log_redaction, key_ok, origin_ok
+from .edge import error_response
+from .security import PUBLIC_PATHS, BodyLimit, host_ok, install_log_redaction, key_ok, origin_ok
 
 log = logging.getLogger("domino.server")
 
@@ -64,7 +64,7 @@ def origin_regex(origins: list[str]) -> str:
 
 
 class Guard:
-    """ASGI middleware for HTTP: Origin allow-list, then the API key (everything but /health)."""
+    """ASGI middleware for HTTP: Host and Origin allow-lists, then the API key (everything but /health)."""
 
     def __init__(self, app, cfg: ServerConfig, metrics: Metrics):
         self.app, self.cfg, self.metrics = app, cfg, metrics
@@ -72,13 +72,17 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("method") != "OPTIONS":  # CORS preflights carry no key
             req = Request(scope)
+            if not host_ok(self.cfg, req.headers.get("host")):  # DNS rebinding (ServerConfig.allowed_hosts)
+                self.metrics.error("http", "host_not_allowed")
+                return await error_response("host_not_allowed", "this Host name is not served here (--allow-host)")(
+                    scope, receive, send)
             if not origin_ok(self.cfg, req.headers.get("origin")):
                 self.metrics.error("http", "origin_not_allowed")
-                return await error_response(403, "origin_not_allowed", "this Origin is not on the allow-list")(
+                return await error_response("origin_not_allowed", "this Origin is not on the allow-list")(
                     scope, receive, send)
             if scope["path"] not in PUBLIC_PATHS and not key_ok(self.cfg, req.headers, req.query_params):
                 self.metrics.error("http", "unauthorized")
-                resp = error_response(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
+                resp = error_response("unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
                 resp.headers["WWW-Authenticate"] = "Bearer"
                 return await resp(scope, receive, send)
         await self.app(scope, receive, send)
@@ -107,11 +111,12 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPI:
         errs = exc.errors()
         msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errs[:5])
         metrics.error("openai", "invalid_request")
-        return error_response(400, "invalid_request", msg or "invalid request body")
+        return error_response("invalid_request", msg or "invalid request body")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return error_response(code, str(exc.detail), exc.status_code)
 
     # Outermost last: BodyLimit -> CORS (answers preflights) -> Guard -> routes.
     app.add_middleware(Guard, cfg=cfg, metrics=metrics)

@@ -3,18 +3,18 @@
 One connection carries many requests at once. Each accepted request gets `delta` messages and
 exactly one `done`; a refused one gets exactly one `error` carrying its id. Nothing a client sends
 closes the connection: every bad frame is answered with an `error` and the other requests go on.
-Closing the socket cancels everything it had in flight, so the engine slots are freed at once.
+Only a frame the transport refuses (over 16 MiB) or a reply that cannot be sent closes it, with a
+close code. Closing the socket cancels everything it had in flight, so the engine slots are freed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agents.code.debounce import Supersede
@@ -22,8 +22,9 @@ from agents.code.debounce import Supersede
 from . import protocol as P
 from .backend import Backend, Job, RequestError, Result
 from .config import ServerConfig
+from .edge import check_request, encode_json, error_response
 from .metrics import Metrics
-from .security import key_ok, origin_ok
+from .security import host_ok, key_ok, origin_ok
 
 log = logging.getLogger("domino.server")
 
@@ -45,10 +46,12 @@ class _Inflight:
 async def ws_endpoint(websocket: WebSocket) -> None:
     st = websocket.app.state
     cfg: ServerConfig = st.cfg
+    if not host_ok(cfg, websocket.headers.get("host")):
+        return await _deny(websocket, "host_not_allowed", "this Host name is not served here (--allow-host)")
     if not origin_ok(cfg, websocket.headers.get("origin")):
-        return await _deny(websocket, 403, "origin_not_allowed", "this Origin is not on the server's allow-list")
+        return await _deny(websocket, "origin_not_allowed", "this Origin is not on the server's allow-list")
     if not key_ok(cfg, websocket.headers, websocket.query_params):
-        return await _deny(websocket, 401, "unauthorized", "missing or wrong API key")
+        return await _deny(websocket, "unauthorized", "missing or wrong API key")
     await websocket.accept()
     conn = Connection(websocket, st.backend, cfg, st.metrics)
     st.metrics.ws_connections.inc()
@@ -58,11 +61,12 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         st.metrics.ws_connections.dec()
 
 
-async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse the handshake with an HTTP status the client can see (401/403), where the server supports it."""
+async def _deny(websocket: WebSocket, code: str, message: str) -> None:
+    """Refuse the handshake with the HTTP answer an HTTP request would get (401/403), where the server
+    supports it."""
+    websocket.app.state.metrics.error("ws", code)
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-        await websocket.send_denial_response(JSONResponse(body, status_code=status))
+        await websocket.send_denial_response(error_response(code, message))
     else:  # pragma: no cover - servers without the denial-response extension
         await websocket.close(code=1008, reason=code)
 
@@ -78,11 +82,15 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self.closed:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
-                await self.on_frame(msg, time.perf_counter())
+                try:
+                    await self.on_frame(msg, time.perf_counter())
+                except Exception:  # a bug must cost one frame an `internal` error, never the connection
+                    log.exception("ws frame failed")
+                    await self.fail(None, "internal", "internal server error")
         except WebSocketDisconnect:
             pass
         finally:
@@ -93,12 +101,16 @@ class Connection:
     async def send(self, obj: dict) -> None:
         if self.closed:
             return
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        text = encode_json(obj)  # always encodable: a send fails only when the socket does
         try:
             async with self._send_lock:  # one writer at a time: many request tasks share the socket
                 await self.ws.send_text(text)
-        except Exception:  # noqa: BLE001 - the peer went away; run() sees the disconnect and cleans up
+        except Exception:  # noqa: BLE001 - the peer went away, or the socket broke: end it, with a reason
             self.closed = True
+            try:
+                await self.ws.close(1011, "send failed")
+            except Exception:  # noqa: BLE001 - already closed
+                pass
 
     async def fail(self, id: str | None, code: str, message: str) -> None:
         self.metrics.error("ws", code)
@@ -111,10 +123,6 @@ class Connection:
         limit = self.cfg.max_message_bytes
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
             return await self.fail(None, "message_too_large", f"message over {limit} bytes")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates = invalid UTF-8 bytes (see app/transport.py)
-            return await self.fail(None, "bad_utf8", "the text frame is not valid UTF-8")
         try:
             m = P.parse_client(text)
         except P.ProtocolError as e:
@@ -135,7 +143,7 @@ class Connection:
             return await self.fail(m.id, "too_many_requests", f"at most {self.cfg.max_inflight_per_connection} "
                                                               "requests may be in flight per connection")
         try:
-            req = P.to_gen_request(m, self.cfg.default_max_tokens, received)
+            req = check_request(P.to_gen_request(m, self.cfg.default_max_tokens, received), self.cfg)
         except RequestError as e:
             return await self.fail(m.id, e.code, e.message)
         entry = _Inflight(m.id, req.kind, getattr(m, "document", None))
@@ -152,11 +160,11 @@ class Connection:
             except RequestError as e:
                 return await self.fail(entry.id, e.code, e.message)
             entry.job = job
+            job.add_done_callback(functools.partial(self.metrics.observe, api="ws", kind=entry.kind))
             if entry.cancelled or self.closed:
                 job.cancel()
             async for ev in job:
                 if isinstance(ev, Result):
-                    self.metrics.observe(ev, "ws", entry.kind)
                     log.info("ws %s %s: %s, %d+%d tokens, ttft %s ms, total %.0f ms", entry.kind, entry.id,
                              ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
                              None if ev.ttft_ms is None else round(ev.ttft_ms), ev.total_ms)

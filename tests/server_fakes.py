@@ -80,7 +80,14 @@ class FakeTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.get_vocab().get(token)  # like HF: no exception for an unknown token
 
+    chars_encoded = 0  # over all instances: lets tests check that refused prompts were never tokenized
+
     def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # as HF fast tokenizers do with a lone surrogate
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        FakeTokenizer.chars_encoded += len(text)
         ids, i = [], 0
         while i < len(text):
             hit = None if split_special_tokens else next((t for t in self.SPECIAL if text.startswith(t, i)), None)

@@ -96,7 +96,8 @@ def test_bad_requests_get_openai_errors(server):
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="m", messages=[])
     r = httpx.post(server.url + "/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
+    assert r.json()["error"]["message"].startswith("not valid JSON: Expecting property name")
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "temperature": "hot"})
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing")
