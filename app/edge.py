@@ -5,6 +5,7 @@ The WebSocket API (`app.ws`), the OpenAI HTTP API (`app.openai_api`) and any lat
 agents) use these, so one kind of bad input gets one answer everywhere:
 
     obj = decode_json(frame_or_body)      # RequestError bad_json | bad_utf8, never anything else
+    msg = decode_message(ws_text, limit)  # the same for a WebSocket frame: a size-checked JSON object
     ...validate obj with a pydantic model built from Temperature, TopP, Seed, ...
     check_request(gen_request, cfg)       # the server's limits, before any tokenizing
     text = encode_json(reply)             # always encodable as UTF-8
@@ -79,6 +80,17 @@ def decode_json(data: str | bytes) -> Any:
     except ValueError as e:
         raise RequestError("bad_json", f"not valid JSON: {e}") from None
     return _replace_surrogates(obj) if _SURROGATE_ESCAPE.search(data) else obj
+
+
+def decode_message(text: str, limit: int) -> dict:
+    """One WebSocket text frame of at most `limit` UTF-8 bytes, decoded as decode_json, that must be a
+    JSON object (`message_too_large`, `invalid_message`); every WebSocket surface reads frames so."""
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise RequestError("message_too_large", f"message over {limit} bytes")
+    obj = decode_json(text)
+    if not isinstance(obj, dict):
+        raise RequestError("invalid_message", 'a message must be a JSON object with a "type" field')
+    return obj
 
 
 def _replace_surrogates(obj: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .backend import ExtraFile, GenRequest, RequestError, Result
-from .edge import DeadlineMs, MaxTokens, Seed, Temperature, TopP, decode_json, validation_message
+from .edge import DeadlineMs, MaxTokens, Seed, Temperature, TopP, decode_message, validation_message
 
 RequestId = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -84,14 +84,13 @@ class ProtocolError(RequestError):
         self.id = id
 
 
-def parse_client(text: str) -> Complete | Chat | Cancel | Ping:
-    """Parse one text frame; ProtocolError with a wire code for anything wrong with it."""
+def parse_client(text: str, limit: int) -> Complete | Chat | Cancel | Ping:
+    """Parse one text frame of at most `limit` bytes; ProtocolError with a wire code for anything wrong
+    with it."""
     try:
-        data = decode_json(text)
+        data = decode_message(text, limit)
     except RequestError as e:
         raise ProtocolError(e.code, e.message) from None
-    if not isinstance(data, dict):
-        raise ProtocolError("invalid_message", "a message must be a JSON object with a \"type\" field")
     rid = data.get("id") if isinstance(data.get("id"), str) and 0 < len(data["id"]) <= 128 else None
     mtype = data.get("type")
     if mtype not in CLIENT_TYPES:

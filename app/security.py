@@ -12,7 +12,7 @@ from http.cookies import CookieError, SimpleCookie
 from urllib.parse import unquote_plus, urlsplit
 
 from .config import ServerConfig
-from .edge import encode_json, error_body
+from .edge import encode_json, error_body, error_response
 
 # Paths anyone may read: load balancers and the UI poll /health without a key.
 PUBLIC_PATHS = ("/health",)
@@ -95,6 +95,27 @@ def host_ok(cfg: ServerConfig, host: str | None) -> bool:
     m = _HOST_RE.fullmatch(host)
     name = m.group(1).strip("[]").lower() if m else ""
     return bool(name) and (is_loopback(name) or name in cfg.allowed_hosts)
+
+
+async def admit_websocket(websocket, api: str) -> bool:
+    """The HTTP checks (Host, Origin, key) for a WebSocket handshake. A refused one gets the HTTP
+    answer an HTTP request would (401/403 with the error body), where the server supports it, and
+    counts in metrics under `api`; the caller just returns."""
+    cfg: ServerConfig = websocket.app.state.cfg
+    if not host_ok(cfg, websocket.headers.get("host")):
+        code, message = "host_not_allowed", "this Host name is not served here (--allow-host)"
+    elif not origin_ok(cfg, websocket.headers.get("origin")):
+        code, message = "origin_not_allowed", "this Origin is not on the server's allow-list"
+    elif not key_ok(cfg, websocket.headers, websocket.query_params):
+        code, message = "unauthorized", "missing or wrong API key"
+    else:
+        return True
+    websocket.app.state.metrics.error(api, code)
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(code, message))
+    else:  # pragma: no cover - servers without the denial-response extension
+        await websocket.close(code=1008, reason=code)
+    return False
 
 
 class BodyLimit:

@@ -22,9 +22,9 @@ from agents.code.debounce import Supersede
 from . import protocol as P
 from .backend import Backend, Job, RequestError, Result
 from .config import ServerConfig
-from .edge import check_request, encode_json, error_response
+from .edge import check_request, encode_json
 from .metrics import Metrics
-from .security import host_ok, key_ok, origin_ok
+from .security import admit_websocket
 
 log = logging.getLogger("domino.server")
 
@@ -45,30 +45,15 @@ class _Inflight:
 
 async def ws_endpoint(websocket: WebSocket) -> None:
     st = websocket.app.state
-    cfg: ServerConfig = st.cfg
-    if not host_ok(cfg, websocket.headers.get("host")):
-        return await _deny(websocket, "host_not_allowed", "this Host name is not served here (--allow-host)")
-    if not origin_ok(cfg, websocket.headers.get("origin")):
-        return await _deny(websocket, "origin_not_allowed", "this Origin is not on the server's allow-list")
-    if not key_ok(cfg, websocket.headers, websocket.query_params):
-        return await _deny(websocket, "unauthorized", "missing or wrong API key")
+    if not await admit_websocket(websocket, "ws"):
+        return
     await websocket.accept()
-    conn = Connection(websocket, st.backend, cfg, st.metrics)
+    conn = Connection(websocket, st.backend, st.cfg, st.metrics)
     st.metrics.ws_connections.inc()
     try:
         await conn.run()
     finally:
         st.metrics.ws_connections.dec()
-
-
-async def _deny(websocket: WebSocket, code: str, message: str) -> None:
-    """Refuse the handshake with the HTTP answer an HTTP request would get (401/403), where the server
-    supports it."""
-    websocket.app.state.metrics.error("ws", code)
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(error_response(code, message))
-    else:  # pragma: no cover - servers without the denial-response extension
-        await websocket.close(code=1008, reason=code)
 
 
 class Connection:
@@ -120,11 +105,8 @@ class Connection:
         text = msg.get("text")
         if text is None:
             return await self.fail(None, "binary_frame", "binary frames are not part of this API; send JSON text frames")
-        limit = self.cfg.max_message_bytes
-        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
-            return await self.fail(None, "message_too_large", f"message over {limit} bytes")
         try:
-            m = P.parse_client(text)
+            m = P.parse_client(text, self.cfg.max_message_bytes)
         except P.ProtocolError as e:
             return await self.fail(e.id, e.code, e.message)
         if isinstance(m, P.Ping):

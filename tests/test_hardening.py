@@ -171,7 +171,7 @@ def test_frames_the_parser_refuses_get_bad_json_and_requests_in_flight_finish(se
 
 
 def test_an_unexpected_error_costs_one_frame_not_the_connection(server, monkeypatch):
-    def broken(text):
+    def broken(text, limit):
         raise RuntimeError("bug")
 
     with connect(server.ws_url) as ws:

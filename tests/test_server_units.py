@@ -216,7 +216,7 @@ def test_documented_examples_are_valid():
     assert {"complete", "chat", "cancel", "ping", "delta", "done", "error", "pong"} <= kinds
     for e in examples:
         if e["type"] in P.CLIENT_TYPES:
-            P.parse_client(json.dumps(e))
+            P.parse_client(json.dumps(e), 1 << 20)
         elif e["type"] == "done":
             assert {"id", "finish_reason", "text", "usage", "timings", "spec"} <= set(e)
         elif e["type"] == "error":
