@@ -2,6 +2,7 @@
 
     python -m app.client complete FILE --line N --col M [--single-line] [--max-tokens 64]
     python -m app.client chat "How do I reverse a list in Python?"
+    python -m app.client voice question.wav --out reply.wav      # the voice agent (/v1/voice)
 
 Lines and columns are 1-based (as editors show them). Deltas stream to stdout; the `done`
 summary goes to stderr. Exit status: 0 done, 1 error message from the server, 2 usage/connection.
@@ -70,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--extra", action="append", help="another file to send as context (repeatable)")
     ch = sub.add_parser("chat", help="ask a question")
     ch.add_argument("message")
+    v = sub.add_parser("voice", help="say a WAV file (16-bit PCM) to the voice agent; print and save its answer")
+    v.add_argument("wav")
+    v.add_argument("--out", help="write the spoken reply to this WAV file")
     args = ap.parse_args(argv)
+    if args.cmd == "voice":
+        from .voice_client import run_cli
+
+        return run_cli(args)
 
     from websockets.exceptions import InvalidStatus, WebSocketException
     from websockets.sync.client import connect

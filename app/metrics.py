@@ -67,6 +67,11 @@ class Metrics:
         self.running = Gauge("domino_requests_running", "Requests being decoded", registry=r)
         self.queued = Gauge("domino_requests_queued", "Requests waiting for a slot", registry=r)
         self.ws_connections = Gauge("domino_ws_connections", "Open WebSocket connections", registry=r)
+        self.voice_sessions = Gauge("domino_voice_sessions", "Open /v1/voice sessions", registry=r)
+        self.voice_turns = Counter("domino_voice_turns", "Finished voice turns", ["outcome"], registry=r)
+        self.voice_stage = Histogram("domino_voice_stage_seconds", "Voice turn latency by stage (voice_to_voice: "
+                                     "end of the user's speech to the first reply audio byte)", ["stage"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.recent: deque[Finished] = deque(maxlen=RECENT)  # newest last
 
     def observe(self, r: Result, api: str, kind: str) -> None:

@@ -26,7 +26,7 @@ log = logging.getLogger("domino.server")
 
 
 # module paths, imported when the app is built; `ui` only when cfg.ui (Gradio is a heavy import)
-SURFACES = ("app.metrics", "app.openai_api", "app.ws")
+SURFACES = ("app.metrics", "app.openai_api", "app.ws", "app.voice")
 UI_SURFACE = "ui.app"
 
 

@@ -55,7 +55,7 @@ class Playout:
         self.clock, self.sink, self.rate, self.lead_s = clock, sink, rate, lead_s
         self.sent = 0  # samples handed to the sink
         self.play_end = -1.0
-        self.started_at: float | None = None  # when audio last (re)started after the buffer ran dry
+        self.started_at: float | None = None  # when the first frame went out
         self.acked_s: float | None = None  # the client's own report of what it played
         self.running = asyncio.Event()  # cleared while paused for a possible barge-in
         self.running.set()
@@ -76,8 +76,9 @@ class Playout:
                     break
                 await self.clock.sleep(wait)
             now = self.clock.now()
-            if self.play_end <= now:
-                self.started_at, self.play_end = now, now
+            if self.play_end <= now:  # the listener's buffer ran dry (or this is the first frame)
+                self.play_end = now
+                self.started_at = now if self.started_at is None else self.started_at
             self.play_end += len(frame) / self.rate
             self.sent += len(frame)
             self.sink.audio(frame.astype("<i2").tobytes())

@@ -13,8 +13,9 @@ Audio comes in through `feed` (float32 mono, 16 kHz, real time), typed turns thr
   listener holds at most `audio_lead_ms`). If it lasts `backchannel_max_s`, the turn is interrupted:
   generation and queued TTS are cancelled and the history keeps only the part that was heard. If
   it ends sooner ("mhm", "yeah") it was a backchannel and the reply resumes where it paused.
-* Echo guard: speech that starts within `echo_guard_ms` of our audio (re)starting is our own
-  voice coming back through the microphone; the whole segment is ignored.
+* Echo guard: speech that starts within `echo_guard_ms` of the reply's first audio is our own
+  voice coming back through the microphone before the client's echo canceller has adapted; the
+  whole segment is ignored. (Later gaps in the reply do not re-arm it: the echo path is the same.)
 * Supersede: speech while the assistant is still thinking cancels that reply; the user's words are
   kept (a pending user message) and the next turn answers both.
 * What was heard: audio is paced in real time, `audio_lead_ms` ahead of the listener, so the
@@ -47,9 +48,14 @@ from .speech_text import to_speech
 
 log = logging.getLogger("domino.voice")
 
-PREROLL_S = 0.3  # audio kept before the VAD's speech start (Whisper needs the onset)
-PAD_S = 0.1  # around an utterance handed to ASR
+# Audio handed to ASR starts ONSET_S before the VAD's speech start: soft onsets ("wh", "h", "f")
+# score below the VAD threshold, and Whisper drops a word it hears only half of. Listening keeps
+# that much plus the VAD's own detection delay (min_speech_ms), so the onset is still there.
+ONSET_S = 0.3
+PAD_S = 0.1  # after the end of speech
 Offload = Callable[..., Awaitable[Any]]  # offload(fn, *args) runs blocking model work off the event loop
+RESULT_WAIT_S = 5.0  # a cancelled generation ends at the engine's next round; never wait longer than this
+HISTORY_CHARS = 6000  # conversation kept in the prompt (about 1,500 tokens)
 PARTIAL_EVERY_S = 1.0  # a partial transcript per this much new speech (when the client asked for them)
 
 
@@ -101,14 +107,15 @@ class Turn:
 class VoiceSession:
     def __init__(self, backend: Backend, cfg: VoiceConfig, sink: Sink, *, vad: VAD, asr: ASR, tts: TTS,
                  method: str | None = None, clock: Clock | None = None, offload: Offload | None = None,
-                 on_turn: Callable[[dict], None] | None = None, name: str = "voice"):
+                 on_turn: Callable[[dict], None] | None = None, on_result: Callable[[Result], None] | None = None,
+                 name: str = "voice"):
         self.backend, self.cfg, self.sink = backend, cfg, sink
         self.vad, self.asr, self.tts = vad, asr, tts
         self.method = method
         self.partials = False
         self.clock = clock or RealClock()
         self.offload = offload or asyncio.to_thread
-        self.on_turn = on_turn
+        self.on_turn, self.on_result = on_turn, on_result  # every turn_done; every generation's Result
         self.name = name
         self.state = State.LISTENING
         self.history: list[dict] = []  # chat messages, without the system prompt
@@ -249,7 +256,7 @@ class VoiceSession:
                 self._barge_in()
         if self.state is not State.USER_SPEAKING or self._utt_start is None:
             return
-        turn = self._new_turn(audio=self._audio(self._utt_start - PAD_S, at + PAD_S))
+        turn = self._new_turn(audio=self._audio(self._utt_start - ONSET_S, at + PAD_S))
         turn.clock.mark("speech_end", wall)
         turn.clock.mark("turn_detected", self.clock.now())
         confirm_in = wall + self.cfg.silence_ms / 1000 - self.clock.now()
@@ -267,7 +274,7 @@ class VoiceSession:
 
     def _cut_utterance(self) -> None:
         """Speech over max_utterance_s: what was said so far becomes a user message, the rest goes on."""
-        turn = self._new_turn(audio=self._audio(self._utt_start - PAD_S, self.stream_s))
+        turn = self._new_turn(audio=self._audio(self._utt_start - ONSET_S, self.stream_s))
         self._commit(turn)
         self._stop_turn("superseded")  # keeps the words, answers nothing yet
         self._utt_start = self.stream_s
@@ -464,8 +471,11 @@ class VoiceSession:
 
     async def _settle(self, turn: Turn) -> None:
         """Once per turn, however it ended: history, audio_end, turn_done, metrics, next state."""
-        if turn.job is not None:
+        if turn.job is not None and turn.result is None:  # stopped mid-generation: its Result is still due
             turn.job.cancel()
+            turn.result = await self._final_result(turn.job)
+        if turn.result is not None and self.on_result is not None:
+            self.on_result(turn.result)
         if not turn.committed.is_set():  # discarded early start: it never happened for the client
             return
         if turn.asr is not None and turn.transcript is None:  # superseded during ASR: keep the words
@@ -499,8 +509,28 @@ class VoiceSession:
             self.turn = None
             self._set_state(State.USER_SPEAKING if self.in_speech else State.LISTENING)
 
+    async def _final_result(self, job: Job) -> Result | None:
+        """A cancelled job's last event (it comes after the engine's current round)."""
+        try:
+            async with asyncio.timeout(RESULT_WAIT_S):
+                async for ev in job:
+                    if isinstance(ev, Result):
+                        return ev
+        except TimeoutError:
+            log.warning("%s: a cancelled generation did not end within %g s", self.name, RESULT_WAIT_S)
+        return None
+
     def messages(self) -> list[dict]:
-        return [{"role": "system", "content": self.cfg.system_prompt}, *self.history]
+        """The system prompt and the most recent history within HISTORY_CHARS (older turns drop out
+        whole, so the prompt, and the prefill on the voice-to-voice path, stays bounded)."""
+        keep = max(0, len(self.history) - 1)  # the newest message always stays
+        chars = len(self.history[keep]["content"]) if self.history else 0
+        while keep > 0 and chars + len(self.history[keep - 1]["content"]) <= HISTORY_CHARS:
+            keep -= 1
+            chars += len(self.history[keep]["content"])
+        while keep < len(self.history) and self.history[keep]["role"] != "user":
+            keep += 1  # start on a user message
+        return [{"role": "system", "content": self.cfg.system_prompt}, *self.history[keep:]]
 
     # ---- state, audio buffer, partials, idle ---------------------------------------------------
     def _set_state(self, state: State) -> None:
@@ -515,7 +545,8 @@ class VoiceSession:
 
     def _trim(self) -> None:
         """Keep the utterance being recorded, or a pre-roll of recent audio: silence never piles up."""
-        keep = self.stream_s - PREROLL_S if self._utt_start is None else self._utt_start - PAD_S
+        keep = (self.stream_s - ONSET_S - self.cfg.min_speech_ms / 1000 - 0.1 if self._utt_start is None
+                else self._utt_start - ONSET_S)
         while self._chunks and self._buf_start + len(self._chunks[0]) / SAMPLE_RATE < keep:
             self._buf_start += len(self._chunks.pop(0)) / SAMPLE_RATE
 
@@ -525,7 +556,7 @@ class VoiceSession:
         if self.stream_s - max(self._partial_at, self._utt_start) < PARTIAL_EVERY_S:
             return
         self._partial_at = self.stream_s
-        self._partial = self._spawn(self._send_partial(self._audio(self._utt_start - PAD_S, self.stream_s)))
+        self._partial = self._spawn(self._send_partial(self._audio(self._utt_start - ONSET_S, self.stream_s)))
 
     async def _send_partial(self, pcm: np.ndarray) -> None:
         text = (await self.offload(self.asr.transcribe, pcm)).strip()
