@@ -263,6 +263,20 @@ def test_a_spoken_turn_walks_through_every_state():
     run(main())
 
 
+def test_the_first_spoken_chunk_is_short():
+    """The first chunk may end at a clause mark after first_clause_words; later ones need clause_words."""
+    async def main():
+        r = Rig()
+        r.backend.reply = "Well, Paris is the capital, as you know, of the French republic today."
+        await r.speak(1.0)
+        await r.until("turn_done")
+        assert [e["text"] for e in r.sink.of("audio_start")] == ["Well, Paris is the capital,",
+                                                                 "as you know, of the French republic today."]
+        await r.s.close()
+
+    run(main())
+
+
 def test_early_start_overlaps_the_silence_wait():
     """ASR, LLM and TTS run during the silence wait, so audio starts right at confirmation."""
     async def main():

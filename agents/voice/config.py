@@ -44,6 +44,8 @@ class VoiceConfig(BaseModel):
     tts: str = "piper"  # "piper" | "kokoro" | "espeak" | "coqui"
     voice: str | None = None  # engine-specific voice name or model path; None = the engine's default
     clause_words: int = Field(8, ge=2)  # speak at , ; : once a clause has this many words (earlier audio)
+    # The reply's first chunk may end at a clause mark sooner: it is on the voice-to-voice path.
+    first_clause_words: int = Field(3, ge=1)
 
     # --- conversation
     system_prompt: str = SPOKEN_SYSTEM_PROMPT

@@ -397,7 +397,7 @@ class VoiceSession:
     async def _generate(self, turn: Turn, messages: list[dict], texts: asyncio.Queue) -> None:
         req = GenRequest(kind="chat", messages=messages, max_tokens=self.cfg.max_reply_tokens,
                          method=self.method, tag=f"{self.name} turn {turn.id}")
-        chunker = SentenceChunker(clause_words=self.cfg.clause_words)
+        chunker = SentenceChunker(clause_words=self.cfg.first_clause_words)
         try:
             turn.job = await self.backend.submit(req)
             async for ev in turn.job:
@@ -411,6 +411,7 @@ class VoiceSession:
                 self._emit(turn, {"type": "reply_delta", "turn": turn.id, "text": ev})
                 for chunk in chunker.feed(ev):
                     turn.clock.mark("first_sentence", self.clock.now())
+                    chunker.clause_words = self.cfg.clause_words  # later chunks play while the next is made
                     texts.put_nowait(chunk)
             for chunk in chunker.flush():
                 turn.clock.mark("first_sentence", self.clock.now())
