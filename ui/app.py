@@ -52,7 +52,7 @@ def status_html(health: dict, started: float) -> str:
     if s == "error":
         return f'<div class="dm-status err">Model <b>{model}</b> failed to load: {escape(str(health.get("error", "")))}</div>'
     waited = int(time.monotonic() - started)
-    detail = escape(str(health.get("error") or "the first run joins and converts the model files, which takes a few minutes"))
+    detail = escape(str(health.get("error") or "on the first run this joins and converts the model files: a few minutes"))
     return (f'<div class="dm-status loading">Loading <b>{model}</b>… {waited // 60}:{waited % 60:02d} · {detail}'
             f'<div class="dm-progress"><div></div></div></div>')
 
@@ -109,4 +109,4 @@ def attach(app, backend: Backend, cfg: ServerConfig) -> None:
     blocks.queue(default_concurrency_limit=None)
     app.add_middleware(KeyCookie, cfg=cfg)
     gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=(STATIC / "ui.css").read_text(),
-                        footer_links=["api", "settings"], ssr_mode=False, show_error=True)
+                        footer_links=["gradio", "settings"], ssr_mode=False, show_error=True)

@@ -18,6 +18,9 @@ from app.edge import check_request
 from app.metrics import Metrics
 
 API = "ui"  # the `api` label of the UI's requests in /metrics
+# The `kind` of Race requests that shared the engine with each other: their decode speed is over
+# shared time, so they do not count as an `ar` baseline (ui.stats.ar_baseline).
+RACE_SHARED = "race_shared"
 
 
 @dataclass
@@ -42,8 +45,10 @@ async def _record_when_done(ctx: Ctx, job: Job, kind: str) -> None:
 
 
 @asynccontextmanager
-async def running(ctx: Ctx, req: GenRequest):
+async def running(ctx: Ctx, req: GenRequest, label: str | None = None):
     """`async with running(ctx, req) as events: async for ev in events: ...` (str deltas, then a Result).
+
+    `label`: the request's `kind` in /metrics when not `req.kind` (e.g. RACE_SHARED).
 
     Raises RequestError for a request that the server's limits (app.edge.check_request) or the
     backend refuse. However the block is left (the end, an exception, the Stop button cancelling the
@@ -51,6 +56,7 @@ async def running(ctx: Ctx, req: GenRequest):
     its final Result is still recorded in /metrics.
     """
     req.tag = req.tag or f"{API}:{req.kind}"
+    kind = label or req.kind
     try:
         job = await ctx.backend.submit(check_request(req, ctx.cfg))
     except RequestError as e:
@@ -58,8 +64,20 @@ async def running(ctx: Ctx, req: GenRequest):
         raise
     seen: list[Result] = []
     try:
-        yield _events(ctx, job, req.kind, seen)
+        yield _events(ctx, job, kind, seen)
     finally:
         if not seen:
             job.cancel()
-            asyncio.get_running_loop().create_task(_record_when_done(ctx, job, req.kind))
+            asyncio.get_running_loop().create_task(_record_when_done(ctx, job, kind))
+
+
+async def stream_text(ctx: Ctx, req: GenRequest, label: str | None = None) -> AsyncIterator[tuple[str, Result | None]]:
+    """Run `req` (see `running`): (text so far, None) after each delta, then (text, Result) once."""
+    text = ""
+    async with running(ctx, req, label) as events:
+        async for ev in events:
+            if isinstance(ev, Result):
+                yield text, ev
+            else:
+                text += ev
+                yield text, None

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from app.backend import Result
 from app.metrics import Finished
 
+from .jobs import RACE_SHARED
+
 MIN_BASELINE_TOKENS = 8  # shorter ar runs are mostly per-request overhead, not decode speed
 
 
@@ -37,10 +39,11 @@ def tau(r: Result) -> float | None:
 
 
 def ar_baseline(recent: Iterable[Finished]) -> float | None:
-    """Median decode speed of recent finished `ar` requests long enough to measure, else None."""
+    """Median decode speed of recent finished `ar` requests long enough to measure, else None.
+    Race runs that shared the engine do not count (their speed is over shared time)."""
     rates = [decode_rate(f.result) for f in recent
              if method_of(f.result) == "ar" and f.result.completion_tokens >= MIN_BASELINE_TOKENS
-             and f.result.finish_reason in ("stop", "length")]
+             and f.result.finish_reason in ("stop", "length") and f.kind != RACE_SHARED]
     rates = [x for x in rates if x]
     return statistics.median(rates) if rates else None
 
@@ -67,7 +70,7 @@ def reply_footer(r: Result, baseline: float | None) -> str:
         parts.append("the ar baseline")
     else:
         x = speedup(r, baseline)
-        parts.append(f"≈{x:.2f}× vs ar" if x else "speedup vs ar: not measured yet (run the Race tab once)")
+        parts.append(f"≈{x:.2f}× vs ar" if x else "speedup vs ar: not measured yet (an ar chat or a Race measures it)")
     parts.append(m)
     parts.append(f"{r.completion_tokens} tokens in {r.total_ms / 1000:.1f} s")
     if r.finish_reason in FINISH_NOTES:

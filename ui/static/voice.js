@@ -10,6 +10,7 @@ function dominoVoice(root, opts) {
   const RATE = 16000;
   const PTT_TAIL_MS = 700; // silence sent after a push-to-talk release: the server's VAD ends the turn as after a pause
   const ACK_MS = 200; // how often the play position is reported while a reply plays
+  const PREROLL_FRAMES = 150; // the last 3 s of speech before the server is ready are sent once it is
   const STAGES = [ // turn_done.timings -> strip segments (the four add up to voice-to-voice)
     ["transcript_ms", "end of speech → transcript (silence wait + ASR)"], ["ttft_ms", "LLM first token"],
     ["first_sentence_ms", "first sentence"], ["first_audio_ms", "first audio (TTS)"]];
@@ -35,6 +36,7 @@ function dominoVoice(root, opts) {
   const startBtn = $(".dv-start"), pttBtn = $(".dv-ptt"), hushBtn = $(".dv-hush"), pttMode = $(".dv-ptt-mode");
   const stateEl = $(".dv-state"), meter = $(".dv-meter i"), msg = $(".dv-msg"), log = $(".dv-log"), lat = $(".dv-lat");
   let ws = null, cap = null, play = null, ready = false, pttHeld = false, running = false, ackTimer = null;
+  let early = []; // frames captured while the speech models load
   const turns = new Map(); // turn id -> {user, bot} bubbles
   const say = (html, kind = "") => { msg.className = "dv-msg " + kind; msg.innerHTML = html; };
   const setState = (s) => { stateEl.textContent = s.replace("_", " "); stateEl.dataset.state = s; };
@@ -131,11 +133,14 @@ function dominoVoice(root, opts) {
     ctx.createMediaStreamSource(stream).connect(node).connect(mute).connect(ctx.destination);
     node.port.onmessage = (e) => {
       meter.style.width = Math.min(100, e.data.rms * 400) + "%";
-      const live = ready && (pttMode.checked ? pttHeld : true);
-      if (live && ws && ws.readyState === 1) { ws.send(e.data.pcm); count("framesSent"); }
+      if (pttMode.checked && !pttHeld) return;
+      if (!ready) { early.push(e.data.pcm); if (early.length > PREROLL_FRAMES) early.shift(); return; }
+      send(e.data.pcm);
     };
     return {stop() { stream.getTracks().forEach((t) => t.stop()); ctx.close(); }};
   }
+
+  function send(pcm) { if (ws && ws.readyState === 1) { ws.send(pcm); count("framesSent"); } }
 
   function micError(e) {
     const here = location.protocol + "//" + location.host;
@@ -171,6 +176,8 @@ function dominoVoice(root, opts) {
     switch (m.type) {
       case "ready":
         ready = true;
+        early.forEach(send); // whoever spoke while the models loaded is heard too
+        early = [];
         say(cap ? `Listening (speech ${m.asr}, voice ${m.tts}, ${m.method}). ` +
               (pttMode.checked ? "Hold the button (or Space) while you speak." : "Speak any time; talk over a reply to interrupt it.")
             : `Connected (voice ${m.tts}, ${m.method}): type below.`, "ok");
@@ -245,7 +252,7 @@ function dominoVoice(root, opts) {
   }
 
   function stop(close = true) {
-    running = false; ready = false; pttHeld = false; pttBtn.disabled = true; hushBtn.disabled = true;
+    running = false; ready = false; early = []; pttHeld = false; pttBtn.disabled = true; hushBtn.disabled = true;
     clearInterval(ackTimer);
     if (cap) { cap.stop(); cap = null; }
     if (play) play.flush();
@@ -261,7 +268,7 @@ function dominoVoice(root, opts) {
     if (!pttHeld) return;
     pttHeld = false; pttBtn.classList.remove("held");
     const zeros = new Int16Array(FRAME);
-    for (let i = 0; i < Math.ceil(PTT_TAIL_MS / 20); i++) if (ws && ws.readyState === 1) ws.send(zeros.buffer.slice(0));
+    for (let i = 0; i < Math.ceil(PTT_TAIL_MS / 20); i++) (ready ? send : (f) => early.push(f))(zeros.buffer.slice(0));
   }
 
   startBtn.addEventListener("click", () => (running ? stop() : start()));

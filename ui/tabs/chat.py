@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.backend import GenRequest, RequestError, Result
+from app.backend import GenRequest, RequestError
 
-from ..jobs import Ctx, running
+from ..jobs import Ctx, stream_text
 from ..stats import ar_baseline, reply_footer
 
 METHOD_CHOICES = ["auto", "domino", "domino+ngram", "ngram", "ar"]
@@ -59,16 +59,11 @@ def build(ctx: Ctx) -> None:
             yield "", conv, shown
             req = GenRequest(kind="chat", messages=conv, max_tokens=int(max_tokens), temperature=float(temperature),
                              method=None if method == "auto" else method)
-            text, result = "", None
             try:
-                async with running(ctx, req) as events:
-                    async for ev in events:
-                        if isinstance(ev, Result):
-                            result = ev
-                        else:
-                            text += ev
-                            shown[-1] = {"role": "assistant", "content": text}
-                            yield gr.skip(), gr.skip(), shown
+                async for text, result in stream_text(ctx, req):
+                    if result is None:
+                        shown[-1] = {"role": "assistant", "content": text}
+                        yield gr.skip(), gr.skip(), shown
             except RequestError as e:
                 shown[-1] = {"role": "assistant", "content": f"⚠️ {e.message}"}
                 yield gr.skip(), conv[:-1], shown

@@ -21,7 +21,7 @@ import gradio as gr
 from agents.code import code_request, split_at_marker
 from app.backend import ExtraFile, RequestError, Result
 
-from ..jobs import Ctx, running
+from ..jobs import Ctx, stream_text
 from ..stats import decode_rate, method_of, tau
 
 MARKER = "<|cursor|>"
@@ -160,16 +160,12 @@ def build(ctx: Ctx) -> None:
             req = code_request(s.prefix, s.suffix, mode="line" if single else "block", files=read_context(files),
                                filename=filename or None, language=language,
                                max_tokens=None if single else int(max_tokens), tag="ui:code")
-            text, t0 = "", time.perf_counter()
+            t0 = time.perf_counter()
             try:
-                async with running(ctx, req) as events:
-                    async for ev in events:
-                        if isinstance(ev, Result):
-                            r = ev
-                        else:
-                            text += ev
-                            ms = (time.perf_counter() - t0) * 1000
-                            yield preview_html(s, text, f"completing at the {s.where}… {ms:.0f} ms"), None, off, off
+                async for text, r in stream_text(ctx, req):
+                    if r is None:
+                        ms = (time.perf_counter() - t0) * 1000
+                        yield preview_html(s, text, f"completing at the {s.where}… {ms:.0f} ms"), None, off, off
             except RequestError as e:
                 yield preview_html(s, "", f"⚠️ {e.message}"), None, off, off
                 return

@@ -51,7 +51,7 @@ def drafter_text(kind: str | None, path: str | None) -> str:
     where = path or "the profile's shipped drafter"
     if kind == "trained":
         return f"trained · {where}"
-    return "untrained placeholder: random weights, so domino and dflash accept almost nothing (the output is still exact)"
+    return "untrained placeholder (random weights: domino and dflash accept almost nothing; output still exact)"
 
 
 def info_html(ctx: Ctx, health: dict, hw: dict) -> str:

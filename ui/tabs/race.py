@@ -11,6 +11,7 @@ decode speed is measured over shared time. "One after the other" gives each run 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from html import escape
@@ -20,8 +21,10 @@ import gradio as gr
 from app.backend import GenRequest, RequestError, Result
 
 from ..charts import bars
-from ..jobs import Ctx, running
+from ..jobs import RACE_SHARED, Ctx, stream_text
 from ..stats import decode_rate, identical_verdict, tau
+
+log = logging.getLogger("domino.ui")
 
 RACE_METHODS = ["auto", "domino", "domino+ngram", "ngram", "dflash"]
 EXAMPLES = [
@@ -74,7 +77,9 @@ def comparison(ar: Result, spec: Result, title: str, sequential: bool) -> str:
     when they shared it (shared time says little about either's speed)."""
     if sequential:
         ra, rb = decode_rate(ar), decode_rate(spec)
-        return f"{title} decoded {rb / ra:.2f}× as fast as ar" if ra and rb else ""
+        if not ra or not rb:
+            return ""
+        return f"{title} decoded {rb / ra:.2f}× as fast as ar" + ("" if rb >= ra else " (slower here)")
     na, nb = (ar.spec or {}).get("rounds"), (spec.spec or {}).get("rounds")
     if not na or not nb:
         return ""
@@ -91,21 +96,22 @@ def verdict_html(a: Lane, b: Lane, sequential: bool) -> str:
             f'{"<div class=dm-verdict-more>" + escape(more) + "</div>" if more else ""}</div>')
 
 
-async def _drive(ctx: Ctx, req: GenRequest, lane: Lane, changed: asyncio.Event) -> None:
-    lane.started = time.perf_counter()
+async def _drive(ctx: Ctx, req: GenRequest, lane: Lane, changed: asyncio.Event, label: str) -> None:
+    lane.started = req.received = time.perf_counter()  # one after the other: the second arrives now
     try:
-        async with running(ctx, req) as events:
-            async for ev in events:
-                if isinstance(ev, Result):
-                    lane.result = ev
-                    if ev.finish_reason == "error":
-                        lane.error = ev.error
-                else:
-                    lane.chunks.append(ev)
-                changed.set()
+        async for text, r in stream_text(ctx, req, label):
+            if r is None:
+                lane.chunks.append(text[len(lane.text):])  # one delta = one engine round
+            else:
+                lane.result, lane.error = r, r.error if r.finish_reason == "error" else None
+            changed.set()
     except RequestError as e:
         lane.error = e.message
-    changed.set()
+    except Exception as e:  # a bug must end this lane with a message, not leave the race waiting
+        log.exception("race lane %s failed", lane.title)
+        lane.error = f"internal error: {type(e).__name__}"
+    finally:
+        changed.set()
 
 
 def build(ctx: Ctx) -> None:
@@ -138,17 +144,19 @@ def build(ctx: Ctx) -> None:
             if sequential:
                 async def both():
                     for req, lane in zip(reqs, lanes):
-                        await _drive(ctx, req, lane, changed)
+                        await _drive(ctx, req, lane, changed, "race")
                 tasks = [asyncio.create_task(both())]
             else:
-                tasks = [asyncio.create_task(_drive(ctx, req, lane, changed)) for req, lane in zip(reqs, lanes)]
+                tasks = [asyncio.create_task(_drive(ctx, req, lane, changed, RACE_SHARED))
+                         for req, lane in zip(reqs, lanes)]
             try:
                 while True:
                     await changed.wait()
                     changed.clear()
+                    finished = all(t.done() for t in tasks)  # before rendering: the last frame shows the end
                     now = time.perf_counter()
                     yield verdict_html(*lanes, sequential), lane_html(lanes[0], now, shared), lane_html(lanes[1], now, shared)
-                    if all(t.done() for t in tasks):
+                    if finished:
                         return
                     await asyncio.sleep(FRAME_S)
             finally:
