@@ -259,6 +259,9 @@ def test_a_spoken_turn_walks_through_every_state():
         assert done["llm"]["tau"] == 2.0 and done["llm"]["tokens"] == len(REPLY.split())
         assert r.s.latency.summary()["voice_to_voice_ms"]["n"] == 1
         await r.s.close()
+        end = r.sink.events[-1]
+        assert end["type"] == "session_end" and end["reason"] == "end" and end["turns"] == 1
+        assert end["latency"]["voice_to_voice_ms"]["p50"] == t["voice_to_voice_ms"]
 
     run(main())
 

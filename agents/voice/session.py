@@ -21,7 +21,8 @@ Audio comes in through `feed` (float32 mono, 16 kHz, real time), typed turns thr
 * What was heard: audio is paced in real time, `audio_lead_ms` ahead of the listener, so the
   server knows the play position; a client that plays with more buffering reports it with
   `playback` acks, and then its last ack is what counts.
-* Every confirmed turn ends with exactly one `turn_done`; an idle session closes itself.
+* Every confirmed turn ends with exactly one `turn_done`; the session ends with `session_end` (its
+  p50/p95 per stage); an idle session closes itself.
 
 Clock and offloading are injected (`Clock`, `offload`), so unit tests run on fake time and fake parts.
 """
@@ -201,6 +202,8 @@ class VoiceSession:
                 t.cancel()
         if self._settling:  # every turn's turn_done and history entry come before we report closed
             await asyncio.wait(set(self._settling))
+        self.sink.event({"type": "session_end", "reason": reason, "turns": len(self.latency.turns),
+                         "latency": self.latency.summary()})
         self.closed.set()
 
     async def warm_up(self) -> None:
