@@ -163,6 +163,7 @@ class VoiceConnection:
         self.resampler: StreamResampler | None = None
         self.rate = SAMPLE_RATE  # of the client's audio, from `start`
         self.dropped: str | None = None
+        self.end_reason = "closed"  # "end" when the client said so
         self._audio_error: str | None = None  # last bad-audio message: repeats are not reported per frame
         self._reader: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -203,7 +204,7 @@ class VoiceConnection:
         finally:
             self._reader.cancel()
             if self.session is not None:  # cancels generation and TTS; the last turn_done is queued
-                await self.session.close(self.dropped or "closed")
+                await self.session.close(self.dropped or self.end_reason)
             for t in self._tasks:
                 t.cancel()
             if self.dropped:
@@ -239,6 +240,7 @@ class VoiceConnection:
                 if msg.get("bytes") is not None:
                     await self.on_audio(msg["bytes"])
                 elif await self.on_text(msg.get("text") or "") == "end":
+                    self.end_reason = "end"
                     return
             except Refused as e:
                 self.fail(e.code, e.message)
