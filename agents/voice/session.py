@@ -24,7 +24,9 @@ Audio comes in through `feed` (float32 mono, 16 kHz, real time), typed turns thr
 * Every confirmed turn ends with exactly one `turn_done`; the session ends with `session_end` (its
   p50/p95 per stage); an idle session closes itself.
 
-Clock and offloading are injected (`Clock`, `offload`), so unit tests run on fake time and fake parts.
+The reply itself (LLM -> chunks -> TTS -> paced audio) is `reply.speak`; this module decides when
+turns start, end and give way. Clock and offloading are injected (`Clock`, `offload`), so unit
+tests run on fake time and fake parts.
 """
 
 from __future__ import annotations
@@ -32,20 +34,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
-from app.backend import Backend, GenRequest, Job, RequestError, Result
+from app.backend import Backend, GenRequest, RequestError, Result
 
-from .chunker import SentenceChunker
 from .config import VoiceConfig
-from .metrics import LatencySummary, TurnClock, llm_stats
+from .metrics import LatencySummary, llm_stats
 from .parts import ASR, SAMPLE_RATE, TTS, VAD, get_asr, get_tts, get_vad
-from .playout import Clock, Playout, RealClock, Sentence, Sink, heard_text
-from .speech_text import to_speech
+from .playout import Clock, RealClock, Sink
+from .reply import Offload, Turn, Voice, audio_end, final_result, speak
 
 log = logging.getLogger("domino.voice")
 
@@ -54,8 +53,6 @@ log = logging.getLogger("domino.voice")
 # that much plus the VAD's own detection delay (min_speech_ms), so the onset is still there.
 ONSET_S = 0.3
 PAD_S = 0.1  # after the end of speech
-Offload = Callable[..., Awaitable[Any]]  # offload(fn, *args) runs blocking model work off the event loop
-RESULT_WAIT_S = 5.0  # a cancelled generation ends at the engine's next round; never wait longer than this
 HISTORY_CHARS = 6000  # conversation kept in the prompt (about 1,500 tokens)
 PARTIAL_EVERY_S = 1.0  # a partial transcript per this much new speech (when the client asked for them)
 
@@ -79,30 +76,6 @@ class State(str, enum.Enum):
     THINKING = "thinking"
     SPEAKING = "speaking"
     CLOSED = "closed"
-
-
-@dataclass(eq=False)
-class Turn:
-    id: int
-    audio: np.ndarray | None = None  # the utterance (None: a typed turn)
-    text: str | None = None  # a typed turn's text
-    clock: TurnClock = field(default_factory=TurnClock)
-    committed: asyncio.Event = field(default_factory=asyncio.Event)
-    held: list[dict] = field(default_factory=list)  # events from before the turn was confirmed
-    task: asyncio.Task | None = None
-    prev: asyncio.Task | None = None  # the turn before: its user message goes into the history first
-    asr: asyncio.Future | None = None
-    transcript: str | None = None
-    ready: bool = False  # transcript known and the turn before settled: its words may enter the history
-    user_added: bool = False
-    job: Job | None = None
-    result: Result | None = None
-    reply: str = ""
-    sentences: list[Sentence] = field(default_factory=list)
-    playout: Playout | None = None
-    open_sentence: Sentence | None = None  # audio_start sent, audio_end not yet
-    outcome: str | None = None  # why it ended early: interrupted | superseded | cancelled
-    error: dict | None = None
 
 
 class VoiceSession:
@@ -314,6 +287,14 @@ class VoiceSession:
         self.last_activity = self.clock.now()
         self._set_state(State.THINKING)
 
+    def _voice(self) -> Voice:
+        return Voice(self.backend, self.cfg, self.tts, self.sink, self.clock, self.offload, self.method, self.name,
+                     emit=self._emit, on_audio=self._speaking)
+
+    def _speaking(self) -> None:
+        if self.state is State.THINKING:
+            self._set_state(State.SPEAKING)
+
     def _emit(self, turn: Turn, msg: dict) -> None:
         if turn.committed.is_set():
             self.sink.event(msg)
@@ -346,7 +327,7 @@ class VoiceSession:
                 self._add_user(turn)
             messages = self._messages_for(turn)
             if messages[-1]["role"] == "user":
-                await self._reply(turn, messages)
+                await speak(self._voice(), turn, messages)
         except Exception as e:  # noqa: BLE001 - a part failed: this turn ends with an error, the session goes on
             log.exception("%s turn %d failed", self.name, turn.id)
             turn.error = {"code": "internal", "message": f"{type(e).__name__}: {e}"}
@@ -383,101 +364,11 @@ class VoiceSession:
                 msgs.append({"role": "user", "content": text})
         return msgs
 
-    async def _reply(self, turn: Turn, messages: list[dict]) -> None:
-        texts: asyncio.Queue = asyncio.Queue()
-        audio: asyncio.Queue = asyncio.Queue(maxsize=32)  # TTS runs ahead of playout by a few chunks
-        tts = self.tts
-        workers = [asyncio.create_task(self._generate(turn, messages, texts)),
-                   asyncio.create_task(self._synthesize(turn, tts, texts, audio))]
-        try:
-            await self._play(turn, tts.sample_rate, audio)
-            for w in workers:
-                await w
-        finally:
-            for w in workers:
-                w.cancel()
-
-    async def _generate(self, turn: Turn, messages: list[dict], texts: asyncio.Queue) -> None:
-        req = GenRequest(kind="chat", messages=messages, max_tokens=self.cfg.max_reply_tokens,
-                         method=self.method, tag=f"{self.name} turn {turn.id}")
-        chunker = SentenceChunker(clause_words=self.cfg.first_clause_words)
-        try:
-            turn.job = await self.backend.submit(req)
-            async for ev in turn.job:
-                if isinstance(ev, Result):
-                    turn.result = ev
-                    if ev.finish_reason == "error":
-                        turn.error = {"code": "internal", "message": ev.error or "generation failed"}
-                    break
-                turn.clock.mark("first_token", self.clock.now())
-                turn.reply += ev
-                self._emit(turn, {"type": "reply_delta", "turn": turn.id, "text": ev})
-                for chunk in chunker.feed(ev):
-                    turn.clock.mark("first_sentence", self.clock.now())
-                    chunker.clause_words = self.cfg.clause_words  # later chunks play while the next is made
-                    texts.put_nowait(chunk)
-            for chunk in chunker.flush():
-                turn.clock.mark("first_sentence", self.clock.now())
-                texts.put_nowait(chunk)
-        except RequestError as e:  # overloaded, unavailable, prompt too long: said to the client, session goes on
-            turn.error = {"code": e.code, "message": e.message}
-        finally:
-            if turn.job is not None:
-                turn.job.cancel()  # no-op once finished
-            texts.put_nowait(None)
-
-    async def _synthesize(self, turn: Turn, tts: TTS, texts: asyncio.Queue, audio: asyncio.Queue) -> None:
-        n = 0
-        while (text := await texts.get()) is not None:
-            n += 1
-            sentence = Sentence(n, text)
-            speech = to_speech(text)
-            if speech:
-                chunks = await self.offload(lambda: iter(tts.synthesize(speech)))
-                while (chunk := await self.offload(next, chunks, None)) is not None:
-                    turn.clock.mark("first_chunk", self.clock.now())
-                    await audio.put((sentence, chunk))
-            await audio.put((sentence, None))
-        await audio.put(None)
-
-    async def _play(self, turn: Turn, rate: int, audio: asyncio.Queue) -> None:
-        await turn.committed.wait()
-        p = turn.playout = Playout(self.clock, self.sink, rate, self.cfg.audio_lead_ms / 1000)
-        while (item := await audio.get()) is not None:
-            sentence, chunk = item
-            if sentence not in turn.sentences:
-                sentence.start = p.sent
-                turn.sentences.append(sentence)
-            if chunk is None:
-                if turn.open_sentence is sentence:
-                    self._audio_end(turn, interrupted=False)
-                continue
-            if turn.open_sentence is None:
-                turn.open_sentence = sentence
-                self.sink.event({"type": "audio_start", "turn": turn.id, "sentence": sentence.id,
-                                 "sample_rate": rate, "text": sentence.text})
-            if self.state is State.THINKING:
-                self._set_state(State.SPEAKING)
-            turn.clock.mark("first_audio", self.clock.now())
-            sentence.samples += len(chunk)  # before sending: a half-sent chunk is heard pro rata
-            await p.send(chunk)
-        await p.drain()
-
-    def _audio_end(self, turn: Turn, interrupted: bool) -> None:
-        s, turn.open_sentence = turn.open_sentence, None
-        self.sink.event({"type": "audio_end", "turn": turn.id, "sentence": s.id, "interrupted": interrupted})
-
-    def heard(self, turn: Turn) -> str:
-        """What the user heard of a turn's reply: all of it, unless the turn was cut short."""
-        if turn.outcome is None and turn.error is None:
-            return turn.reply.strip()
-        return heard_text(turn.sentences, turn.playout)
-
     async def _settle(self, turn: Turn) -> None:
         """Once per turn, however it ended: history, audio_end, turn_done, metrics, next state."""
         if turn.job is not None and turn.result is None:  # stopped mid-generation: its Result is still due
             turn.job.cancel()
-            turn.result = await self._final_result(turn.job)
+            turn.result = await final_result(turn.job, self.name)
         if turn.result is not None and self.on_result is not None:
             self.on_result(turn.result)
         if not turn.committed.is_set():  # discarded early start: it never happened for the client
@@ -489,8 +380,8 @@ class VoiceSession:
                 turn.transcript = ""
         self._add_user(turn)
         if turn.open_sentence is not None:
-            self._audio_end(turn, interrupted=True)
-        heard = self.heard(turn)
+            audio_end(self.sink, turn, interrupted=True)
+        heard = turn.heard()
         if heard:
             self.history.append({"role": "assistant", "content": heard})
         outcome = turn.outcome or ("error" if turn.error else "done" if turn.reply or turn.transcript else "no_speech")
@@ -512,17 +403,6 @@ class VoiceSession:
         elif self.turn is turn:
             self.turn = None
             self._set_state(State.USER_SPEAKING if self.in_speech else State.LISTENING)
-
-    async def _final_result(self, job: Job) -> Result | None:
-        """A cancelled job's last event (it comes after the engine's current round)."""
-        try:
-            async with asyncio.timeout(RESULT_WAIT_S):
-                async for ev in job:
-                    if isinstance(ev, Result):
-                        return ev
-        except TimeoutError:
-            log.warning("%s: a cancelled generation did not end within %g s", self.name, RESULT_WAIT_S)
-        return None
 
     def messages(self) -> list[dict]:
         """The system prompt and the most recent history within HISTORY_CHARS (older turns drop out
