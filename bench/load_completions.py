@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,10 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from agents.voice.metrics import percentile  # noqa: E402
+from bench.serving import spawn_server  # noqa: E402
 
 # Cursor positions inside small, typical files: the model should finish the current line.
 BUILTIN = [
@@ -50,15 +53,6 @@ def load_prompts(path: str | None) -> list[dict]:
             if rec and "prefix" in rec:
                 prompts.append({"prefix": rec["prefix"], "suffix": rec.get("suffix", "")})
     return prompts
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 async def client(url: str, headers: dict, prompts: list[dict], offset: int, n: int, args, method: str) -> list[dict]:
@@ -104,8 +98,8 @@ async def run_cell(url: str, headers: dict, prompts: list[dict], clients: int, m
     tokens = sum(r["tokens"] for r in ok)
     return {
         "method": method, "clients": clients, "requests": len(rows), "errors": len(rows) - len(ok),
-        "ttft_p50_ms": pct(ttft, 0.5), "ttft_p95_ms": pct(ttft, 0.95),
-        "total_p50_ms": pct(total, 0.5), "total_p95_ms": pct(total, 0.95),
+        "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95),
+        "total_p50_ms": percentile(total, 0.5), "total_p95_ms": percentile(total, 0.95),
         "completions_per_s": len(ok) / wall, "tokens_per_s": tokens / wall,
         "mean_tokens": tokens / len(ok) if ok else 0, "mean_tau": statistics.fmean(taus) if taus else None,
         "wall_s": wall,
@@ -129,28 +123,10 @@ def table(cells: list[dict]) -> str:
 
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     clients = max(int(c) for c in args.clients.split(","))
-    cmd = [sys.executable, "-m", "app", "--profile", args.profile, "--port", str(port), "--dtype", args.dtype,
-           "--log-level", "warning", "--max-active", str(args.max_active), "--max-queue", str(max(64, clients))]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, cwd=HERE.parent)
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 600:
-            proc.kill()
-            raise SystemExit("the server did not start")
-        time.sleep(0.2)
+    proc, port = spawn_server(["--profile", args.profile, "--dtype", args.dtype, "--max-active", str(args.max_active),
+                               "--max-queue", str(max(64, clients))]
+                              + (["--threads", str(args.threads)] if args.threads else []))
     return proc, f"ws://127.0.0.1:{port}/v1/ws"
 
 

@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from agents.voice.audio import float_to_int16, read_wav, to_16k, write_wav  # no
 from agents.voice.metrics import percentile  # noqa: E402
 from app.voice_client import VoiceClient  # noqa: E402
 from bench.report import rows_table  # noqa: E402
+from bench.serving import spawn_server  # noqa: E402
 
 RATE = 16000
 CHAIN = ("transcript_ms", "ttft_ms", "first_sentence_ms", "first_audio_ms")  # adds up to voice_to_voice_ms
@@ -77,25 +77,7 @@ def speech_end_s(pcm: np.ndarray) -> float:
 
 
 def spawn(profile: str, dtype: str, threads: int | None) -> tuple[subprocess.Popen, int]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "app", "--profile", profile, "--port", str(port), "--dtype", dtype, "--no-ui",
-           "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.Popen(cmd, cwd=HERE.parent)
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 900:
-            proc.kill()
-            raise SystemExit("the server did not start")
-        time.sleep(0.5)
+    return spawn_server(["--profile", profile, "--dtype", dtype] + (["--threads", str(threads)] if threads else []))
 
 
 def one_request(url: str, pcm: np.ndarray, method: str | None) -> dict:
