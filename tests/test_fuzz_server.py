@@ -12,7 +12,7 @@ spec = importlib.util.spec_from_file_location("fuzz_server", Path(__file__).reso
 fuzz = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fuzz)
 
-EXAMPLES = 60  # per endpoint (3 endpoints)
+EXAMPLES = 300  # per endpoint (3 endpoints): well under a minute
 
 
 @pytest.fixture(scope="module")
