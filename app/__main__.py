@@ -40,8 +40,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default=d["method"].default, choices=("auto", *METHODS),
                    help="default decoding method (auto: with a trained drafter domino on a GPU, domino+ngram on a "
                         "CPU; without one adaptive ngram)")
-    g.add_argument("--fixed-drafts", action="store_true",
-                   help="verify the drafter's full block every round instead of the measured best length")
     g.add_argument("--backend-url", default=None, help="use a remote OpenAI-compatible server instead of the engine")
     g.add_argument("--backend-model", default=None, help="model name for the remote (default: its first)")
     g = ap.add_argument_group("scheduling and limits")
@@ -76,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         default_max_tokens=a.default_max_tokens, max_inflight_per_connection=a.max_inflight_per_connection,
         api_key=a.api_key, log_level=a.log_level,
     )
-    if a.allow_host:
-        kw["allowed_hosts"] = a.allow_host
     if a.allow_origin:
         kw["allowed_origins"] = a.allow_origin
+    if a.allow_host:
+        kw["allowed_hosts"] = a.allow_host
     try:
         cfg = ServerConfig.with_env(**kw)
     except ValidationError as e:
