@@ -171,6 +171,16 @@ def kernels_table(found: list[tuple[str, dict]]) -> list[str]:
     return out[:-1]
 
 
+def thread_table(found: list[tuple[str, dict]]) -> list[str]:
+    """`bench/engine_thread.py`: one row per thread layout."""
+    (_, rep), = found
+    rows = [[f"`{name}`", num(r["tokens_per_s"]), f"{num(r['vs_main'])}x", num(r["voluntary_switches_per_token"], 1)]
+            for name, r in rep["layouts"].items()]
+    caption = (f"Profile `{rep['profile']}`, `{rep['method']}`, {rep['tokens']} tokens, median of {rep['runs']} runs, "
+               f"{rep['threads']} torch threads, each layout in a fresh process.")
+    return [caption, "", *markdown(["layout", "tok/s", "vs main", "voluntary switches / token"], rows)]
+
+
 def rows_table(found: list[tuple[str, dict]]) -> list[str]:
     """Any results file holding a list of rows (the first list of objects at its top level, or the
     file itself): one column per field, nested objects flattened one level; top-level scalars
@@ -198,7 +208,10 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("coder", ("coder.json",), "bash bench/run_coder.sh", methods_table),
     Table("load_tiny", ("load_tiny.json",), "bash bench/run_load.sh", load_table),
     Table("load_coder", ("load_coder.json",), "PROFILE=coder bash bench/run_load.sh", load_table),
-    Table("kernels_gpu", ("kernels_gpu*.json",), "python bench/kernels_gpu.py", kernels_table),
+    Table("kernels_gpu", ("kernels_h200.json",), "python bench/kernels_gpu.py", kernels_table),
+    Table("kernels_sglang_parity", ("kernels_h200_cpu_check.json",), "python bench/kernels_gpu.py --cpu-parity",
+          rows_table),
+    Table("engine_thread", ("engine_thread.json",), "python bench/engine_thread.py", thread_table),
     Table("voice_latency", ("voice_latency.json",), "python bench/voice_latency.py", rows_table),
 )}
 
