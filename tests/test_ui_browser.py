@@ -1,5 +1,6 @@
 """The browser UI in real Chromium (Playwright, Debian's chromium) against a real server on loopback
-with the embedded `tiny` model. Each test saves a screenshot of its tab to docs/img/ui-<tab>.png.
+with the embedded `tiny` model. Each test saves a screenshot of its tab: to docs/img/ui-<tab>.png
+(the README's pictures) with DOMINO_SCREENSHOTS=1, else to a temporary folder.
 
 The browser's fake microphone plays a WAV made with espeak-ng, so the Voice test speaks for real.
 Every test also checks that no request left 127.0.0.1 (the UI must work offline).
@@ -11,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import wave
 from pathlib import Path
@@ -24,7 +26,8 @@ from server_fakes import ServerThread
 
 pytestmark = pytest.mark.slow
 
-IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+IMG = (Path(__file__).resolve().parent.parent / "docs" / "img" if os.environ.get("DOMINO_SCREENSHOTS")
+       else Path(tempfile.gettempdir()) / "domino-ui-screenshots")
 VIEWPORT = {"width": 1280, "height": 860}
 CHROMIUM = os.environ.get("DOMINO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 UTTERANCE = "What is the capital of France?"
