@@ -88,5 +88,8 @@ def build(ctx: Ctx) -> None:
         inputs = [box, conv, shown, method, temperature, max_tokens]
         ev1 = box.submit(respond, inputs, [box, conv, shown], show_progress="hidden")
         ev2 = send.click(respond, inputs, [box, conv, shown], show_progress="hidden")
-        stop.click(after_stop, [conv, shown], [conv, shown], cancels=[ev1, ev2], queue=False)
+        # Cancel first, then mark the reply stopped: an update the cancelled stream had already
+        # sent cannot land after the mark and erase it.
+        stop.click(None, None, None, cancels=[ev1, ev2], queue=False).then(
+            after_stop, [conv, shown], [conv, shown], queue=False)
         clear.click(lambda: ([], []), None, [conv, shown], cancels=[ev1, ev2], queue=False)
