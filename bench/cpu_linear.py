@@ -18,9 +18,10 @@ import copy
 
 import torch
 
-import domino_backend  # noqa: F401  (sets MKL_CBWR=AVX2 on AMD, as the engine does)
 from domino_backend.bench import median_ms
-from domino_backend.cpu import cpu_has_fast_bf16, pack_linears
+from domino_backend.cpu import cpu_has_fast_bf16, pack_linears, pin_mkl_avx2_on_amd
+
+pin_mkl_avx2_on_amd()  # MKL_CBWR=AVX2 on AMD before the first BLAS call, as build_engine does
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 896, 4864, 128, 151936, 24
 SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),

@@ -8,7 +8,6 @@ real Qwen2.5-Coder tokenizer (first use prepares the embedded model, as every re
 import asyncio
 import json
 import random
-import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from app.config import ServerConfig
 from app.engine_backend import EngineBackend
 from app.prompting import build_prompt
 from domino_backend.prompts import build_fim, encode_chat, encode_text
-from server_fakes import FakeEngine, FakeGeneration, FakeTokenizer, ServerThread
+from server_fakes import FakeEngine, FakeTokenizer, ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 
