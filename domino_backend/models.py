@@ -88,6 +88,16 @@ PROFILES: dict[str, Profile] = {
 DEFAULT_PROFILE = "coder"
 
 
+def publish_dir(built: Path, final: Path) -> None:
+    """Move a fully built folder into place in one rename. If another process published `final`
+    first, theirs is complete and stands (the caller removes `built`)."""
+    try:
+        os.rename(built, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+
+
 def mask_token_id(target: str, vocab_size: int) -> int:
     """The drafter's mask token for a target: the profile's reserved token, else the last id."""
     return PROFILES[target].mask_token_id if target in PROFILES else vocab_size - 1
@@ -234,12 +244,7 @@ def prepare_profile(name: str, progress: bool = True) -> Path:
             join_verified(pieces, profile.sha256, gguf, progress=progress)
             built = work / "hf"
             _convert(profile, gguf, built, progress)
-            try:
-                os.rename(built, final)
-            except OSError:
-                # Rename-if-absent lost against a process that does not honour the lock: theirs is complete.
-                if not final.is_dir():
-                    raise
+            publish_dir(built, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     _say(f"model profile {name!r} ready at {final}", progress)

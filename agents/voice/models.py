@@ -61,7 +61,7 @@ def assemble(
 ) -> Path:
     """Folder ``voice_cache_dir()/name`` holding ``dest_name`` (the pieces joined, sha256-checked) and copies
     of `extra_files`; built on first use, returned as is afterwards."""
-    from domino_backend.models import ModelError, join_verified
+    from domino_backend.models import ModelError, join_verified, publish_dir
 
     root = voice_cache_dir()
     final = root / name
@@ -76,12 +76,7 @@ def assemble(
             raise VoiceError(str(e)) from e
         for f in extra_files:
             shutil.copyfile(f, work / Path(f).name)
-        try:
-            os.rename(work, final)
-        except OSError:
-            # Another process finished the same build first: its folder is complete.
-            if not final.is_dir():
-                raise
+        publish_dir(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
