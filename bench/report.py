@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "bench/results"
 DOCS = ("README.md", "docs/benchmarks.md")
+REFERENCES = ("hf", "llamacpp")  # `bench`'s outside references: they draft nothing
 MARKER = re.compile(r"(<!-- report:([\w-]+) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 
@@ -79,7 +80,7 @@ def methods_table(found: list[tuple[str, dict]], positions: int = 4) -> list[str
     """A `python -m domino_backend bench` report: one row per method."""
     (name, rep), = found
     methods = rep["methods"]
-    drafting = [m for m in methods if m not in ("ar", "hf")]
+    drafting = [m for m in methods if m not in ("ar", *REFERENCES)]
     speed = [rep["speedup"][m] if m in drafting else None for m in methods]
     tau = [methods[m]["tau"] if m in drafting else None for m in methods]
     speed_cells = bold_max([f"{rep['speedup'][m]:.2f}x" for m in methods], speed)
@@ -123,6 +124,34 @@ def summary_table(found: list[tuple[str, dict]]) -> list[str]:
                f"{code.get('dtype', '?')}, all methods in one process.")
     return [caption, "", *markdown(["method", "code tok/s", "code speedup", "code τ", "chat tok/s",
                                     "chat speedup", "chat τ", "lossless"], rows)]
+
+
+def llamacpp_table(found: list[tuple[str, dict]]) -> list[str]:
+    """`bench/run_llamacpp.sh`: per prompt set, `ar`, one drafting method and llama.cpp on the same GGUF."""
+    rows, info = [], {}
+    for name, rep in found:
+        methods = rep["methods"]
+        ours = next((m for m in methods if m not in ("ar", *REFERENCES)), None)
+        tps = {m: r["tokens_per_s"] for m, r in methods.items()}
+        llama = tps.get("llamacpp")
+        vs_llama = {m: f"{tps[m] / llama:.2f}x" if llama and tps.get(m) else "-" for m in ("ar", ours)}
+        same = "-"
+        if "llamacpp" in methods:
+            info = rep.get("llamacpp", info)
+            prefix = rep["ar_prefix"]["llamacpp"]
+            equal = sum(a == b for a, b in zip(methods["llamacpp"]["output_ids"], methods["ar"]["output_ids"]))
+            same = f"{equal}/{len(prefix)} ({sum(prefix) / len(prefix):.0f} tokens)"
+        rows.append([f"`{rep.get('prompts', name)}`, {rep['num_prompts']}", num(tps["ar"]), f"`{ours}`" if ours else "-",
+                     num(tps.get(ours)), f"{rep['speedup'][ours]:.2f}x" if ours else "-",
+                     num(methods[ours]["tau"]) if ours else "-", num(llama), vs_llama["ar"], vs_llama[ours], same])
+    _, first = found[0]
+    caption = (f"Greedy, {first['max_new_tokens']} new tokens, target `{first.get('target', '?')}` in "
+               f"{first.get('dtype', '?')}; llama.cpp (llama-cpp-python {info.get('version', '?')}, "
+               f"{info.get('threads', '?')} threads like ours) runs the GGUF the target is built from, "
+               "in the same process, on the same prompt token ids.")
+    return [caption, "", *markdown(["prompts", "`ar` tok/s", "drafting method", "tok/s", "speedup vs ar", "τ",
+                                    "llama.cpp tok/s", "`ar` / llama.cpp", "drafting / llama.cpp",
+                                    "outputs = `ar`'s (mean same prefix)"], rows)]
 
 
 def tree_table(found: list[tuple[str, dict]]) -> list[str]:
@@ -204,6 +233,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("heldout_summary", ("heldout_code.json", "heldout_chat.json"), "bash bench/run_heldout.sh", summary_table),
     Table("heldout_code", ("heldout_code.json",), "bash bench/run_heldout.sh", methods_table),
     Table("heldout_chat", ("heldout_chat.json",), "bash bench/run_heldout.sh", lambda f: methods_table(f, 3)),
+    Table("llamacpp", ("llamacpp_*.json",), "bash bench/run_llamacpp.sh", llamacpp_table),
     Table("tree_replay", ("tree_replay.json",), "python bench/tree_replay.py", tree_table),
     Table("coder", ("coder.json",), "bash bench/run_coder.sh", methods_table),
     Table("load_tiny", ("load_tiny.json",), "bash bench/run_load.sh", load_table),

@@ -2,8 +2,10 @@
 
 Methods run prompt-major (every method on prompt 1, then on prompt 2, ...) so slow drift of a shared
 machine hits them alike. Reported per method: tokens/s, speedup vs `ar`, tau (mean tokens per
-verify round), per-position acceptance, and `lossless` = every output identical to `ar`'s. The
-extra method `hf` is Hugging Face `generate` (plain greedy) as an outside reference for `ar`.
+verify round), per-position acceptance, `lossless` = every output identical to `ar`'s and
+`ar_prefix` = per prompt, how many leading tokens equal `ar`'s. Two outside references: `hf` is
+Hugging Face `generate` (plain greedy) on our target, `llamacpp` is llama.cpp on the profile's own
+GGUF (llamacpp.py; quantized weights, so its outputs may part from `ar`'s).
 Options after the method name: `:adaptive` the cost-aware draft length (draft_length.py),
 `:chain` a chain instead of the default draft tree (tree.py), e.g. `domino:chain:adaptive`.
 """
@@ -20,16 +22,18 @@ from tqdm import tqdm
 
 from .methods import METHODS
 from .engine import Engine, GenerationRequest, Stats
+from .llamacpp import LlamaCpp
 from .prompts import encode_record
 
-BENCH_METHODS = (*METHODS, "hf")
+REFERENCES = ("hf", "llamacpp")  # outside references: no drafting, no options
+BENCH_METHODS = (*METHODS, *REFERENCES)
 OPTIONS = ("adaptive", "chain")
 
 
 def parse_method(spec: str) -> tuple[str, set[str]]:
     """"domino:chain:adaptive" -> ("domino", {"chain", "adaptive"}); options need a drafting method."""
     method, *opts = spec.split(":")
-    if method not in BENCH_METHODS or (opts and method in ("ar", "hf")) or not set(opts) <= set(OPTIONS):
+    if method not in BENCH_METHODS or (opts and method in ("ar", *REFERENCES)) or not set(opts) <= set(OPTIONS):
         raise ValueError(f"unknown method {spec!r}; choose from {', '.join(BENCH_METHODS)}, drafting methods "
                          f"also with options {', '.join(':' + o for o in OPTIONS)} (e.g. domino:chain:adaptive)")
     return method, set(opts)
@@ -83,37 +87,52 @@ def hf_generate(engine: Engine, ids: list[int], max_new_tokens: int) -> tuple[li
     return new[:cut], dt
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def run_bench(engine: Engine, records: list[dict], methods: list[str], max_new_tokens: int,
-              warmup: bool = True, max_drafts: int | None = None) -> dict:
+              warmup: bool = True, max_drafts: int | None = None, gguf: Path | str | None = None) -> dict:
+    """`gguf`: the file the target was built from, which `llamacpp` runs (required for it)."""
     for m in methods:
         parse_method(m)
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speedup and losslessness
     tok = engine.target.tokenizer
     prompts = [encode_record(tok, r) for r in records]
+    llama = None
+    if "llamacpp" in methods:
+        if gguf is None:
+            raise ValueError("the bench method llamacpp runs the GGUF of an embedded profile (--profile NAME)")
+        llama = LlamaCpp(gguf, n_ctx=max(map(len, prompts)) + max_new_tokens + 1, threads=torch.get_num_threads())
     results = {m: MethodResult(Stats(method=m)) for m in methods}
     if warmup:  # first calls pay one-off allocation / kernel selection costs
         for m in methods:
-            run_one(engine, prompts[0], m, 8, max_drafts)
+            run_one(engine, prompts[0], m, 8, max_drafts, llama)
     for ids in tqdm(prompts, desc="bench", unit="prompt"):
         for m in methods:
-            toks, stats = run_one(engine, ids, m, max_new_tokens, max_drafts)
+            toks, stats = run_one(engine, ids, m, max_new_tokens, max_drafts, llama)
             r = results[m]
             r.outputs.append(toks)
             r.texts.append(tok.decode(toks, skip_special_tokens=True))
             r.stats.merge(stats)
     ref = results["ar"]
     report = {"max_new_tokens": max_new_tokens, "max_drafts": max_drafts, "num_prompts": len(prompts),
-              "methods": {}, "speedup": {}, "lossless": {}}
+              "methods": {}, "speedup": {}, "lossless": {}, "ar_prefix": {}}
     for m, r in results.items():
         report["methods"][m] = {**r.stats.to_dict(), "outputs": r.texts, "output_ids": r.outputs}
         report["speedup"][m] = r.stats.tokens_per_s / ref.stats.tokens_per_s if ref.stats.tokens_per_s else 0.0
         report["lossless"][m] = r.outputs == ref.outputs
+        report["ar_prefix"][m] = [common_prefix(a, b) for a, b in zip(r.outputs, ref.outputs)]
+    if llama is not None:
+        texts = [tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in prompts]
+        report["llamacpp"] = {"version": llama.version, "gguf": llama.gguf, "threads": llama.threads,
+                              "same_prompt_tokens": sum(map(llama.same_tokens, texts, prompts))}
     return report
 
 
 def run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
-            max_drafts: int | None = None) -> tuple[list[int], Stats]:
+            max_drafts: int | None = None, llama: LlamaCpp | None = None) -> tuple[list[int], Stats]:
     # Every method pays its own prefill: the engine's prefix cache would hand the KV snapshot of
     # the first method run on a prompt to the next ones, flattering their speed by the prefill
     # time (each method's `prefill_s` in the report).
@@ -122,6 +141,8 @@ def run_one(engine: Engine, ids: list[int], method: str, max_new_tokens: int,
     if method == "hf":
         toks, dt = hf_generate(engine, ids, max_new_tokens)
         return toks, Stats(method="hf", new_tokens=len(toks), total_s=dt)
+    if method == "llamacpp":
+        return llama.generate(ids, max_new_tokens, engine.target.eos_ids)
     base, opts = parse_method(method)
     gen = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method=base, max_drafts=max_drafts,
                                                  adaptive_drafts="adaptive" in opts, draft_tree="chain" not in opts))
@@ -136,4 +157,11 @@ def format_table(report: dict) -> str:
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
         rows.append(f"{m:<{w}} {r['tokens_per_s']:>8.2f} {report['speedup'][m]:>7.2f}x {tau:>6} "
                     f"{str(report['lossless'][m]):>9}  {acc}")
+    if "llamacpp" in report:
+        prefix, info = report["ar_prefix"]["llamacpp"], report["llamacpp"]
+        same = sum(o == a for o, a in zip(report["methods"]["llamacpp"]["output_ids"],
+                                          report["methods"]["ar"]["output_ids"]))
+        rows.append(f"llamacpp {info['version']} on {info['gguf']}: {same}/{len(prefix)} outputs identical to ar's, "
+                    f"mean identical prefix {sum(prefix) / len(prefix):.1f} tokens; prompt tokenized like ours "
+                    f"{info['same_prompt_tokens']}/{len(prefix)}")
     return "\n".join(rows)

@@ -12,7 +12,7 @@ from .methods import METHODS, resolve
 from . import settings as engine_settings
 from .engine import GenerationRequest
 from .loader import build_engine
-from .models import DEFAULT_PROFILE, PROFILES
+from .models import DEFAULT_PROFILE, PROFILES, profile_gguf
 from .prompts import encode
 
 
@@ -59,8 +59,12 @@ def cmd_bench(args) -> int:
     engine = _engine(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records = read_prompts(args.prompts)[: args.limit]
-    report = run_bench(engine, records, methods, args.max_new_tokens, max_drafts=engine.settings.max_drafts)
-    report["target"] = args.target or args.profile or DEFAULT_PROFILE
+    target = args.target or args.profile or DEFAULT_PROFILE
+    gguf = profile_gguf(target) if "llamacpp" in methods and target in PROFILES else None
+    report = run_bench(engine, records, methods, args.max_new_tokens, max_drafts=engine.settings.max_drafts,
+                       gguf=gguf)
+    report["target"] = target
+    report["prompts"] = args.prompts
     report["draft"] = args.draft
     report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
     print(format_table(report))

@@ -11,7 +11,7 @@ converts once to a plain bf16 safetensors folder under ``cache_dir()/models/<nam
 reads that folder (well under a second for ``prepare_profile``).
 
 Public API: ``Profile``, ``PROFILES``, ``DEFAULT_PROFILE``, ``cache_dir``, ``locate_pieces``,
-``join_verified``, ``prepare_profile``, ``resolve_model_path``, ``load_target``, ``ModelError``.
+``join_verified``, ``prepare_profile``, ``profile_gguf``, ``resolve_model_path``, ``load_target``, ``ModelError``.
 """
 
 from __future__ import annotations
@@ -249,6 +249,27 @@ def prepare_profile(name: str, progress: bool = True) -> Path:
             shutil.rmtree(work, ignore_errors=True)
     _say(f"model profile {name!r} ready at {final}", progress)
     return final
+
+
+def profile_gguf(name: str, progress: bool = True) -> Path:
+    """The GGUF file profile ``name`` is built from, for runtimes that read GGUF themselves (llama.cpp):
+    the packaged file itself for a one-piece profile, else the verified join kept under
+    ``cache_dir()/gguf`` (joined on first call; it only ever appears by rename, so existing means whole)."""
+    if name not in PROFILES:
+        raise ModelError(f"unknown model profile {name!r}; known: {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    pieces = locate_pieces(profile)
+    if len(pieces) == 1:
+        return pieces[0]
+    dest = cache_dir() / "gguf" / f"{name}.gguf"
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(dest.parent / f".{name}.lock", progress):
+            if not dest.is_file():
+                part = dest.with_name(f".{name}.gguf.part")  # one name: under the lock, a crash's leftover is overwritten
+                join_verified(pieces, profile.sha256, part, progress=progress)
+                os.replace(part, dest)
+    return dest
 
 
 def resolve_model_path(name_or_path: str) -> str:
