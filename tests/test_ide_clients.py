@@ -260,3 +260,45 @@ def test_vscode_extension_packages_as_vsix(vscode_build, tmp_path):
     assert not [n for n in names if n.endswith(".ts") or "/test/" in n or "/src/" in n and not n.startswith("extension/out/")]
     manifest = json.loads(zipfile.ZipFile(vsix).read("extension/package.json"))
     assert "domino.serverUrl" in manifest["contributes"]["configuration"]["properties"]
+
+
+# ---- Neovim: the plugin in headless nvim ------------------------------------------------------------------
+def run_nvim(server, tmp_path: Path, screen: Path | None = None) -> dict:
+    nvim = need("nvim")
+    src = tmp_path / "shapes.py"
+    src.write_text(HEAD)
+    record = tmp_path / "record.json"
+    env = {**os.environ, "DOMINO_URL": server.url, "DOMINO_API_KEY": KEY, "DOMINO_TEST_TYPED": TYPED,
+           "DOMINO_TEST_OUT": str(record), **({"DOMINO_TEST_SCREEN": str(screen)} if screen else {})}
+    proc = subprocess.run([nvim, "--headless", "-u", str(NVIM / "test" / "minimal_init.lua"), "-c",
+                           f"luafile {NVIM / 'test' / 'typing.lua'}", str(src)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert record.exists(), f"nvim wrote no record (exit {proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    out = json.loads(record.read_text())
+    assert "error" not in out, out["error"]
+    return out
+
+
+@pytest.mark.slow
+def test_nvim_ghost_text_supersede_and_accept(server, tmp_path):
+    screen = tmp_path / "screen.json"
+    out = run_nvim(server, tmp_path, screen)
+    keys = out["keystrokes"]
+    assert len(keys) == len(TYPED) and all(k["answered"] for k in keys)
+    shown = [k for k in keys if k["shown"]]
+    assert len(shown) >= len(TYPED) // 2
+    for k in shown:  # the extmark holds the suggestion: first line at the cursor, the rest as virtual lines
+        (mark,) = k["extmarks"]
+        first, *rest = k["ghost"].split("\n")
+        assert mark["virt_text"] == first and mark["virt_lines"] == rest and k["ghost"] == k["text"]
+    print(f"\nNeovim plugin, {PROFILE}: keystroke to ghost text {percentiles([k['latency_ms'] for k in shown])} "
+          f"({len(shown)} with a suggestion)")
+    assert out["burst"] == {"keys": 3, "requests": 1}  # keys inside the debounce send one request
+    assert out["superseded"]["finish_reasons"] == ["cancelled"]
+    acc = out["accept"]
+    assert acc["after"] == acc["before"] + acc["ghost"] and acc["mode"] == "i"
+    last_line = acc["after"].split("\n")[-1]
+    assert acc["cursor"] == [acc["line_count"], len(last_line.encode())]  # the cursor ends after the insertion
+    assert out["status"].startswith("Domino: connected") and "ms" in out["status"]
+    if os.environ.get("DOMINO_SCREENSHOTS"):
+        render_screen(json.loads(screen.read_text()), ROOT / "docs" / "img" / "ide-nvim.png")
