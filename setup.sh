@@ -38,4 +38,17 @@ if [ "${1:-}" = "dev" ]; then
     { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; } >/dev/null \
       || echo "setup.sh: could not install chromium (the browser tests will fail)" >&2
   fi
+  # IDE clients (tests/test_ide_clients.py): the VS Code extension's TypeScript and vsce from npm
+  # (Node.js 20+), Debian's Neovim for the plugin's headless test.
+  if command -v npm >/dev/null; then
+    (cd clients/vscode && npm ci --no-audit --no-fund --loglevel=error) \
+      || echo "setup.sh: npm ci failed in clients/vscode (the VS Code client tests will fail)" >&2
+  else
+    echo "setup.sh: no npm: install Node.js 20 or newer (the VS Code client tests will fail)" >&2
+  fi
+  if ! command -v nvim >/dev/null && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    { $SUDO apt-get update -q && $SUDO apt-get install -y -q neovim; } >/dev/null \
+      || echo "setup.sh: could not install neovim (the Neovim plugin test will fail)" >&2
+  fi
 fi

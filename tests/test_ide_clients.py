@@ -262,6 +262,36 @@ def test_vscode_extension_packages_as_vsix(vscode_build, tmp_path):
     assert "domino.serverUrl" in manifest["contributes"]["configuration"]["properties"]
 
 
+def render_screen(dump: dict, path: Path) -> None:
+    """Draw the screen headless nvim reported (its cells and their highlight groups) as a PNG."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    regular = ImageFont.truetype(str(fonts / "DejaVuSansMono.ttf"), 18)
+    italic = ImageFont.truetype(str(fonts / "DejaVuSansMono-Oblique.ttf"), 18)
+    cw, ch = round(regular.getlength("M")), 24
+    rows = dump["rows"]
+    bg = "#1d2021"
+    img = Image.new("RGB", (cw * len(rows[0]) + 24, ch * len(rows) + 24), bg)
+    draw = ImageDraw.Draw(img)
+    groups, attr_groups = dump["groups"], dump["attr_groups"]
+    for r, cells in enumerate(rows):
+        for c, (text, attr) in enumerate(cells):
+            group = attr_groups.get(str(attr), "Normal")
+            colors = groups.get(group) or {}
+            x, y = 12 + c * cw, 12 + r * ch
+            if group == "StatusLine":
+                draw.rectangle([x, y, x + cw, y + ch], fill="#504945")
+            fg = colors.get("fg") if group != "StatusLine" and str(colors.get("fg")).startswith("#") else "#ebdbb2"
+            draw.text((x, y + 2), text, fill=fg, font=italic if group == "DominoGhost" else regular)
+    row, col = dump["cursor"]
+    x, y = 12 + (col - 1) * cw, 12 + (row - 1) * ch
+    draw.rectangle([x, y + 2, x + 1, y + ch - 2], fill="#ebdbb2")  # the insert-mode cursor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
 # ---- Neovim: the plugin in headless nvim ------------------------------------------------------------------
 def run_nvim(server, tmp_path: Path, screen: Path | None = None) -> dict:
     nvim = need("nvim")

@@ -14,3 +14,5 @@ require("domino").setup({
   initial_backoff_ms = 100,
   max_backoff_ms = 1000,
 })
+-- Its own colour (not Comment's), so the screenshot can tell ghost cells from comments.
+vim.api.nvim_set_hl(0, "DominoGhost", { fg = "#8ec07c", italic = true })

@@ -83,10 +83,9 @@ local function dump_screen(path)
     rows[#rows + 1] = cells
   end
   local g = domino.ghost()
-  local win_row = vim.fn.screenpos(0, g.row + 1, 1).row
   -- Colours by attribute id: sampled where each kind of cell is known to be.
   local function color(group, what)
-    local v = vim.fn.synIDattr(vim.fn.synIDtrans(vim.fn.hlID(group)), what .. "#")
+    local v = vim.fn.synIDattr(vim.fn.synIDtrans(vim.fn.hlID(group)), what .. "#", "gui")
     return v ~= "" and v or vim.NIL
   end
   local groups = {}
@@ -96,22 +95,27 @@ local function dump_screen(path)
   end
   -- Buffer cells: the syntax group under each; the ghost's first cell gives its attribute id.
   local syntax = {}
-  for r = 1, vim.o.lines do
+  for r = 1, vim.fn.line("$") do
     for c = 1, vim.o.columns do
-      local pos = { r, c }
-      local id = vim.fn.screenattr(pos[1], pos[2])
-      if syntax[id] == nil and r <= vim.fn.line("$") then
+      local id = vim.fn.screenattr(r, c)
+      if syntax[id] == nil then
         local sid = vim.fn.synID(r, c, 1)
         if sid > 0 then syntax[id] = vim.fn.synIDattr(vim.fn.synIDtrans(sid), "name") end
       end
     end
   end
-  local ghost_col = vim.fn.screenpos(0, g.row + 1, g.col + 1).col
-  syntax[vim.fn.screenattr(win_row, ghost_col)] = "DominoGhost"
+  -- The ghost starts at the cursor; when its first line is empty, on the virtual line below.
+  local row, col = vim.fn.screenrow(), vim.fn.screencol()
+  if not g.text:match("^[^\n]*%S") then
+    row, col = row + 1, #g.text:match("\n([ \t]*)") + 1
+  end
+  syntax[vim.fn.screenattr(row, col)] = "DominoGhost"
   syntax[vim.fn.screenattr(vim.o.lines - 1, 1)] = "StatusLine"
   syntax[vim.fn.screenattr(vim.o.lines, 1)] = "ModeMsg"
-  for r = vim.fn.line("$") + 1, vim.o.lines - 2 do
-    syntax[vim.fn.screenattr(r, 1)] = "NonText"
+  for r = 1, vim.o.lines - 2 do
+    if vim.fn.screenstring(r, 1) == "~" and syntax[vim.fn.screenattr(r, 1)] == nil then
+      syntax[vim.fn.screenattr(r, 1)] = "NonText"
+    end
   end
   local attr_groups = {}
   for id, name in pairs(syntax) do
@@ -140,7 +144,7 @@ local function main()
 
   -- Keys typed faster than the debounce: one request for the three.
   local before = client.next_id
-  for _, ch in ipairs({ " ", "#", " " }) do
+  for _, ch in ipairs({ "<CR>", "r", "e" }) do
     vim.api.nvim_input(ch)
     sleep(10)
   end
@@ -149,10 +153,10 @@ local function main()
 
   -- A keystroke while a request runs: that request is cancelled (its done says so).
   before = client.next_id
-  vim.api.nvim_input("x")
+  vim.api.nvim_input("t")
   assert(wait(function() return client.next_id > before end, 5000), "no request after a keystroke")
   local overtaken = "n" .. client.next_id
-  local k = key("y")
+  local k = key("u")
   local reasons = {}
   for _, m in ipairs(out.messages) do
     if m.id == overtaken then reasons[#reasons + 1] = m.finish_reason end
