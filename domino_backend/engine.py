@@ -1,11 +1,10 @@
-"""The speculative decoding engine: draft -> verify -> accept, one loop for every method.
+"""The speculative decoding engine: draft -> verify -> accept, one loop for every method, and one
+target forward per round for every request in flight.
 
-Round invariant: the target's KV cache holds every committed token except the last one, the
-`anchor`, at position `pos = cache length`. A round drafts K tokens after the anchor, runs the
-target once on [anchor, d_1..d_K], accepts a prefix of a drafts plus one bonus token (so every
-round makes progress), and rolls the cache back to pos + a + 1. With K = 0 this is plain
-decoding, which is how `ar` runs through the same code. A draft tree (greedy, tree.py) is verified
-the same way in one pass; the accepted branch's K/V are moved to pos + 1 .. pos + a first.
+`Engine.stream` makes a `Generation` (one request); `Engine.step(generations)` advances each of
+them by one round (rounds.py: a prefill chunk or draft -> verify -> commit -> account) with all of
+their target rows in one forward (forward.py), and returns each one's text delta. A request alone
+is a batch of one through the same code, so its tokens are the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -15,15 +14,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-import torch
-
-from .batch_invariant import use_rowwise_attention
 from .cpu import pack_linears
 from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
+from .forward import ForwardOut, Pass
 from .methods import make_proposer
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, select
+from .rounds import Rounds
+from .sampling import SamplingParams
 from .settings import EngineSettings
 from .target import Target
 
@@ -137,9 +135,10 @@ class Engine:
             check_compatible(draft.cfg, target.model.config)
             draft.to(device=target.device, dtype=target.dtype)
             pack_linears(draft)
-        # Verify must reproduce plain decoding's logits bit for bit (see batch_invariant.py).
+        # Verify must reproduce plain decoding's logits bit for bit, alone or in a batch
+        # (batch_invariant.py); the packed forward checks the architecture now, not at the first request.
         pack_linears(target.model)
-        use_rowwise_attention(target.model)
+        _ = target.forward_batch
 
     def stream(self, prompt_ids: list[int], req: GenerationRequest) -> "Generation":
         if not prompt_ids:
@@ -170,144 +169,162 @@ class Engine:
             pass
         return gen
 
-    def token_rounds(self, prompt_ids: list[int], req: GenerationRequest, proposer, params: SamplingParams,
-                     stats: Stats) -> Iterator[list[int]]:
-        """Yield the tokens committed by prefill, then by each round, until the consumer stops.
+    def step(self, gens: list["Generation"]) -> list[str | Exception]:
+        """One round of each generation, all of their target rows in one forward; returns each
+        one's text delta, or the exception that ended it. A generation that fails (drafting,
+        verify, or its rows in the forward) is finished with `error` and the others go on;
+        finished or cancelled ones plan nothing and get "" (their `finish_reason` says why)."""
+        results: list[str | Exception] = [""] * len(gens)
+        planned: list[tuple[int, Pass]] = []
+        for i, g in enumerate(gens):
+            try:
+                p = g.plan()
+            except Exception as e:
+                results[i] = g.fail(e)
+                continue
+            if p is not None:
+                planned.append((i, p))
+        if not planned:
+            return results
+        outs, forward_s = self._forward([p for _, p in planned])
+        rows = sum(p.ids.shape[0] for _, p in planned)
+        for (i, p), out in zip(planned, outs):
+            g = gens[i]
+            if isinstance(out, Exception):
+                results[i] = g.fail(out)
+                continue
+            try:
+                # Each request is charged its rows' share of the forward: the marginal cost of a
+                # verified row, which the adaptive draft length weighs against acceptance.
+                results[i] = g.absorb(out, forward_s * p.ids.shape[0] / rows)
+            except Exception as e:
+                results[i] = g.fail(e)
+        return results
 
-        Grad mode is switched off per step, not across the yields, so interleaved generators (a
-        scheduler serving many requests) never leak inference mode into each other's callers."""
-        t = self.target
-        rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        # Start from the longest cached prefix of this prompt (an earlier request's snapshot).
-        hit = self.prefix_cache.lookup(prompt_ids, proposer.layer_ids) if self.prefix_cache else None
-        reused = hit[1] if hit else 0
-        feats = []
-        with torch.inference_mode():
-            sess = t.session(hit[0].kv, reused) if hit else t.session()
-            if hit:
-                feats = [hit[0].feats[:reused]] if proposer.layer_ids is not None else []
-                proposer.commit(prompt_ids[:reused], feats[0] if feats else None)
-        stats.reused_tokens = reused
-        # Prefill in chunks, yielding nothing between them: a long prompt can then be cancelled
-        # mid-prefill and does not stall the rounds of other requests sharing the worker.
-        chunk, n = self.settings.prefill_chunk, len(prompt_ids)
-        for start in range(reused, n, chunk):
-            piece = prompt_ids[start:start + chunk]
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = sess.forward(torch.tensor(piece, dtype=torch.long, device=t.device), proposer.layer_ids,
-                                   keep_last=1)
-                proposer.commit(piece, out.feats)
-                if out.feats is not None:
-                    feats.append(out.feats)
-                if start + chunk >= n:
-                    anchor = int(select(out.logits[-1], params, rng)[0])
-                    if self.prefix_cache:
-                        self.prefix_cache.store(prompt_ids, sess.cache, torch.cat(feats) if feats else None,
-                                                proposer.layer_ids)
-            stats.prefill_s += time.perf_counter() - t0
-            if start + chunk < n:
-                yield []
-        yield [anchor]
-        produced = 1
-        adaptive = req.adaptive_drafts and proposer.max_k > 0
-        while True:
-            pos = sess.length
-            # Never draft past the token budget or the context window: the bonus token is free.
-            cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
-            k = max(0, min(cap, req.max_new_tokens - produced - 1, t.max_context - pos - 1))
-            policy = None
-            if adaptive:
-                source, max_k = proposer.route(anchor)
-                key = f"{req.method}/{source}" if source else req.method
-                policy = self.draft_length.setdefault(key, AdaptiveDraftLength(max_k))
-                k = policy.choose(k)
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                draft = proposer.propose(anchor, pos, k, params, rng)  # a chain or a tree (drafts.py)
-                t1 = time.perf_counter()
-                out = sess.forward(draft.verify_input(anchor, t.device), proposer.layer_ids, parents=draft.parents)
-                rows, bonus = draft.verify(out.logits, params, rng)  # committed rows: anchor first
-                draft.commit(sess, pos, rows)
-                new = draft.accepted(rows)
-                proposer.commit([anchor] + new, None if out.feats is None else out.feats[rows])
-            t2 = time.perf_counter()
-            a = len(new)
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
-            stats.record(draft.depth, a)  # per-position statistics of a tree are per depth
-            if policy is not None:
-                policy.update(draft.priced_k, a, t1 - t0, t2 - t1)
-            anchor = bonus
-            new.append(bonus)
-            produced += len(new)
-            yield new
+    def _forward(self, passes: list[Pass]) -> tuple[list[ForwardOut | Exception], float]:
+        """One forward for all passes; if it fails, each pass alone, so that only the ones that
+        fail by themselves fail (a session's length moves only when its forward succeeded)."""
+        t0 = time.perf_counter()
+        try:
+            outs: list[ForwardOut | Exception] = list(self.target.forward_batch(passes))
+        except Exception as e:
+            if len(passes) == 1:
+                return [e], time.perf_counter() - t0
+            outs = []
+            for p in passes:
+                try:
+                    outs.append(self.target.forward_batch([p])[0])
+                except Exception as e1:
+                    outs.append(e1)
+        return outs, time.perf_counter() - t0
 
 
 class Generation:
-    """An in-flight request: iterate for text deltas (str, one per engine round, possibly empty);
-    `cancel()` (any thread) stops it between rounds, or before prefill if it has not started.
+    """An in-flight request: iterate for text deltas (str, one per engine round, possibly empty),
+    or let a driver advance it together with others (`Engine.step`); `cancel()` (any thread) stops
+    it before its next round, or before prefill if it has not started.
 
-    After iteration: `token_ids`, `text`, `finish_reason` (stop | length | cancelled) and `stats`.
+    After it ends: `token_ids`, `text`, `finish_reason` (stop | length | cancelled | error) and
+    `stats`; `close()` (also run at the end) frees its KV cache.
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], req: GenerationRequest, proposer, params):
         self.engine, self.prompt_ids, self.req = engine, prompt_ids, req
-        self._proposer, self._params = proposer, params
         self.stats = Stats(method=req.method, prompt_tokens=len(prompt_ids))
+        self._rounds: Rounds | None = Rounds(engine, prompt_ids, req, proposer, params, self.stats)
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
         self._cancel = threading.Event()
         self._started = False
+        self._t0: float | None = None
+        self._emitted = 0  # characters of self.text already handed out
+        self._eos = engine.target.eos_ids | set(req.stop_token_ids)
+        self._budget = min(req.max_new_tokens, engine.target.max_context - len(prompt_ids))
+        self._stops = [x for x in req.stop if x]
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def plan(self) -> Pass | None:
+        """The target rows of this generation's next round, or None when it has ended (a cancel
+        seen now ends it)."""
+        if self.finish_reason is None and self._cancel.is_set():
+            self._end("cancelled")
+        if self.finish_reason is not None or self._rounds is None:
+            return None
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        return self._rounds.plan()
+
+    def absorb(self, out: ForwardOut, forward_s: float) -> str:
+        """Finish the round with the forward's output: the text delta it makes visible (possibly
+        empty: a prefill chunk, or text held back until it cannot become a stop string)."""
+        for tid in self._rounds.absorb(out, forward_s):
+            if tid in self._eos:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(tid)
+            if len(self.token_ids) >= self._budget:
+                self.finish_reason = "length"
+                break
+        piece = ""
+        tok = self.engine.target.tokenizer
+        if tok is not None:
+            self.text = tok.decode(self.token_ids, skip_special_tokens=True)
+            hit = min((i for i in (self.text.find(x) for x in self._stops) if i >= 0), default=-1)
+            if hit >= 0:
+                self.text, self.finish_reason = self.text[:hit], "stop"
+            safe = len(self.text) if self.finish_reason else _safe_prefix_len(self.text, self._stops)
+            if safe > self._emitted:
+                piece, self._emitted = self.text[self._emitted:safe], safe
+        if self.finish_reason is None and self._cancel.is_set():
+            self.finish_reason = "cancelled"
+        if self.finish_reason is not None:
+            self.close()
+        else:
+            self._account()
+        return piece
+
+    def fail(self, error: Exception) -> Exception:
+        """End with `error` (the round that raised it changed nothing others can see)."""
+        self._end("error")
+        return error
+
+    def _end(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.close()
+
+    def _account(self) -> None:
+        self.stats.new_tokens = len(self.token_ids)
+        if self._t0 is not None:
+            self.stats.total_s = time.perf_counter() - self._t0
+
+    def close(self) -> None:
+        """Free the KV cache and draft state; the generation advances no further."""
+        if self._rounds is not None:
+            self._rounds = None
+            self._account()
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a Generation can be iterated once")
         self._started = True
-        tok = self.engine.target.tokenizer
-        eos = self.engine.target.eos_ids | set(self.req.stop_token_ids)
-        budget = min(self.req.max_new_tokens, self.engine.target.max_context - len(self.prompt_ids))
-        stops = [s for s in self.req.stop if s]
-        emitted = 0  # characters of self.text already yielded
-        t0 = time.perf_counter()
-        if self._cancel.is_set():  # cancelled while queued: no prefill at all
-            self.finish_reason = "cancelled"
-            return
-        rounds = self.engine.token_rounds(self.prompt_ids, self.req, self._proposer, self._params, self.stats)
         try:
-            for new in rounds:
-                for tid in new:
-                    if tid in eos:
-                        self.finish_reason = "stop"
-                        break
-                    self.token_ids.append(tid)
-                    if len(self.token_ids) >= budget:
-                        self.finish_reason = "length"
-                        break
-                piece = ""
-                if tok is not None:
-                    self.text = tok.decode(self.token_ids, skip_special_tokens=True)
-                    hit = min((i for i in (self.text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        self.text, self.finish_reason = self.text[:hit], "stop"
-                    safe = len(self.text) if self.finish_reason else _safe_prefix_len(self.text, stops)
-                    if safe > emitted:
-                        piece, emitted = self.text[emitted:safe], safe
-                # One yield per engine round, even when the text is held back: a scheduler gets
+            while True:
+                if self._cancel.is_set():  # before prefill too: a queued cancel costs nothing
+                    self._end("cancelled")
+                    return
+                piece = self.engine.step([self])[0]
+                if isinstance(piece, Exception):
+                    raise piece
+                # One yield per engine round, even when the text is held back: a consumer gets
                 # control back after every target forward (fairness, deadlines).
                 yield piece
-                if self.finish_reason is None and self._cancel.is_set():
-                    self.finish_reason = "cancelled"
                 if self.finish_reason:
-                    break
+                    return
         finally:
-            rounds.close()
-            self.stats.new_tokens = len(self.token_ids)
-            self.stats.total_s = time.perf_counter() - t0
+            self.close()
 
 
 def _safe_prefix_len(text: str, stops: list[str]) -> int:

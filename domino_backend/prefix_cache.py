@@ -16,7 +16,7 @@ import torch
 @dataclass(eq=False)  # identity: entries hold tensors
 class PrefixEntry:
     ids: list[int]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, kv_heads, T, head_dim]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
     feats: torch.Tensor | None  # [T, L*H] drafter input features, or None when none were captured
     layer_ids: tuple[int, ...] | None  # which target layers `feats` holds
 
@@ -59,10 +59,9 @@ class PrefixCache:
             self._entries.append(best)
         return best, best_n
 
-    def store(self, ids: list[int], cache, feats: torch.Tensor | None, layer_ids: list[int] | None) -> None:
-        # Clone: the snapshot must not depend on how a cache implementation updates its tensors.
-        kv = [(layer.keys[..., : len(ids), :].clone(), layer.values[..., : len(ids), :].clone())
-              for layer in cache.layers]
+    def store(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], feats: torch.Tensor | None,
+              layer_ids: list[int] | None) -> None:
+        """kv: a snapshot of the prompt's keys and values (copies: `TargetSession.snapshot`)."""
         entry = PrefixEntry(list(ids), kv, None if feats is None else feats[: len(ids)].clone(),
                             tuple(layer_ids) if layer_ids is not None else None)
         with self._lock:

@@ -1,33 +1,26 @@
-"""Target adapter over a Hugging Face causal LM: prefill/verify forwards with a KV cache that can be
-rolled back, and capture of the hidden states a DFlash drafter is conditioned on.
+"""Target adapter over a Hugging Face causal LM: per-sequence KV caches that can be rolled back,
+their forwards (one sequence, or many packed into one forward: forward.py), and capture of the
+hidden states a DFlash drafter is conditioned on.
 
 A drafter layer id k means the *output* of decoder layer k (0-based), i.e. HF
-`hidden_states[k + 1]` (index 0 is the embedding output).
+`hidden_states[k + 1]` (index 0 is the embedding output; the last layer's is after the final norm).
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+import functools
 
 import torch
-from transformers import DynamicCache
 
 from .config import text_config
+from .forward import ForwardOut, Pass, PackedForward
 from .prompts import END_TOKENS
 
-
-@dataclass
-class ForwardOut:
-    logits: torch.Tensor  # [T_kept, V] fp32
-    feats: torch.Tensor | None  # [T, L*H] concatenated layer outputs, or None when not captured
+__all__ = ["ForwardOut", "Pass", "Target", "TargetSession"]
 
 
 class Target:
-    """One sequence's view of a target model: its KV cache and the forward passes over it.
-
-    The model and tokenizer are shared; each request gets its own `Target.session()`.
-    """
+    """A target model shared by every request; each request gets its own `Target.session()`."""
 
     def __init__(self, model, tokenizer, max_context: int | None = None):
         self.model = model
@@ -38,9 +31,6 @@ class Target:
         self.num_layers = self.config.num_hidden_layers
         self.vocab_size = self.embed.weight.shape[0]
         self.max_context = max_context or getattr(self.config, "max_position_embeddings", 32768)
-        # transformers 5.x renamed `past_key_values` to `cache`; accept both.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.eos_ids = _eos_ids(model, tokenizer)
 
     @property
@@ -51,56 +41,66 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @functools.cached_property
+    def forward_batch(self) -> PackedForward:
+        """`forward_batch(passes)`: one forward for several sequences' rows (ValueError for an
+        architecture it does not support)."""
+        return PackedForward(self.model)
+
+    @torch.inference_mode()
     def session(self, prefix_kv: list | None = None, length: int = 0) -> "TargetSession":
-        """A fresh sequence; with prefix_kv (per-layer keys/values) it starts from their first
-        `length` positions instead of an empty cache."""
+        """A fresh sequence; with prefix_kv (per-layer keys/values [KV, T, D]) it starts from their
+        first `length` positions instead of an empty cache."""
         sess = TargetSession(self)
-        for i, (k, v) in enumerate(prefix_kv or []):
-            sess.cache.update(k[..., :length, :], v[..., :length, :], i)
+        if prefix_kv:
+            sess.reserve(length)
+            for i, (k, v) in enumerate(prefix_kv):
+                sess.keys[i][:, :length] = k[:, :length]
+                sess.values[i][:, :length] = v[:, :length]
+            sess.length = length
         return sess
 
 
 class TargetSession:
+    """One sequence's KV cache: per layer keys/values [KV, capacity, D], of which the first `length`
+    positions are the sequence's; capacity doubles as it grows, and rows past `length` (rejected
+    drafts, a failed forward) are garbage that the next write overwrites."""
+
+    MIN_CAPACITY = 64
+
     def __init__(self, target: Target):
         self.t = target
-        self.cache = DynamicCache(config=target.model.config)
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
 
-    @property
-    def length(self) -> int:
-        return self.cache.get_seq_length()
+    def reserve(self, n: int) -> None:
+        """Room for n positions (the stored ones kept)."""
+        cap = self.keys[0].shape[1] if self.keys else 0
+        if n <= cap:
+            return
+        cap = max(self.MIN_CAPACITY, cap)
+        while cap < n:
+            cap *= 2
+        f = self.t.forward_batch
+        shape, kw = (f.kv_heads, cap, f.head_dim), dict(dtype=self.t.dtype, device=self.t.device)
+        for cache in (self.keys, self.values):
+            for i in range(self.t.num_layers):
+                new = torch.empty(shape, **kw)
+                if i < len(cache):
+                    new[:, :self.length] = cache[i][:, :self.length]
+                    cache[i] = new
+                else:
+                    cache.append(new)
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, layer_ids: list[int] | None = None, keep_last: int = 0,
+    def snapshot(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the first n positions' keys and values, per layer ([KV, n, D] each)."""
+        return [(k[:, :n].clone(), v[:, :n].clone()) for k, v in zip(self.keys, self.values)]
+
+    def forward(self, ids: torch.Tensor, layer_ids: list[int] | None = None, keep_last: int | None = 0,
                 parents: list[int] | None = None) -> ForwardOut:
-        """Run `ids` [T] at positions length..length+T-1, appending their K/V to the cache.
-
-        keep_last: compute logits for the last N positions only (0 = all); prefill needs one row,
-        and skipping the rest saves a [T, V] matmul. layer_ids: capture these layers' outputs.
-        parents: `ids` is a draft tree, ids[0] its root and parents[i] the index of ids[i + 1]'s
-        parent (0 = the root; parents before children): each token sits at its depth's position and
-        sees the cache, its ancestors and itself. Rows follow `ids`; `keep_path` then keeps a branch.
-        """
-        start, t = self.length, ids.shape[0]
-        mask = None
-        if parents is None:
-            pos = torch.arange(start, start + t, device=ids.device)
-        else:
-            block = tree_mask(parents).to(ids.device)  # [T, T]
-            pos = start + block.sum(1) - 1  # depth = number of ancestors
-            mask = torch.cat([block.new_ones(t, start), block], 1)[None, None]
-        out = self.t.model(
-            input_ids=ids[None],
-            position_ids=pos[None],
-            attention_mask=mask,
-            use_cache=True,
-            output_hidden_states=layer_ids is not None,
-            logits_to_keep=keep_last,
-            **{self.t._cache_kw: self.cache},
-        )
-        feats = None
-        if layer_ids is not None:
-            feats = torch.cat([out.hidden_states[i + 1][0] for i in layer_ids], dim=-1)
-        return ForwardOut(out.logits[0].float(), feats)
+        """This sequence alone: `Pass` says what the arguments mean."""
+        return self.t.forward_batch([Pass(self, ids, layer_ids, keep_last, parents)])[0]
 
     @torch.inference_mode()
     def keep_path(self, start: int, rows: list[int]) -> None:
@@ -109,28 +109,14 @@ class TargetSession:
         n = len(rows)
         if rows != list(range(n)):
             idx = torch.tensor(rows, device=self.t.device) + start
-            for layer in self.cache.layers:
-                layer.keys[:, :, start:start + n] = layer.keys.index_select(2, idx)
-                layer.values[:, :, start:start + n] = layer.values.index_select(2, idx)
+            for cache in (self.keys, self.values):
+                for layer in cache:
+                    layer[:, start:start + n] = layer.index_select(1, idx)
         self.rollback(start + n)
 
     def rollback(self, length: int) -> None:
         """Drop cached positions >= length (rejected drafts)."""
-        remove = self.length - length
-        if remove > 0:
-            self.cache.crop(-remove)  # negative = number of tokens to drop, in every transformers version
-
-
-def tree_mask(parents: list[int]) -> torch.Tensor:
-    """[T, T] bool, row i = the nodes node i may see (its ancestors and itself) in a tree of T =
-    len(parents) + 1 nodes: node 0 the root, node i + 1's parent parents[i] < i + 1."""
-    t = len(parents) + 1
-    mask = torch.eye(t, dtype=torch.bool)
-    for i, p in enumerate(parents, start=1):
-        if not 0 <= p < i:
-            raise ValueError(f"tree node {i} has parent {p}: parents must come before their children")
-        mask[i] |= mask[p]
-    return mask
+        self.length = min(self.length, length)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domino_backend.batch_invariant import MAX_ROWS, rowwise_attention
+from domino_backend.batch_invariant import MAX_ROWS, attend, tree_mask, visible_rows
 from domino_backend.cpu import cpu_has_fast_bf16
 from domino_backend.engine import Engine
 from domino_backend.models import load_target
-from domino_backend.target import Target, tree_mask
+from domino_backend.target import Target
 
 from tiny import tiny_target
 
@@ -60,54 +60,39 @@ def test_verify_logits_equal_decoding_bitwise_on_the_default_target(dtype):
     _check_tree_verify_equals_branch_decoding(t, prompt, torch.tensor(ids[-10:]))  # draft trees too
 
 
-def _attn_inputs(b=1, h=4, kv=2, m=5, n_keys=12, d=8, seed=0):
+def _attn_inputs(h=4, kv=2, m=5, n_keys=12, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, m, d, generator=g), torch.randn(b, kv, n_keys, d, generator=g),
-            torch.randn(b, kv, n_keys, d, generator=g))
+    return (torch.randn(m, h, d, generator=g), torch.randn(kv, n_keys, d, generator=g),
+            torch.randn(kv, n_keys, d, generator=g))
 
 
 def _reference(q, k, v, mask):
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-
-
-class _Module(torch.nn.Module):
-    is_causal = True
-    num_key_value_groups = 2
+    rep = q.shape[1] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0)[None], v.repeat_interleave(rep, 0)[None]
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=0.3)[0].transpose(0, 1)
 
 
 @pytest.mark.parametrize("m", [1, 5, MAX_ROWS + 3])
 def test_rowwise_attention_is_causal_attention_over_the_cache(m):
     q, k, v = _attn_inputs(m=m, n_keys=m + 7)
-    causal = torch.ones(m, m + 7, dtype=torch.bool).tril(7)[None, None]
-    out, _ = rowwise_attention(_Module(), q, k, v, causal)
+    causal = torch.ones(m, m + 7, dtype=torch.bool).tril(7)
+    out = attend(q, k, v, 7, visible_rows(None, m), scale=0.3)
     torch.testing.assert_close(out, _reference(q, k, v, causal))
-    q, k, v = _attn_inputs(m=m, n_keys=m, seed=1)  # transformers passes no mask when it is causal and
-    out, _ = rowwise_attention(_Module(), q, k, v, None)  # there is no cache in front
-    torch.testing.assert_close(out, _reference(q, k, v, torch.ones(m, m, dtype=torch.bool).tril()[None, None]))
-
-
-def test_rowwise_attention_honours_masks_it_cannot_run_row_by_row():
-    q, k, v = _attn_inputs(m=4, n_keys=10)
-    padded = torch.ones(4, 10, dtype=torch.bool).tril(6)
-    padded[:, :2] = False  # left padding
-    out, _ = rowwise_attention(_Module(), q, k, v, padded[None, None])
-    torch.testing.assert_close(out, _reference(q, k, v, padded[None, None]))
-    qb, kb, vb = _attn_inputs(b=2, m=4, n_keys=10, seed=1)  # a batch of two sequences
-    causal = torch.ones(4, 10, dtype=torch.bool).tril(6)[None, None].expand(2, 1, 4, 10)
-    out, _ = rowwise_attention(_Module(), qb, kb, vb, causal)
-    torch.testing.assert_close(out, _reference(qb, kb, vb, causal))
 
 
 def test_rowwise_attention_runs_a_draft_tree_mask_as_masked_attention():
     parents = [0, 0, 1, 1, 2, 3]  # root 0; 1 and 2 its children; ...
     block = tree_mask(parents)
     m, past = block.shape[0], 5
-    mask = torch.cat([torch.ones(m, past, dtype=torch.bool), block], 1)[None, None]
+    mask = torch.cat([torch.ones(m, past, dtype=torch.bool), block], 1)
     q, k, v = _attn_inputs(m=m, n_keys=m + past)
-    out, _ = rowwise_attention(_Module(), q, k, v, mask)
+    out = attend(q, k, v, past, visible_rows(parents, m), scale=0.3)
     torch.testing.assert_close(out, _reference(q, k, v, mask))
+
+
+def test_a_tree_too_large_to_verify_row_by_row_is_refused():
+    with pytest.raises(ValueError, match="row by row"):
+        visible_rows([0] * MAX_ROWS, MAX_ROWS + 1)
 
 
 # A tree where most branches are not a prefix of the block (their keys are gathered), depths 1-4.

@@ -107,6 +107,6 @@ def test_tree_decoding_equals_plain_greedy_decoding(family, width, method):
 def test_sampling_drafts_chains_only():
     target = tiny_target("qwen3", vocab=48, seed=11)
     engine = Engine(target, tiny_draft(target, seed=3, block_size=6))
-    greedy = engine.stream([1, 2, 3], GenerationRequest(method="domino"))._proposer
-    sampled = engine.stream([1, 2, 3], GenerationRequest(method="domino", temperature=0.7))._proposer
+    greedy = engine.stream([1, 2, 3], GenerationRequest(method="domino"))._rounds.proposer
+    sampled = engine.stream([1, 2, 3], GenerationRequest(method="domino", temperature=0.7))._rounds.proposer
     assert greedy.tree == TreeConfig() and sampled.tree is None

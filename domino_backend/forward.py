@@ -1,0 +1,127 @@
+"""The target's forward pass over several sequences at once: rows packed, attention per sequence.
+
+A `Pass` is one sequence's rows for one forward (a prefill chunk, a verify chain or a draft tree)
+over its own KV cache (`TargetSession`). `PackedForward` runs any number of them as one [sum T_i, H]
+activation: embeddings, every Linear, RMSNorm, RoPE (per-row positions) and the MLP see all rows
+together, so each weight is read once per forward whatever the batch; attention runs per sequence
+against its own cache with the row-wise rule of batch_invariant.py. Every op is row-wise or
+per-sequence, so a sequence's logits and features have the same bits alone or in any batch
+(tests/test_batched_rounds.py); a single request is a batch of one through the same code.
+
+The layers are the Hugging Face model's own modules, called on 2-D row tensors (never their
+weights directly, so a packed or quantized Linear plugs in). Supported: the Llama-style decoder
+families (`SUPPORTED`: pre-norm attention + gated MLP, RoPE, optional q/k norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch_invariant import attend, tree_mask, visible_rows
+from .config import text_config
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor  # [T_kept, V] fp32
+    feats: torch.Tensor | None  # [T, L*H] concatenated layer outputs, or None when not captured
+
+
+@dataclass(eq=False)
+class Pass:
+    """One sequence's rows in a forward. ids [T] run at positions length .. length + T - 1 of
+    `session` (a draft tree: each node at its depth, seeing the cache, its ancestors and itself).
+
+    keep_last: logits for the last N rows only (0 = all; None = none: a prefill chunk that is not
+    the prompt's last). layer_ids: capture these layers' outputs. parents: `ids` is a draft tree,
+    ids[0] its root and parents[i] the index of ids[i + 1]'s parent (0 = the root)."""
+
+    session: object  # target.TargetSession
+    ids: torch.Tensor
+    layer_ids: list[int] | None = None
+    keep_last: int | None = 0
+    parents: list[int] | None = None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedForward:
+    """The forward of a Hugging Face Llama-style causal LM over packed rows of many sequences."""
+
+    def __init__(self, model):
+        cfg = text_config(model.config)
+        kind = getattr(cfg, "model_type", None)
+        if kind not in SUPPORTED:
+            raise ValueError(f"target architecture {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+            raise ValueError("targets with sliding-window attention layers are not supported")
+        base = model.get_decoder()
+        self.embed, self.layers, self.norm, self.rotary = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        self.lm_head = model.get_output_embeddings()
+        attn = self.layers[0].self_attn
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+
+    @torch.inference_mode()
+    def __call__(self, passes: list[Pass]) -> list[ForwardOut]:
+        """Run every pass in one forward, append their rows' K/V to their sessions (a session's
+        length moves only once the whole forward succeeded) and return each pass's output."""
+        dev = self.embed.weight.device
+        plans, positions, offset = [], [], 0
+        for p in passes:
+            t, start = p.ids.shape[0], p.session.length
+            if p.parents is None:
+                positions.append(torch.arange(start, start + t, device=dev))
+            else:
+                positions.append(start + tree_mask(p.parents).sum(1).to(dev) - 1)  # depth = ancestors
+            p.session.reserve(start + t)
+            plans.append((offset, t, start, visible_rows(p.parents, t)))
+            offset += t
+        n, nh, nkv, d = offset, self.heads, self.kv_heads, self.head_dim
+        h = self.embed(torch.cat([p.ids for p in passes]).to(dev))
+        cos, sin = self.rotary(h[None], torch.cat(positions)[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: one row's angles for all its heads
+        wanted = {i for p in passes for i in (p.layer_ids or [])}
+        last = len(self.layers) - 1
+        captured: dict[int, torch.Tensor] = {}
+        for li, layer in enumerate(self.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q, k, v = a.q_proj(x).view(n, nh, d), a.k_proj(x).view(n, nkv, d), a.v_proj(x).view(n, nkv, d)
+            if self.qk_norm:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            out = q.new_empty(n, nh, d)
+            for p, (o, t, start, rows) in zip(passes, plans):
+                keys, values = p.session.keys[li], p.session.values[li]
+                keys[:, start:start + t] = k[o:o + t].transpose(0, 1)
+                values[:, start:start + t] = v[o:o + t].transpose(0, 1)
+                out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale)
+            h = h + a.o_proj(out.view(n, nh * d))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if li in wanted and li != last:
+                captured[li] = h
+        h = self.norm(h)
+        captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention
+        keep = []
+        for p, (o, t, _, _) in zip(passes, plans):
+            if p.keep_last is not None:
+                keep.append(torch.arange(o + t - (p.keep_last or t), o + t, device=dev))
+        logits = self.lm_head(h[torch.cat(keep)]).float() if keep else None
+        outs, row = [], 0
+        for p, (o, t, start, _) in zip(passes, plans):
+            kept = 0 if p.keep_last is None else p.keep_last or t
+            feats = None if p.layer_ids is None else torch.cat([captured[i][o:o + t] for i in p.layer_ids], -1)
+            outs.append(ForwardOut(logits[row:row + kept] if kept else h.new_empty(0, 0).float(), feats))
+            row += kept
+        for p, (_, t, start, _) in zip(passes, plans):
+            p.session.length = start + t
+        return outs

@@ -1,0 +1,129 @@
+"""One request's decoding as steps that a batch driver interleaves with other requests' (engine.py).
+
+Round invariant: the target's KV cache holds every committed token except the last one, the
+`anchor`, at position `pos = cache length`. A round drafts K tokens after the anchor, runs the
+target once on [anchor, d_1..d_K], accepts a prefix of a drafts plus one bonus token (so every
+round makes progress), and rolls the cache back to pos + a + 1. With K = 0 this is plain
+decoding, which is how `ar` runs through the same code. A draft tree (greedy, tree.py) is verified
+the same way in one pass; the accepted branch's K/V are moved to pos + 1 .. pos + a first.
+
+A round is split at the target forward: `plan()` does this request's part before it (restore a
+cached prompt prefix, pick the next prefill chunk, or draft) and returns the rows to run as a
+`Pass`; the driver runs the passes of every request in one forward; `absorb(out)` does the rest
+(verify, commit, account) and returns the tokens committed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .draft_length import AdaptiveDraftLength
+from .forward import ForwardOut, Pass
+from .sampling import SamplingParams, select
+
+
+class Rounds:
+    """Prefill chunks (committing nothing until the prompt's last, which commits the first token),
+    then draft -> verify -> commit -> account rounds, until the consumer stops."""
+
+    def __init__(self, engine, prompt_ids: list[int], req, proposer, params: SamplingParams, stats):
+        self.engine, self.prompt_ids, self.req = engine, prompt_ids, req
+        self.proposer, self.params, self.stats = proposer, params, stats
+        self.rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+        self.sess = None
+        self.prefilled = 0  # prompt tokens in the cache
+        self.feats: list[torch.Tensor] = []  # the prompt's captured features (for the prefix cache)
+        self.anchor: int | None = None
+        self.produced = 0
+        self._round = None  # what plan() decided, for absorb()
+        self._plan_s = 0.0
+
+    @torch.inference_mode()
+    def plan(self) -> Pass:
+        t0 = time.perf_counter()
+        try:
+            return self._plan()
+        finally:
+            self._plan_s = time.perf_counter() - t0
+
+    def _plan(self) -> Pass:
+        t, e, proposer = self.engine.target, self.engine, self.proposer
+        if self.sess is None:
+            self._restore()
+        if self.anchor is None:  # prefill, one chunk per round: other requests' rounds go on meanwhile
+            n = len(self.prompt_ids)
+            piece = self.prompt_ids[self.prefilled:self.prefilled + e.settings.prefill_chunk]
+            last = self.prefilled + len(piece) >= n
+            self._round = piece
+            return Pass(self.sess, torch.tensor(piece, dtype=torch.long), proposer.layer_ids,
+                        keep_last=1 if last else None)
+        pos, req = self.sess.length, self.req
+        # Never draft past the token budget or the context window: the bonus token is free.
+        cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
+        k = max(0, min(cap, req.max_new_tokens - self.produced - 1, t.max_context - pos - 1))
+        policy = None
+        if req.adaptive_drafts and proposer.max_k > 0:
+            source, max_k = proposer.route(self.anchor)
+            key = f"{req.method}/{source}" if source else req.method
+            policy = e.draft_length.setdefault(key, AdaptiveDraftLength(max_k))
+            k = policy.choose(k)
+        draft = proposer.propose(self.anchor, pos, k, self.params, self.rng)  # a chain or a tree (drafts.py)
+        self._round = (draft, pos, policy)
+        return Pass(self.sess, draft.verify_input(self.anchor, t.device), proposer.layer_ids, parents=draft.parents)
+
+    def _restore(self) -> None:
+        """Start from the longest cached prefix of this prompt (an earlier request's snapshot)."""
+        e, proposer = self.engine, self.proposer
+        hit = e.prefix_cache.lookup(self.prompt_ids, proposer.layer_ids) if e.prefix_cache else None
+        if hit is None:
+            self.sess = e.target.session()
+            return
+        entry, reused = hit
+        self.sess = e.target.session(entry.kv, reused)
+        self.prefilled = self.stats.reused_tokens = reused
+        if proposer.layer_ids is not None:
+            self.feats = [entry.feats[:reused]]
+        proposer.commit(self.prompt_ids[:reused], self.feats[0] if self.feats else None)
+
+    @torch.inference_mode()
+    def absorb(self, out: ForwardOut, forward_s: float) -> list[int]:
+        """Finish the planned step with its forward's output; forward_s: this request's share of
+        the forward's time. Returns the tokens committed (none for a prefill chunk but the last)."""
+        t0 = time.perf_counter()
+        if self.anchor is None:
+            new = self._absorb_prefill(out)
+            self.stats.prefill_s += self._plan_s + forward_s + time.perf_counter() - t0
+            return new
+        draft, pos, policy = self._round
+        rows, bonus = draft.verify(out.logits, self.params, self.rng)  # committed rows: anchor first
+        draft.commit(self.sess, pos, rows)
+        new = draft.accepted(rows)
+        self.proposer.commit([self.anchor] + new, None if out.feats is None else out.feats[rows])
+        verify_s = forward_s + time.perf_counter() - t0
+        a = len(new)
+        self.stats.draft_s += self._plan_s
+        self.stats.verify_s += verify_s
+        self.stats.record(draft.depth, a)  # per-position statistics of a tree are per depth
+        if policy is not None:
+            policy.update(draft.priced_k, a, self._plan_s, verify_s)
+        self.anchor = bonus
+        new.append(bonus)
+        self.produced += len(new)
+        return new
+
+    def _absorb_prefill(self, out: ForwardOut) -> list[int]:
+        piece, e = self._round, self.engine
+        self.proposer.commit(piece, out.feats)
+        if out.feats is not None:
+            self.feats.append(out.feats)
+        self.prefilled += len(piece)
+        if self.prefilled < len(self.prompt_ids):
+            return []
+        self.anchor = int(select(out.logits[-1], self.params, self.rng)[0])
+        if e.prefix_cache:
+            e.prefix_cache.store(self.prompt_ids, self.sess.snapshot(len(self.prompt_ids)),
+                                 torch.cat(self.feats) if self.feats else None, self.proposer.layer_ids)
+        self.produced = 1
+        return [self.anchor]
