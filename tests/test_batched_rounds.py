@@ -1,0 +1,163 @@
+"""Batched rounds stay lossless: each sequence's output is its own decoding's, bit for bit, whatever
+else shares the target forward (methods, draft lengths, trees, prompt lengths, sampling seeds,
+sequences that join late, finish, are cancelled or fail)."""
+
+import pytest
+import torch
+
+from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.forward import Pass
+from domino_backend.settings import EngineSettings
+from test_batch_invariant import DTYPES, TREE
+from tiny import tiny_draft, tiny_target
+
+# Prompts of many lengths: one token, a few, and one longer than MAX_ROWS (a fused prefill chunk).
+PROMPTS = [[3, 5, 7, 9, 11], [1], [8, 8, 8, 8, 2, 8, 8], list(range(10, 50)), [4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4]]
+
+
+def make_engine(family: str = "qwen3", **settings) -> Engine:
+    target = tiny_target(family, peak=3.0, seed=7)
+    settings.setdefault("prefill_chunk", 8)  # prompts take several chunks, which ride along others' rounds
+    settings.setdefault("prefix_cache", 0)
+    return Engine(target, tiny_draft(target, seed=1), EngineSettings(**settings))
+
+
+def drive(engine: Engine, gens: list, join: dict[int, list] | None = None, each_round=None) -> int:
+    """Advance every unfinished generation together, one `Engine.step` per round; `join` adds
+    generations at a given round. Returns the number of rounds."""
+    active, rnd = list(gens), 0
+    while active or any(r >= rnd for r in (join or {})):
+        active += (join or {}).pop(rnd, [])
+        results = engine.step(active)
+        assert len(results) == len(active)
+        if each_round:
+            each_round(rnd, active, results)
+        active = [g for g in active if g.finish_reason is None]
+        rnd += 1
+    return rnd
+
+
+def alone(engine: Engine, prompt, **kw) -> list[int]:
+    return engine.generate(prompt, GenerationRequest(**kw)).token_ids
+
+
+REQUESTS = [  # (prompt index, request): every method, fixed and adaptive K, chains and trees
+    (0, dict(method="ar")),
+    (1, dict(method="domino", adaptive_drafts=False)),
+    (2, dict(method="ngram", adaptive_drafts=False, max_drafts=3)),
+    (3, dict(method="domino+ngram")),
+    (4, dict(method="domino", draft_tree=False, max_drafts=5)),
+    (0, dict(method="dflash", adaptive_drafts=False)),
+    (3, dict(method="domino", max_drafts=2)),
+]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_every_sequence_in_a_mixed_batch_equals_its_plain_greedy_decoding(family):
+    engine = make_engine(family)
+    gens = [engine.stream(PROMPTS[i], GenerationRequest(max_new_tokens=30 + 3 * j, **kw))
+            for j, (i, kw) in enumerate(REQUESTS)]
+    widths = []
+    drive(engine, gens, each_round=lambda r, active, res: widths.append(len(active)))
+    assert max(widths) == len(REQUESTS)  # they really shared forwards
+    for j, ((i, _), g) in enumerate(zip(REQUESTS, gens)):
+        assert g.finish_reason == "length"
+        assert g.token_ids == alone(engine, PROMPTS[i], max_new_tokens=30 + 3 * j, method="ar"), REQUESTS[j]
+    assert sum(g.stats.accepted for g in gens) > 0  # drafts were accepted, so rollbacks happened mid-batch
+
+
+def test_sequences_joining_mid_batch_prefill_alongside_the_others_rounds():
+    engine = make_engine()
+    first = [engine.stream(PROMPTS[3], GenerationRequest(max_new_tokens=40, method="domino"))]
+    late = {2: [engine.stream(PROMPTS[0], GenerationRequest(max_new_tokens=20, method="ngram"))],
+            5: [engine.stream(PROMPTS[3], GenerationRequest(max_new_tokens=25, method="ar")),
+                engine.stream(PROMPTS[4], GenerationRequest(max_new_tokens=12, method="domino+ngram"))]}
+    everyone = first + late[2] + late[5]
+    drive(engine, first, dict(late))
+    for g in everyone:
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=g.req.max_new_tokens, method="ar")
+
+
+@pytest.mark.parametrize("method", ["ar", "domino", "ngram"])
+def test_a_seeded_sampled_request_draws_the_same_tokens_alone_and_batched(method):
+    engine = make_engine()
+    kw = dict(max_new_tokens=30, method=method, temperature=0.8, top_p=0.95, seed=11, adaptive_drafts=False)
+    ref = alone(engine, PROMPTS[2], **kw)
+    others = [engine.stream(PROMPTS[i], GenerationRequest(max_new_tokens=25, method=m, temperature=t, seed=i))
+              for i, m, t in ((0, "domino", 0.0), (3, "ar", 1.0), (4, "domino+ngram", 0.0))]
+    gen = engine.stream(PROMPTS[2], GenerationRequest(**kw))
+    drive(engine, others + [gen])
+    assert gen.token_ids == ref
+
+
+def test_a_sequence_cancelled_or_finished_mid_batch_leaves_the_others_exact():
+    engine = make_engine()
+    short = engine.stream(PROMPTS[0], GenerationRequest(max_new_tokens=3, method="domino"))
+    doomed = engine.stream(PROMPTS[3], GenerationRequest(max_new_tokens=60, method="domino+ngram"))
+    rest = [engine.stream(PROMPTS[i], GenerationRequest(max_new_tokens=40, method=m))
+            for i, m in ((2, "domino"), (4, "ngram"))]
+
+    def cancel_at_6(rnd, active, results):
+        if rnd == 6:
+            doomed.cancel()
+
+    drive(engine, [short, doomed] + rest, each_round=cancel_at_6)
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+    assert doomed.finish_reason == "cancelled"
+    full = alone(engine, PROMPTS[3], max_new_tokens=60, method="ar")
+    assert 0 < len(doomed.token_ids) < 60 and doomed.token_ids == full[:len(doomed.token_ids)]
+    for g in rest:
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=40, method="ar")
+
+
+def test_a_request_failing_mid_batch_ends_only_itself():
+    engine = make_engine()
+    gens = [engine.stream(PROMPTS[i], GenerationRequest(max_new_tokens=40, method=m))
+            for i, m in ((0, "domino"), (2, "ar"), (3, "domino+ngram"), (4, "ngram"))]
+    drafting, forward = gens[0], gens[2]
+    seen = {}
+
+    def break_two(rnd, active, results):
+        seen.update({id(g): r for g, r in zip(active, results) if isinstance(r, Exception)})
+        if rnd == 2:  # its proposer raises while drafting the next round
+            drafting._rounds.proposer.propose = lambda *a: 1 / 0
+            # and another one's rows break the shared forward (a token outside the vocabulary)
+            plan = forward.plan
+            forward.plan = lambda: Pass(**{**vars(plan()), "ids": torch.tensor([10 ** 6])})
+
+    drive(engine, gens, each_round=break_two)
+    assert drafting.finish_reason == forward.finish_reason == "error"
+    assert isinstance(seen[id(drafting)], ZeroDivisionError) and isinstance(seen[id(forward)], IndexError)
+    for g in (gens[1], gens[3]):
+        assert g.finish_reason == "length"
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=40, method="ar")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_packed_forward_rows_equal_each_sequence_alone_bitwise(family, dtype):
+    """The forward itself: logits and layer features of a prefill chunk, a verify chain and a draft
+    tree packed together equal those of each pass run alone."""
+    t = tiny_target(family, vocab=96, seed=5)
+    t.model.to(dtype)
+    Engine(t)
+    g = torch.Generator().manual_seed(3)
+    layers = [0, t.num_layers - 1]
+    prompts = [torch.randint(0, 96, (n,), generator=g) for n in (11, 40, 6)]
+    blocks = [torch.randint(0, 96, (n,), generator=g) for n in (45, 9, len(TREE) + 1)]
+    parents = [None, None, TREE]
+
+    def sessions():
+        out = []
+        for p in prompts:
+            s = t.session()
+            s.forward(p, keep_last=1)
+            out.append(s)
+        return out
+
+    solo = [s.forward(b, layers, 0, par) for s, b, par in zip(sessions(), blocks, parents)]
+    batch = sessions()
+    together = t.forward_batch([Pass(s, b, layers, 0, par) for s, b, par in zip(batch, blocks, parents)])
+    for a, b in zip(solo, together):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.feats, b.feats)
+    assert [s.length for s in batch] == [len(p) + len(b) for p, b in zip(prompts, blocks)]
