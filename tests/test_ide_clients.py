@@ -250,6 +250,17 @@ def test_vscode_typing_session_latency(server, node):
     assert shown >= len(TYPED) // 2
 
 
+@pytest.mark.parametrize("offset, budget, prefix, suffix", [
+    (8, (100, 100), "ab\ncd\nef", "gh\nij\n"),  # everything fits
+    (8, (5, 3), "cd\nef", "gh\n"),  # cut at line starts / ends: "cd\nef" is the last whole-line prefix within 5
+    (8, (1, 1), "ef", "gh\n"),  # the cursor's line stays whole even over the budget
+    (0, (5, 0), "", "ab\n"),
+])
+def test_vscode_cursor_window_cuts_at_lines(node, offset, budget, prefix, suffix):
+    r = node.call("window", text="ab\ncd\nefgh\nij\n", offset=offset, prefixChars=budget[0], suffixChars=budget[1])
+    assert (r["prefix"], r["suffix"]) == (prefix, suffix)
+
+
 def test_vscode_extension_packages_as_vsix(vscode_build, tmp_path):
     vsix = tmp_path / "domino.vsix"
     subprocess.run(["npm", "run", "--silent", "package", "--", "--out", str(vsix)], cwd=VSCODE, check=True, timeout=300,

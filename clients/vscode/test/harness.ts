@@ -10,10 +10,12 @@
 //   type {doc, multiline?}                Completer.complete(doc): {suggestion: {text, latencyMs, ...} | null}
 //   state {want, timeoutMs}               wait until the connection state is `want`
 //   inflight                              requests sent and not answered
+//   window {text, offset, prefixChars, suffixChars}   cursorWindow(...): {prefix, suffix}
 // State changes are reported as {"event": "state", "state", "detail"}.
 
 import * as readline from "node:readline";
 import { Completer, DEFAULT_SETTINGS } from "../src/completer";
+import { cursorWindow } from "../src/context";
 import { DominoClient, RequestFailed } from "../src/protocol";
 
 let client: DominoClient | null = null;
@@ -75,6 +77,10 @@ async function handle(cmd: any): Promise<object> {
       return { state: await waitState(client!, (s) => s === cmd.want, cmd.timeoutMs ?? 10_000) };
     case "inflight":
       return { inflight: client!.inflight };
+    case "window": {
+      const [prefix, suffix] = cursorWindow(cmd.text, cmd.offset, cmd.prefixChars, cmd.suffixChars);
+      return { prefix, suffix };
+    }
     default:
       return { error: { code: "unknown_op", message: String(cmd.op) } };
   }

@@ -263,8 +263,8 @@ function M.setup(opts)
   local group = vim.api.nvim_create_augroup("domino", { clear = true })
   vim.api.nvim_create_autocmd("TextChangedI", { group = group, callback = on_change })
   vim.api.nvim_create_autocmd("CursorMovedI", { group = group, callback = function()
-    local g, cursor = state.ghost, vim.api.nvim_win_get_cursor(0)
-    if g and (cursor[1] - 1 ~= g.row or cursor[2] ~= g.col) then M.dismiss() end
+    local at, cursor = state.ghost or state.request, vim.api.nvim_win_get_cursor(0)
+    if at and (cursor[1] - 1 ~= at.row or cursor[2] ~= at.col) then M.dismiss() end
   end })
   vim.api.nvim_create_autocmd({ "InsertLeave", "BufLeave" }, { group = group, callback = M.dismiss })
   map(c.keys.accept, M.accept, true)
