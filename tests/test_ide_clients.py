@@ -218,6 +218,7 @@ def test_vscode_wrong_key_is_reported_as_auth_failure(server, node):
     e = node.call("complete", req={"prefix": "x = ", "max_tokens": 2})["error"]
     assert e["code"] == "unauthorized"
     time.sleep(1.5)  # longer than the harness's largest back-off: a refused key is not retried
+    node.call("inflight")  # reads every event sent before its answer
     assert [ev["state"] for ev in node.events] == ["connecting", "unauthorized"]
 
 
