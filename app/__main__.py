@@ -43,8 +43,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--backend-url", default=None, help="use a remote OpenAI-compatible server instead of the engine")
     g.add_argument("--backend-model", default=None, help="model name for the remote (default: its first)")
     g = ap.add_argument_group("scheduling and limits")
-    for name in ("max_active", "max_queue", "max_message_bytes", "max_prompt_tokens", "max_tokens_limit",
-                 "default_max_tokens", "max_inflight_per_connection"):
+    for name in ("max_active", "max_queue", "max_tokens_in_flight", "max_message_bytes", "max_prompt_tokens",
+                 "max_tokens_limit", "default_max_tokens", "max_inflight_per_connection"):
         g.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
     g = ap.add_argument_group("security")
     g.add_argument("--api-key", default=None, help="require this key (default: $DOMINO_API_KEY, else no key)")
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(
         host=a.host, port=a.port, ui=not a.no_ui, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
         threads=a.threads, method=a.method, engine=engine_settings.from_args(a), backend_url=a.backend_url, backend_model=a.backend_model,
-        max_active=a.max_active, max_queue=a.max_queue, max_message_bytes=a.max_message_bytes,
+        max_active=a.max_active, max_queue=a.max_queue, max_tokens_in_flight=a.max_tokens_in_flight,
+        max_message_bytes=a.max_message_bytes,
         max_prompt_tokens=a.max_prompt_tokens, max_tokens_limit=a.max_tokens_limit,
         default_max_tokens=a.default_max_tokens, max_inflight_per_connection=a.max_inflight_per_connection,
         api_key=a.api_key, log_level=a.log_level,

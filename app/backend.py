@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+# Scheduling classes, most urgent first (app/scheduler.py): a live voice turn, a completion someone
+# is waiting for at the cursor, a chat answer, work nobody watches.
+PRIORITIES = ("voice", "interactive", "chat", "background")
 
 
 # The one error vocabulary of every surface: code -> HTTP status. A WebSocket `error` carries the
@@ -75,6 +78,11 @@ class GenRequest:
     # perf_counter() when the request arrived: queue and TTFT timings start here, not at submit().
     received: float = field(default_factory=time.perf_counter)
     tag: str = ""  # a label for logs (API + request id); never prompt text
+    priority: str | None = None  # one of PRIORITIES; None: "chat" for chat requests, else "interactive"
+
+    @property
+    def priority_class(self) -> str:
+        return self.priority or ("chat" if self.kind == "chat" else "interactive")
 
     @property
     def deadline(self) -> float | None:

@@ -49,8 +49,10 @@ class ServerConfig(BaseModel):
     backend_timeout_s: float = Field(300.0, gt=0)
 
     # --- scheduling: a bounded queue answers `overloaded` instead of letting latency grow without end
-    max_active: int = Field(8, ge=1)  # requests interleaved round by round in the engine worker
+    max_active: int = Field(8, ge=1)  # requests advanced together, one batched engine round at a time
     max_queue: int = Field(64, ge=0)  # requests waiting for an active slot; beyond this: overloaded / 429
+    # prompt + max_tokens summed over admitted requests (their KV memory); beyond it: overloaded / 429
+    max_tokens_in_flight: int = Field(65536, ge=1)
 
     # --- limits (clear errors, never a crash)
     max_message_bytes: int = Field(1 << 20, ge=1024)  # one WebSocket message or one HTTP body

@@ -77,7 +77,8 @@ class EngineBackend:
         if self.default_method != self.cfg.method != "auto":
             log.warning("this engine cannot run %s: default method %s", self.cfg.method, self.default_method)
         self._tok = copy.deepcopy(e.target.tokenizer)
-        self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread)
+        self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread,
+                                   self.cfg.max_tokens_in_flight)
         self.scheduler.start()
         self._status = "ok"
         log.info("engine ready: target=%s method=%s max_context=%d", self.model_id, self.default_method,
@@ -130,7 +131,7 @@ class EngineBackend:
                                  top_k=req.top_k, stop=req.stop, seed=req.seed, method=method)
         holder: list[Task] = []
         job = StreamJob(self._loop, on_cancel=lambda: holder and self.scheduler.cancel(holder[0]))
-        task = Task(job, ids, greq, req.received, req.deadline, post=post, tag=req.tag)
+        task = Task(job, ids, greq, req.received, req.deadline, post=post, tag=req.tag, priority=req.priority_class)
         holder.append(task)
         self.scheduler.submit(task)
         log.debug("queued %s: %d prompt tokens, method %s", req.tag, len(ids), method)

@@ -1,35 +1,41 @@
-"""Serve many requests on one engine: a worker thread interleaves their rounds fairly.
+"""Serve many requests on one engine: the engine thread advances them together, one batched round
+at a time.
 
-The engine decodes one sequence per call (no cross-request batching yet), and one `next()` on a
-`Generation` is one engine round (prefill first, then one target verify per round). So the worker
-runs up to `max_active` generations round-robin: every active request advances one round per
-cycle, a short completion is not stuck behind a long chat answer, and a cancel or deadline takes
-effect at the next round. Requests beyond `max_active` wait in a FIFO; beyond `max_active +
-max_queue` in total, `submit` refuses with `overloaded` (HTTP 429) instead of letting latency grow
-without bound.
+Each round the scheduler picks up to `max_active` requests, the most urgent first: by priority
+class (`PRIORITIES`: live voice turns, then interactive completions, then chat, then background
+work), within a class by deadline, then by arrival. Their rounds run as one `Engine.step` (one
+target forward for all of them, domino_backend/engine.py), so a short completion is not stuck
+behind a long chat answer and a spoken reply rides in the next round whatever else is running.
+A started request that falls out of the top `max_active` (preempted by a more urgent one) keeps
+its KV cache and goes on when a slot frees. A cancel (a completion superseded by a newer
+keystroke) or a deadline takes effect at the next round.
 
-Cancelling a queued request removes it at once (no engine work at all); cancelling a running one
-stops it after the current round (a prefill forward cannot be interrupted, so at worst after the
-prefill). Only the worker thread touches Generation objects.
+Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
+(prompt + max_tokens of every admitted request: the KV memory they may claim), `submit` refuses
+with `overloaded` (HTTP 429) instead of letting latency grow without bound; a request alone is
+never refused for its size (the edge bounds that).
+
+Cancelling a waiting request removes it at once (no engine work at all); cancelling a started one
+stops it before its next round. Only the engine thread touches Generation objects.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from domino_backend.engine import GenerationRequest
 
 from agents.code.postprocess import Postprocessor
 
-from .backend import RequestError, Result, StreamJob
+from .backend import PRIORITIES, RequestError, Result, StreamJob
 
 log = logging.getLogger("domino.server")
 
@@ -39,15 +45,25 @@ class Task:
     job: StreamJob
     prompt_ids: list[int]
     req: GenerationRequest
-    received: float  # perf_counter() at arrival
-    deadline: float | None = None  # perf_counter() time
+    received: float  # scheduler clock at arrival
+    deadline: float | None = None  # scheduler clock
     post: Postprocessor | None = None  # the request's stop rules (agents.code.postprocess)
     tag: str = ""
+    priority: str = "chat"  # one of PRIORITIES
     gen: Any = None  # domino_backend.engine.Generation once started
-    it: Iterator[str] | None = None
     started: float | None = None
     first: float | None = None
     text: str = ""
+    order: int = 0  # admission order (ties of `received`)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this request may hold in the KV cache."""
+        return len(self.prompt_ids) + self.req.max_new_tokens
+
+    def rank(self) -> tuple:
+        deadline = math.inf if self.deadline is None else self.deadline
+        return PRIORITIES.index(self.priority), deadline, self.received, self.order
 
 
 class EngineThread:
@@ -85,13 +101,18 @@ class EngineThread:
 
 class Scheduler:
     def __init__(self, engine, max_active: int = 8, max_queue: int = 64,
-                 engine_thread: EngineThread | None = None):
-        """engine_thread: the thread that built the engine; the worker loop runs on it too."""
+                 engine_thread: EngineThread | None = None, max_tokens: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        """engine_thread: the thread that built the engine; the worker loop runs on it too.
+        max_tokens: the tokens-in-flight budget (None: none). clock: what `received`, deadlines
+        and timings are measured with."""
         self.engine = engine
-        self.max_active, self.max_queue = max_active, max_queue
+        self.max_active, self.max_queue, self.max_tokens = max_active, max_queue, max_tokens
+        self.clock = clock
         self._cv = threading.Condition()
-        self._pending: deque[Task] = deque()
-        self._active: list[Task] = []
+        self._waiting: list[Task] = []  # admitted, not started
+        self._running: list[Task] = []  # started: holding a Generation (and its KV cache)
+        self._order = itertools.count()
         self._stop = False
         self._engine_thread = engine_thread or EngineThread()
         self._worker: Future | None = None
@@ -101,35 +122,39 @@ class Scheduler:
         self._worker = self._engine_thread.submit(self._run)
 
     def submit(self, task: Task) -> None:
+        if task.priority not in PRIORITIES:
+            raise RequestError("invalid_request", f"priority must be one of {', '.join(PRIORITIES)}")
         with self._cv:
             if self._stop:
                 raise RequestError("unavailable", "the server is shutting down", 503)
-            if len(self._pending) + len(self._active) >= self.max_active + self.max_queue:
-                raise RequestError(
-                    "overloaded",
-                    f"server busy: {len(self._active)} running and {len(self._pending)} queued requests; retry later",
-                    429,
-                )
-            self._pending.append(task)
+            admitted = self._waiting + self._running
+            busy = f"server busy: {len(self._running)} running and {len(self._waiting)} queued requests"
+            if len(admitted) >= self.max_active + self.max_queue:
+                raise RequestError("overloaded", f"{busy}; retry later", 429)
+            in_flight = sum(t.tokens for t in admitted)
+            if self.max_tokens is not None and admitted and in_flight + task.tokens > self.max_tokens:
+                raise RequestError("overloaded", f"{busy}, {in_flight} tokens in flight; retry later", 429)
+            task.order = next(self._order)
+            self._waiting.append(task)
             self._cv.notify()
 
     def cancel(self, task: Task) -> None:
-        """Thread-safe. A queued task ends now; a running one at the end of its current round."""
+        """Thread-safe. A waiting task ends now; a started one before its next round."""
         with self._cv:
-            queued = task in self._pending
-            if queued:
-                self._pending.remove(task)
+            waiting = task in self._waiting
+            if waiting:
+                self._waiting.remove(task)
             else:
                 self._cv.notify()
         gen = task.gen  # read once: the worker may clear it concurrently
-        if queued:
+        if waiting:
             self._finish(task, "cancelled")
         elif gen is not None:
             gen.cancel()
 
     def load(self) -> dict:
         with self._cv:
-            return {"active": len(self._active), "queued": len(self._pending)}
+            return {"active": len(self._running), "queued": len(self._waiting)}
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -141,44 +166,53 @@ class Scheduler:
             except Exception:  # still mid-forward after the timeout, or the loop died
                 log.warning("the engine worker did not stop cleanly")
         with self._cv:
-            left = list(self._pending) + list(self._active)
-            self._pending.clear()
-            self._active.clear()
+            left = self._waiting + self._running
+            self._waiting, self._running = [], []
         for t in left:
-            try:
-                self._finish(t, "cancelled")
-            except ValueError:  # "generator already executing": the worker is still mid-forward
-                log.warning("request %s still running at shutdown", t.tag)
+            self._finish(t, "cancelled")
 
-    # ---- worker thread ----------------------------------------------------------------------
+    # ---- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            expired: list[Task] = []
             with self._cv:
-                while not self._stop and not self._pending and not self._active:
+                while not self._stop and not self._waiting and not self._running:
                     self._cv.wait()
                 if self._stop:
                     return
-                now = time.perf_counter()
-                for t in list(self._pending):  # deadlines pass while waiting too
-                    if t.deadline is not None and now >= t.deadline:
-                        self._pending.remove(t)
-                        expired.append(t)
-                while self._pending and len(self._active) < self.max_active:
-                    self._active.append(self._pending.popleft())
-                cycle = list(self._active)
-            for t in expired:
-                self._finish(t, "deadline")
-            for t in cycle:
-                if self._stop:
-                    return
-                self._step(t)
+            self.run_round()
 
-    def _step(self, t: Task) -> None:
-        """Advance `t` by one engine round (finishing it when done). Never raises: an unexpected
-        error ends this request with `error` and the worker goes on serving everyone else."""
+    def run_round(self) -> list[Task]:
+        """One round: end what was cancelled or ran out of time, then advance the most urgent
+        `max_active` requests together by one engine step. Returns the tasks that stepped."""
+        now = self.clock()
+        with self._cv:
+            ended = [t for t in self._waiting + self._running
+                     if t.job.cancelled.is_set() or (t.deadline is not None and now >= t.deadline)]
+            batch = sorted((t for t in self._waiting + self._running if t not in ended), key=Task.rank)
+            batch = batch[:self.max_active]
+            for t in batch:
+                if t in self._waiting:
+                    self._waiting.remove(t)
+                    self._running.append(t)
+        for t in ended:
+            self._finish(t, "cancelled" if t.job.cancelled.is_set() else "deadline")
+        ready = [t for t in batch if self._guard(t, self._begin)]
+        if not ready or self._stop:
+            return []
         try:
-            self._advance(t)
+            results = self.engine.step([t.gen for t in ready])
+        except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on
+            log.exception("engine step failed")
+            results = [e] * len(ready)
+        for t, r in zip(ready, results):
+            self._guard(t, self._deliver, r)
+        return ready
+
+    def _guard(self, t: Task, fn, *args) -> bool:
+        """fn(t, *args); an unexpected error ends this request with `error` and the engine thread
+        goes on serving everyone else."""
+        try:
+            return fn(t, *args)
         except Exception as e:
             log.exception("scheduler error in %s", t.tag)
             try:
@@ -186,54 +220,52 @@ class Scheduler:
             except Exception:
                 log.exception("could not finish %s", t.tag)
                 self._release(t)
+            return False
 
-    def _advance(self, t: Task) -> None:
-        if t.job.cancelled.is_set():
-            return self._finish(t, "cancelled")
-        if t.deadline is not None and time.perf_counter() >= t.deadline:
-            return self._finish(t, "deadline")
+    def _begin(self, t: Task) -> bool:
+        """Make sure `t` has a Generation; False when it ended instead."""
         if t.gen is None:
-            t.started = time.perf_counter()
+            t.started = self.clock()
             try:
                 t.gen = self.engine.stream(t.prompt_ids, t.req)
             except ValueError as e:  # the engine's own validation (context size, method, ...)
-                return self._finish(t, "error", str(e))
-            t.it = iter(t.gen)
-        try:
-            delta = next(t.it)
-        except StopIteration:
-            return self._finish(t, t.gen.finish_reason or "stop")
-        except Exception as e:
-            log.exception("engine error in %s", t.tag)
-            return self._finish(t, "error", f"engine error: {type(e).__name__}")
+                self._finish(t, "error", str(e))
+                return False
+        return True
+
+    def _deliver(self, t: Task, result: str | Exception) -> bool:
+        if isinstance(result, Exception):
+            log.error("engine error in %s: %r", t.tag, result)
+            self._finish(t, "error", f"engine error: {type(result).__name__}")
+            return False
         line_done = False
+        delta = result
         if t.post is not None:
             delta, line_done = t.post.feed(delta)
         self._emit(t, delta)
-        if line_done:
-            return self._finish(t, "stop")
-        if t.gen.finish_reason in ("stop", "length"):  # saves one worker cycle per request
-            return self._finish(t, t.gen.finish_reason)
-        if t.gen.finish_reason == "cancelled" or t.job.cancelled.is_set():
-            return self._finish(t, "cancelled")
-        if t.deadline is not None and time.perf_counter() >= t.deadline:
-            self._finish(t, "deadline")
+        reason = "stop" if line_done else t.gen.finish_reason
+        if reason is None and t.job.cancelled.is_set():
+            reason = "cancelled"
+        if reason is None and t.deadline is not None and self.clock() >= t.deadline:
+            reason = "deadline"
+        if reason is not None:
+            self._finish(t, reason)
+        return True
 
     def _emit(self, t: Task, delta: str) -> None:
         if delta:
             if t.first is None:
-                t.first = time.perf_counter()
+                t.first = self.clock()
             t.text += delta
             t.job.put(delta)
 
     def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
         if t.post is not None:  # text the stop rules held back is decided now
             self._emit(t, t.post.finish())
-        if t.it is not None:
-            t.it.close()  # runs the Generation's cleanup (stats totals) and frees its KV cache
-            t.it = None
-        now = time.perf_counter()
         gen = t.gen
+        if gen is not None:
+            gen.close()  # frees its KV cache; stats totals are final
+        now = self.clock()
         stats = gen.stats if gen is not None else None
         result = Result(
             text=t.text,
@@ -254,5 +286,6 @@ class Scheduler:
 
     def _release(self, t: Task) -> None:
         with self._cv:
-            if t in self._active:
-                self._active.remove(t)
+            for tasks in (self._waiting, self._running):
+                if t in tasks:
+                    tasks.remove(t)

@@ -105,7 +105,7 @@ class FakeTokenizer:
 
 
 class FakeGeneration:
-    """Yields one word per round after `round_s` seconds, like Generation: the words cycle through
+    """One word per round (`FakeEngine.step`, `round_s` seconds a round), like Generation: the words cycle through
     WORDS (a line break every fourth word), so the output depends only on the token count."""
 
     WORDS = ("alpha", " beta", " gamma", "\n", "delta", " eps", " zeta", "\n")
@@ -119,31 +119,35 @@ class FakeGeneration:
         self.text = ""
         self.finish_reason: str | None = None
         self._cancel = threading.Event()
+        self._t0: float | None = None
 
     def cancel(self) -> None:
         self._cancel.set()
 
-    def __iter__(self):
-        t0 = time.perf_counter()
-        try:
-            while self.finish_reason is None:
-                time.sleep(self.round_s)
-                if not self.token_ids:
-                    self.stats.prefill_s = self.round_s
-                else:
-                    k = 0 if self.req.method == "ar" else 4
-                    self.stats.record(k, min(k, 1))
-                word = self.WORDS[len(self.token_ids) % len(self.WORDS)]
-                self.token_ids.append(len(self.token_ids))
-                self.text += word
-                if len(self.token_ids) >= self.req.max_new_tokens:
-                    self.finish_reason = "length"
-                elif self._cancel.is_set():
-                    self.finish_reason = "cancelled"
-                yield word
-        finally:
-            self.stats.new_tokens = len(self.token_ids)
-            self.stats.total_s = time.perf_counter() - t0
+    def advance(self) -> str:
+        """One round's word (the wait is the engine's: FakeEngine.step)."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        if self._cancel.is_set():
+            self.finish_reason = "cancelled"
+            return ""
+        if not self.token_ids:
+            self.stats.prefill_s = self.round_s
+        else:
+            k = 0 if self.req.method == "ar" else 4
+            self.stats.record(k, min(k, 1))
+        word = self.WORDS[len(self.token_ids) % len(self.WORDS)]
+        self.token_ids.append(len(self.token_ids))
+        self.text += word
+        if len(self.token_ids) >= self.req.max_new_tokens:
+            self.finish_reason = "length"
+        return word
+
+    def close(self) -> None:
+        self.stats.new_tokens = len(self.token_ids)
+        if self._t0 is not None:
+            self.stats.total_s = time.perf_counter() - self._t0
+
 
 
 class FakeEngine:
@@ -161,3 +165,8 @@ class FakeEngine:
             raise ValueError("max_new_tokens must be positive")
         self.started += 1
         return FakeGeneration(prompt_ids, req, self.round_s)
+
+    def step(self, gens) -> list:
+        """One batched round: every generation's next word after one round's time."""
+        time.sleep(self.round_s)
+        return [g.advance() for g in gens]

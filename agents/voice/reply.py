@@ -98,7 +98,7 @@ async def speak(v: Voice, turn: Turn, messages: list[dict]) -> None:
 
 async def _generate(v: Voice, turn: Turn, messages: list[dict], texts: asyncio.Queue) -> None:
     req = GenRequest(kind="chat", messages=messages, max_tokens=v.cfg.max_reply_tokens, method=v.method,
-                     tag=f"{v.name} turn {turn.id}")
+                     tag=f"{v.name} turn {turn.id}", priority="voice")
     chunker = SentenceChunker(clause_words=v.cfg.first_clause_words)
     try:
         turn.job = await v.backend.submit(req)

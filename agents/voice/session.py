@@ -182,7 +182,7 @@ class VoiceSession:
     async def warm_up(self) -> None:
         """Prefill the system prompt once, so the first turn finds it in the engine's prefix cache."""
         req = GenRequest(kind="chat", messages=self.messages() + [{"role": "user", "content": "Hello."}],
-                         max_tokens=1, method=self.method, tag=f"{self.name} warm-up")
+                         max_tokens=1, method=self.method, tag=f"{self.name} warm-up", priority="voice")
         try:
             async for ev in await self.backend.submit(req):
                 if isinstance(ev, Result):

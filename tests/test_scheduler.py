@@ -1,0 +1,173 @@
+"""Scheduler order on a fake clock: priority classes, deadline then arrival within a class,
+preemption that keeps a started request's state, supersede/deadline inside a batch, admission by
+tokens in flight, and one failing request ending only itself."""
+
+import asyncio
+
+import pytest
+
+from app.backend import GenRequest, RequestError, StreamJob
+from app.scheduler import Scheduler, Task
+from domino_backend.engine import GenerationRequest, Stats
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gen:
+    """A generation that emits one word per round; `boom` makes its round fail."""
+
+    def __init__(self, name, req):
+        self.name, self.req = name, req
+        self.stats = Stats(method=req.method)
+        self.token_ids: list[int] = []
+        self.finish_reason = None
+        self.cancelled = self.closed = self.boom = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingEngine:
+    """Steps every generation by one word and records which ones shared each round."""
+
+    def __init__(self):
+        self.rounds: list[list[str]] = []
+        self.started: list[str] = []
+
+    def stream(self, prompt_ids, req):
+        name = req.stop[0]
+        self.started.append(name)
+        return Gen(name, req)
+
+    def step(self, gens):
+        self.rounds.append([g.name for g in gens])
+        out = []
+        for g in gens:
+            if g.boom:
+                g.finish_reason = "error"
+                out.append(RuntimeError("broken"))
+                continue
+            g.token_ids.append(1)
+            if len(g.token_ids) >= g.req.max_new_tokens:
+                g.finish_reason = "length"
+            out.append(f"{g.name} ")
+        return out
+
+
+@pytest.fixture
+def sched():
+    loop = asyncio.new_event_loop()
+    clock = Clock()
+    s = Scheduler(RecordingEngine(), max_active=2, max_queue=8, max_tokens=200, clock=clock)
+    s.loop, s.clk = loop, clock
+    yield s
+    loop.close()
+
+
+def add(s: Scheduler, name: str, priority: str, tokens: int = 3, deadline: float | None = None,
+        prompt: int = 1) -> Task:
+    """A task named `name` (carried in its stop list), arriving now on the fake clock."""
+    s.clk.now += 0.001
+    req = GenerationRequest(max_new_tokens=tokens, stop=[name])
+    task = Task(StreamJob(s.loop), [0] * prompt, req, s.clk.now,
+                None if deadline is None else s.clk.now + deadline, tag=name, priority=priority)
+    s.submit(task)
+    return task
+
+
+def run(s: Scheduler, rounds: int = 50) -> list[list[str]]:
+    for _ in range(rounds):
+        if not s.run_round():
+            break
+    return s.engine.rounds
+
+
+def test_classes_run_in_priority_order_whatever_the_arrival(sched):
+    for name, prio in (("bg", "background"), ("chat", "chat"), ("fim", "interactive"), ("voice", "voice")):
+        add(sched, name, prio, tokens=2)
+    assert run(sched) == [["voice", "fim"], ["voice", "fim"], ["chat", "bg"], ["chat", "bg"]]
+
+
+def test_within_a_class_the_earliest_deadline_then_the_earliest_arrival_goes_first(sched):
+    sched.max_active = 1
+    add(sched, "first", "interactive", tokens=1)
+    add(sched, "late_deadline", "interactive", tokens=1, deadline=10)
+    add(sched, "soon_deadline", "interactive", tokens=1, deadline=5)
+    add(sched, "second", "interactive", tokens=1)
+    assert run(sched) == [["soon_deadline"], ["late_deadline"], ["first"], ["second"]]
+
+
+def test_a_voice_turn_preempts_a_running_completion_which_resumes_where_it_was(sched):
+    a, b = add(sched, "a", "interactive", tokens=4), add(sched, "b", "interactive", tokens=4)
+    sched.run_round()
+    voice = add(sched, "voice", "voice", tokens=2)
+    rounds = run(sched)
+    assert rounds == [["a", "b"], ["voice", "a"], ["voice", "a"], ["a", "b"], ["b"], ["b"]]
+    assert sched.engine.started == ["a", "b", "voice"]  # b kept its generation while it waited
+    assert [t.job.result.text for t in (a, b, voice)] == ["a a a a ", "b b b b ", "voice voice "]
+    assert sched.load() == {"active": 0, "queued": 0}
+
+
+def test_a_superseded_completion_leaves_the_batch_at_the_next_round(sched):
+    old = add(sched, "old", "interactive", tokens=50)
+    other = add(sched, "other", "chat", tokens=4)
+    sched.run_round()
+    gen = old.gen
+    old.job.cancel()  # what a newer keystroke does to the completion it replaces
+    sched.cancel(old)
+    add(sched, "new", "interactive", tokens=2)
+    rounds = run(sched)
+    assert rounds[1:] == [["new", "other"], ["new", "other"], ["other"]]
+    assert gen.cancelled and gen.closed and old.job.result.finish_reason == "cancelled"
+    assert other.job.result.finish_reason == "length"
+
+
+def test_a_deadline_ends_a_request_inside_the_batch_or_while_it_waits(sched):
+    sched.max_active = 1
+    running = add(sched, "running", "chat", tokens=50, deadline=1.0)
+    waiting = add(sched, "waiting", "background", tokens=50, deadline=2.0)
+    sched.run_round()
+    sched.clk.now += 1.5
+    sched.run_round()  # `running` times out before stepping; `waiting` gets the slot
+    sched.clk.now += 1.0
+    sched.run_round()
+    assert sched.engine.rounds == [["running"], ["waiting"]]
+    assert running.job.result.finish_reason == waiting.job.result.finish_reason == "deadline"
+    assert running.job.result.completion_tokens == 1 and running.gen is None
+
+
+def test_a_request_failing_mid_batch_ends_only_itself(sched):
+    bad, good = add(sched, "bad", "interactive", tokens=5), add(sched, "good", "interactive", tokens=3)
+    sched.run_round()
+    bad.gen.boom = True
+    run(sched)
+    assert bad.job.result.finish_reason == "error" and "RuntimeError" in bad.job.result.error
+    assert good.job.result.finish_reason == "length" and good.job.result.text == "good good good "
+
+
+def test_admission_counts_tokens_in_flight_as_well_as_requests(sched):
+    add(sched, "big", "chat", tokens=150, prompt=30)  # 180 of the 200-token budget
+    with pytest.raises(RequestError) as e:
+        add(sched, "next", "interactive", tokens=20, prompt=10)
+    assert (e.value.code, e.value.status) == ("overloaded", 429) and "tokens in flight" in e.value.message
+    add(sched, "small", "interactive", tokens=10, prompt=10)  # fits: 200
+    run(sched, 500)
+    add(sched, "huge", "chat", tokens=500)  # alone, a request is never refused for its size
+    with pytest.raises(RequestError, match="priority"):
+        add(sched, "odd", "urgent")
+
+
+def test_requests_get_their_class_from_their_kind_unless_they_name_one():
+    assert GenRequest(kind="fim").priority_class == "interactive"
+    assert GenRequest(kind="text").priority_class == "interactive"
+    assert GenRequest(kind="chat").priority_class == "chat"
+    assert GenRequest(kind="chat", priority="voice").priority_class == "voice"
