@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from domino_backend import settings as engine_settings
 from domino_backend.methods import METHODS
 from domino_backend.models import DEFAULT_PROFILE, PROFILES
+from domino_backend.quant import QUANT_MODES
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 
@@ -36,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=None, help="Hugging Face causal-LM folder or hub id instead of a profile")
     g.add_argument("--draft", default=None, help="drafter checkpoint; 'none' = ar/ngram only")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    g.add_argument("--quant", default="auto", choices=QUANT_MODES,
+                   help="target weights: int8, none (as loaded), auto: int8 where the int8 CPU kernel runs")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--method", default=d["method"].default, choices=("auto", *METHODS),
                    help="default decoding method (auto: with a trained drafter domino on a GPU, domino+ngram on a "
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo([a for a in argv if a != "--demo"])
     a = parser().parse_args(argv)
     kw = dict(
-        host=a.host, port=a.port, ui=not a.no_ui, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype,
+        host=a.host, port=a.port, ui=not a.no_ui, target=a.target or a.profile or DEFAULT_PROFILE, draft=a.draft, dtype=a.dtype, quant=a.quant,
         threads=a.threads, method=a.method, engine=engine_settings.from_args(a), backend_url=a.backend_url, backend_model=a.backend_model,
         max_active=a.max_active, max_queue=a.max_queue, max_tokens_in_flight=a.max_tokens_in_flight,
         max_message_bytes=a.max_message_bytes,

@@ -10,6 +10,7 @@ import threading
 
 from domino_backend import methods
 from domino_backend.engine import GenerationRequest
+from domino_backend.quant import weight_format
 
 from agents.code.postprocess import for_request
 
@@ -62,7 +63,7 @@ class EngineBackend:
         c = self.cfg
         try:
             self.engine = await asyncio.wrap_future(self._engine_thread.submit(
-                build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads(), c.engine))
+                build_engine, c.target, c.draft, c.dtype, c.threads or engine_threads(), c.engine, c.quant))
         except Exception as e:
             log.exception("model load failed")
             self._status, self._error = "error", f"model load failed: {type(e).__name__}: {e}"
@@ -99,6 +100,7 @@ class EngineBackend:
             h["methods"] = methods.available(self.engine.draft)
             e = self.engine
             h["drafter"] = None if e.draft is None else "untrained placeholder" if e.placeholder_draft else "trained"
+            h["weights"] = weight_format(e.target.model)
         return h
 
     def load(self) -> dict:

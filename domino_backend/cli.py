@@ -13,6 +13,7 @@ from . import settings as engine_settings
 from .engine import GenerationRequest
 from .loader import build_engine
 from .models import DEFAULT_PROFILE, PROFILES, profile_gguf
+from .quant import QUANT_MODES, weight_format
 from .prompts import encode
 
 
@@ -25,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="drafter checkpoint folder or hub id; 'none' for ar/ngram only (default: the profile's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="auto: bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
+    p.add_argument("--quant", default="auto", choices=QUANT_MODES,
+                   help="target weights: int8 (weights and activations, lossless w.r.t. the int8 model), "
+                        "none (as loaded), auto: int8 where the int8 CPU kernel runs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     engine_settings.add_arguments(p)
 
@@ -32,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _engine(args):
     target = args.target or args.profile or DEFAULT_PROFILE
     return build_engine(target, args.draft, dtype=args.dtype, threads=args.threads,
-                        settings=engine_settings.from_args(args))
+                        settings=engine_settings.from_args(args), quant=args.quant)
 
 
 def cmd_generate(args) -> int:
@@ -67,6 +71,7 @@ def cmd_bench(args) -> int:
     report["prompts"] = args.prompts
     report["draft"] = args.draft
     report["dtype"] = str(engine.target.dtype).removeprefix("torch.")
+    report["quant"] = weight_format(engine.target.model)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -208,11 +208,13 @@ class DraftModel(nn.Module):
         # Rows folded to 2-D: the engine passes a strided view of the first K < S slots, on which
         # F.linear takes a batched matmul that copies the whole weight every call (a short draft
         # then costs more than a long one).
-        x = z.to(lm_head.weight.dtype).reshape(-1, z.shape[-1])
+        x = z.reshape(-1, z.shape[-1])  # the drafter runs in the target's dtype (Engine moves it)
         ids = self.draft_token_ids()
         if ids is None:
             return lm_head(x).reshape(*z.shape[:-1], -1)
-        w = lm_head.weight
+        w = getattr(lm_head, "weight", None)
+        if w is None:  # a quantized head (quant.Int8Linear) keeps no float weight to slice
+            return lm_head(x)[:, ids].reshape(*z.shape[:-1], -1)
         if self._head_rows is None or self._head_rows[0] is not w:  # slice once, reuse every round
             self._head_rows = (w, w.detach()[ids].contiguous())
         return F.linear(x, self._head_rows[1]).reshape(*z.shape[:-1], -1)

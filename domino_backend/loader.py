@@ -14,6 +14,7 @@ from .cpu import cpu_has_fast_bf16, pin_mkl_avx2_on_amd
 from .draft_model import DraftModel
 from .engine import Engine
 from .models import load_target, mask_token_id
+from .quant import quantize_linears, resolve_quant
 from .settings import EngineSettings
 from .target import Target
 
@@ -62,15 +63,19 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def build_engine(target: str = "coder", draft: str | None = None, dtype: str | torch.dtype = "auto",
-                 threads: int | None = None, settings: EngineSettings = EngineSettings()) -> Engine:
+                 threads: int | None = None, settings: EngineSettings = EngineSettings(),
+                 quant: str = "auto") -> Engine:
     """target: profile name, HF folder or hub id. draft: checkpoint folder/hub id, "none" (ar/ngram
-    only), or None for the profile's shipped drafter (a random-init one when none is shipped yet)."""
+    only), or None for the profile's shipped drafter (a random-init one when none is shipped yet).
+    quant: the target's Linear layers as int8 ("int8"), as loaded ("none"), or "auto" (quant.py)."""
     pin_mkl_avx2_on_amd()  # before the first BLAS call (cpu.py)
     if threads:
         torch.set_num_threads(threads)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
     model, tokenizer = load_target(target, dtype=dtype)
+    if resolve_quant(quant) == "int8":
+        quantize_linears(model)
     t = Target(model, tokenizer)
     if draft == "none":
         return Engine(t, settings=settings)

@@ -1,0 +1,146 @@
+"""Weight-and-activation int8 Linear for CPUs: the quantized target's GEMM.
+
+Weights: int8 with one fp32 scale per output channel (symmetric absmax). Activations: each row
+quantized to int8 by its own absmax when the layer runs (dynamic, per row). The int32 product is
+exact and the epilogue is the same fp32 sequence for every row:
+
+    y[m, n] = ((float(sum_k xq[m, k] * wq[n, k]) * x_scale[m]) * w_scale[n]) + bias[n]
+
+so row m's bits depend on row m alone, whatever else shares the call (any M, any thread count):
+a verify of K + 1 rows reproduces K + 1 one-token decoding steps exactly.
+
+Two implementations with identical bits: `reference_linear` (torch._int_mm, portable) and the C
+kernel in `kernels/cpu/w8a8.c` (AVX512-VNNI `vpdpbusd`, weights pre-packed; the integer GEMM reads
+each weight once for all M rows, so a 17-row verify costs about what one row does). The kernel is
+compiled with the system C compiler on first use into the Domino cache (`$DOMINO_CACHE/kernels`,
+about a second) and loaded with ctypes; its OpenMP loop shares torch's libgomp runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from domino_backend.cpu import cpu_flags
+
+SOURCE = Path(__file__).with_name("cpu") / "w8a8.c"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
+          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+BLOCK = 32  # output channels per packed block (two zmm registers of int32 lanes)
+
+
+@dataclass
+class QuantWeight:
+    """An int8 Linear weight: `q` [N, K] int8, `scale` [N] fp32, plus the kernel's packed copy."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    packed: torch.Tensor | None = None  # [ceil(N/32) * 32 * K] int8, the kernel's layout
+    colsum: torch.Tensor | None = None  # [ceil(N/32) * 32] int32, sum_k q[n, k]
+    scale_pad: torch.Tensor | None = None  # scale zero-padded to the packed channel count
+
+
+def quantize_weight(w: torch.Tensor) -> QuantWeight:
+    """Per-output-channel symmetric int8 of a [N, K] float weight (round half to even)."""
+    w = w.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-8) / 127
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantWeight(q.contiguous(), scale.contiguous())
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (int8 [M, K], fp32 scale [M]); each row by its own absmax."""
+    x = x.float()
+    scale = x.abs().amax(1).clamp_min(1e-8) / 127
+    return torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def reference_linear(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, K] -> [M, N] in x's dtype, with the kernel's bits (same integer sum, same fp32 epilogue)."""
+    xq, xs = quantize_rows(x)
+    y = torch._int_mm(xq, w.q.t()).float() * xs[:, None] * w.scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def pack(w: QuantWeight) -> QuantWeight:
+    """Fill in the kernel's layout: [N/32][K/4][32][4] int8, zero rows padding N to a multiple of 32."""
+    n, k = w.q.shape
+    if k % 4:
+        raise ValueError(f"int8 kernel needs in_features divisible by 4, got {k}")
+    n_pad = -(-n // BLOCK) * BLOCK
+    q = torch.zeros(n_pad, k, dtype=torch.int8)
+    q[:n] = w.q
+    w.packed = q.view(n_pad // BLOCK, BLOCK, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
+    w.colsum = q.sum(1, dtype=torch.int32)
+    w.scale_pad = torch.zeros(n_pad)
+    w.scale_pad[:n] = w.scale
+    return w
+
+
+def cpu_has_vnni() -> bool:
+    return "avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags()
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled C kernel, or None when this CPU lacks AVX512-VNNI, no C compiler is found, or
+    DOMINO_INT8_KERNEL=torch asks for the reference. Built once per source version."""
+    if os.environ.get("DOMINO_INT8_KERNEL", "").lower() == "torch" or not cpu_has_vnni():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("[domino] no C compiler found: the int8 target runs the slower PyTorch reference", file=sys.stderr)
+        return None
+    from domino_backend.models import cache_dir
+
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    lib = cache_dir() / "kernels" / f"w8a8-{tag}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            res = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+            if res.returncode:
+                print(f"[domino] compiling {SOURCE.name} failed, using the PyTorch reference:\n{res.stderr[-2000:]}",
+                      file=sys.stderr)
+                return None
+            os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
+    dll = ctypes.CDLL(str(lib))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    dll.w8a8_linear.argtypes = [p, i32, i64, i64, p, p, p, p, i64, p, i32, p, i32, i32]
+    dll.w8a8_linear.restype = None
+    dll.w8a8_work_bytes.argtypes = [i64, i64]
+    dll.w8a8_work_bytes.restype = i64
+    dll.amx = "amx_int8" in cpu_flags() and dll.w8a8_amx_init() == 1
+    return dll
+
+
+def kernel_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
+                  amx: bool = True) -> torch.Tensor:
+    """The C kernel on a [M, K] fp32/bf16 tensor; same bits as `reference_linear`. AMX tiles where
+    the CPU has them and K is a multiple of 64 (unless amx=False), else AVX512-VNNI."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"int8 kernel takes fp32 or bf16 activations, not {x.dtype}")
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.q.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    work = torch.empty(lib.w8a8_work_bytes(m, k), dtype=torch.uint8)
+    lib.w8a8_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, w.packed.data_ptr(), w.colsum.data_ptr(),
+                    w.scale_pad.data_ptr(), None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+                    int(y.dtype == torch.bfloat16), work.data_ptr(), torch.get_num_threads(),
+                    int(amx and lib.amx and k % 64 == 0))
+    return y

@@ -1,0 +1,112 @@
+"""The int8 target: the C kernel (AMX and AVX512-VNNI paths) and the PyTorch reference give the same
+bits, every row is independent of the rest of the batch, and speculative decoding of the quantized
+target equals its own plain decoding."""
+
+import pytest
+import torch
+
+from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.quant import Int8Linear, quantize_linears, resolve_quant, weight_format
+from domino_backend.target import Target
+from kernels import int8
+
+from tiny import tiny_draft, tiny_target
+
+needs_kernel = pytest.mark.skipif(int8.kernel() is None, reason="no AVX512-VNNI CPU or C compiler")
+
+SHAPES = [(896, 896), (896, 128), (4864, 96), (100, 50), (64, 33)]  # (in, out): K % 64 != 0 -> VNNI path
+
+
+def _weight(k: int, n: int, seed: int = 0) -> int8.QuantWeight:
+    g = torch.Generator().manual_seed(seed)
+    return int8.pack(int8.quantize_weight(torch.randn(n, k, generator=g)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_has_the_reference_bits_for_every_batch_size(k, n, dtype):
+    lib = int8.kernel()
+    w = _weight(k, n)
+    bias = torch.randn(n)
+    for m in (1, 2, 9, 16, 17, 32, 33, 70):
+        x = (torch.randn(m, k) * 4).to(dtype)
+        ref = int8.reference_linear(x, w, bias)
+        assert torch.equal(int8.kernel_linear(lib, x, w, bias), ref), m
+        assert torch.equal(int8.kernel_linear(lib, x, w, bias, amx=False), ref), m
+
+
+@needs_kernel
+def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count():
+    lib = int8.kernel()
+    w = _weight(896, 4864)
+    x = torch.randn(17, 896).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        both = int8.kernel_linear(lib, x, w)
+        torch.set_num_threads(1)
+        one_thread = int8.kernel_linear(lib, x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(both, one_thread)
+    alone = torch.cat([int8.kernel_linear(lib, x[i:i + 1], w) for i in range(17)])
+    assert torch.equal(both, alone)
+    # a different neighbour changes nothing in row 0
+    other = torch.cat([x[:1], torch.randn(8, 896).bfloat16() * 100])
+    assert torch.equal(int8.kernel_linear(lib, other, w)[:1], both[:1])
+
+
+def test_reference_rows_are_independent_and_close_to_the_float_product():
+    lin = torch.nn.Linear(256, 64)
+    q = Int8Linear(lin)
+    x = torch.randn(9, 256)
+    y = int8.reference_linear(x, q.qweight, q.bias)
+    assert torch.equal(torch.cat([int8.reference_linear(x[i:i + 1], q.qweight, q.bias) for i in range(9)]), y)
+    exact = lin(x).detach()
+    assert (y - exact).norm() / exact.norm() < 0.02
+
+
+def test_zero_rows_and_odd_shapes_are_handled():
+    lin = torch.nn.Linear(8, 3, bias=False)
+    q = Int8Linear(lin)
+    assert torch.equal(q(torch.zeros(2, 8)), torch.zeros(2, 3))
+    assert q(torch.randn(4, 5, 8)).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        int8.pack(int8.quantize_weight(torch.randn(3, 6)))
+
+
+def test_quantize_linears_swaps_every_linear_and_reports_the_format():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(16, 4)))
+    assert weight_format(model) == "none"
+    assert quantize_linears(model) == 2
+    assert weight_format(model) == "int8"
+    assert model(torch.randn(3, 8)).shape == (3, 4)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        resolve_quant("int3")
+    assert resolve_quant("auto") == ("int8" if int8.kernel() is not None else "none")
+
+
+def test_gradients_are_refused_with_a_clear_error():
+    q = Int8Linear(torch.nn.Linear(8, 4))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(torch.randn(2, 8, requires_grad=True))
+
+
+def _int8_engine(family: str) -> Engine:
+    model = tiny_target(family, peak=3.0, seed=1).model
+    quantize_linears(model)  # before Target(): it keeps a handle on the LM head
+    target = Target(model, tokenizer=None)
+    return Engine(target, tiny_draft(target, seed=1))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("method", ["ngram", "dflash", "domino", "domino+ngram"])
+def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method):
+    engine = _int8_engine(family)
+    assert weight_format(engine.target.model) == "int8"
+    prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+    for ids in prompts:
+        ref = engine.generate(ids, GenerationRequest(max_new_tokens=24, method="ar"))
+        gen = engine.generate(ids, GenerationRequest(max_new_tokens=24, method=method, adaptive_drafts=False))
+        assert gen.token_ids == ref.token_ids
