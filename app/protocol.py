@@ -35,6 +35,7 @@ class _Sampling(_Msg):
     stop: list[str] = Field(default_factory=list)
     deadline_ms: DeadlineMs | None = None
     method: str | None = None  # ar | ngram | dflash | domino | domino+ngram (default: the server's)
+    priority: Literal["voice", "interactive", "chat", "background"] | None = None  # default: by kind (app.backend)
 
 
 class Complete(_Sampling):
@@ -106,7 +107,7 @@ def parse_client(text: str, limit: int) -> Complete | Chat | Cancel | Ping:
 def to_gen_request(msg: Complete | Chat, default_max_tokens: int, received: float) -> GenRequest:
     common = dict(max_tokens=msg.max_tokens or default_max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                   seed=msg.seed, stop=list(msg.stop), deadline_ms=msg.deadline_ms, method=msg.method,
-                  received=received, tag=f"ws:{msg.id}")
+                  priority=msg.priority, received=received, tag=f"ws:{msg.id}")
     if isinstance(msg, Chat):
         return GenRequest(kind="chat", messages=[m.model_dump() for m in msg.messages], **common)
     if not msg.prefix and not msg.suffix:

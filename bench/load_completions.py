@@ -1,12 +1,24 @@
-"""Load benchmark: N concurrent IDE-like clients sending single-line FIM completions over `/v1/ws`.
+"""Load benchmark: concurrent IDE-like clients over `/v1/ws`, a voice-like chat stream under that
+load, and the served speed of one request against the engine's own.
 
-Each client holds one WebSocket and sends its requests back to back (closed loop, like an editor
-that waits for a suggestion before asking for the next). Latencies are measured at the client from
-sending the request: TTFT = first `delta`, total = `done`. For every (method, clients) cell it
-reports p50/p95 TTFT and total, completions/s, generated tokens/s and mean tau.
+Completion clients: each holds one WebSocket and "types" in its own file, a source file of this
+repository: request i asks for a single-line completion at a cursor `context_chars` + 7 i
+characters in (about 1,000 tokens of prefix by default, and the next lines as the suffix), back
+to back (closed loop: an editor waits for a suggestion before asking for the next). Consecutive
+prompts of a client share their prefix, which the engine's prefix cache restores (the server is
+started with a cache entry per client). Latencies are measured at the client from sending: TTFT =
+first `delta`, total = `done`.
 
-    python bench/load_completions.py --spawn --profile tiny --clients 1,4,16 --methods domino,ar
-    python bench/load_completions.py --url ws://127.0.0.1:8000/v1/ws --clients 4 --methods ar
+Cells, per method (`default` = the server's default method, resolved through /health):
+  completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau
+  mixed        a voice-like stream (chat turns with priority `voice`, one short spoken-style answer
+               each) alone, then while 8 completion clients run: time to first sentence p50/p95
+  speed        one request at a time (no stop rules, fixed length) served over /v1/ws, against
+               the same prompt decoded by the engine on the main thread of a fresh process after
+               the server stopped (`python -m domino_backend bench`'s way): tokens/s and the ratio
+
+    python bench/load_completions.py --spawn --profile tiny --clients 1,4 --requests 2 --plot docs/img/load.png
+    python bench/load_completions.py --url ws://127.0.0.1:8000/v1/ws --clients 4 --methods ar   # no speed cell
 
 `--spawn` starts `python -m app` on a free port (and stops it afterwards); otherwise `--url` is used.
 """
@@ -17,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,85 +38,176 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
 
+from agents.voice.config import SPOKEN_SYSTEM_PROMPT  # noqa: E402
 from agents.voice.metrics import percentile  # noqa: E402
 from bench.serving import spawn_server  # noqa: E402
 
-# Cursor positions inside small, typical files: the model should finish the current line.
-BUILTIN = [
-    {"prefix": "def is_even(n):\n    return ", "suffix": "\n\n\nprint(is_even(4))\n"},
-    {"prefix": "import os\n\n\ndef list_python_files(root):\n    return [f for f in os.listdir(root) if ",
-     "suffix": "]\n"},
-    {"prefix": "class Counter:\n    def __init__(self):\n        self.count = 0\n\n    def increment(self):\n        ",
-     "suffix": "\n\n    def reset(self):\n        self.count = 0\n"},
-    {"prefix": "def read_lines(path):\n    with open(path) as f:\n        ", "suffix": "\n"},
-    {"prefix": "numbers = [3, 1, 2]\nsorted_numbers = ", "suffix": "\nprint(sorted_numbers)\n"},
-    {"prefix": "def factorial(n):\n    if n <= 1:\n        return 1\n    return ", "suffix": "\n"},
-    {"prefix": "const add = (a, b) => ", "suffix": ";\nconsole.log(add(1, 2));\n"},
-    {"prefix": "for i in range(10):\n    if i % 2 == 0:\n        ", "suffix": "\n"},
-]
+FILES = sorted(p for d in ("domino_backend", "app", "agents/voice") for p in (ROOT / d).glob("*.py"))
+SENTENCE_END = re.compile(r"[.!?](\s|$)|\n")
+TYPED_PER_REQUEST = 7  # characters the cursor moves between a client's requests
+MIXED_CLIENTS = 8
 
 
-def load_prompts(path: str | None) -> list[dict]:
-    prompts = list(BUILTIN)
-    if path:
-        for line in Path(path).read_text().splitlines():
-            rec = json.loads(line) if line.strip() else None
-            if rec and "prefix" in rec:
-                prompts.append({"prefix": rec["prefix"], "suffix": rec.get("suffix", "")})
-    return prompts
+def cursor_prompts(context_chars: int, suffix_chars: int = 400) -> list[str]:
+    """Source texts long enough for a cursor at context_chars (and the requests after it)."""
+    texts = [p.read_text() for p in FILES]
+    return [t for t in texts if len(t) > context_chars + suffix_chars + 50 * TYPED_PER_REQUEST]
 
 
-async def client(url: str, headers: dict, prompts: list[dict], offset: int, n: int, args, method: str) -> list[dict]:
+def completion(texts: list[str], client: int, i: int, args) -> dict:
+    text = texts[client % len(texts)]
+    pos = args.context_chars + TYPED_PER_REQUEST * i
+    return {"prefix": text[:pos], "suffix": text[pos:pos + 400]}
+
+
+def voice_questions() -> list[str]:
+    lines = (HERE / "voice_prompts.txt").read_text().splitlines()
+    return [x for x in lines if x.strip() and not x.startswith("#")]
+
+
+async def ws_request(ws, msg: dict) -> dict:
+    """Send one request; collect timings at the client until its `done` or `error`."""
+    rid = uuid.uuid4().hex[:10]
+    t0 = time.perf_counter()
+    await ws.send(json.dumps({**msg, "id": rid}))
+    first = sentence = None
+    text = ""
+    while True:
+        m = json.loads(await ws.recv())
+        if m.get("id") != rid:
+            continue
+        now = time.perf_counter()
+        if m["type"] == "delta":
+            first = first or now
+            text += m["text"]
+            if sentence is None and SENTENCE_END.search(text):
+                sentence = now
+        elif m["type"] in ("done", "error"):
+            return {"ttft": (first or now) - t0, "sentence": (sentence or now) - t0, "total": now - t0,
+                    "type": m["type"], "code": m.get("code"), "tokens": (m.get("usage") or {}).get("completion_tokens", 0),
+                    "tau": (m.get("spec") or {}).get("tau"), "engine_tok_s": (m.get("spec") or {}).get("tokens_per_s"),
+                    "finish": m.get("finish_reason")}
+
+
+async def completion_client(url, headers, texts, client: int, n: int | None, args, method: str | None,
+                            stop: asyncio.Event | None = None, warm: list | None = None) -> list[dict]:
+    """n requests back to back (or until `stop` is set); appends to `warm` after the first."""
     from websockets.asyncio.client import connect
 
     out = []
     async with connect(url, additional_headers=headers, max_size=None) as ws:
-        for i in range(n):
-            p = prompts[(offset + i) % len(prompts)]
-            rid = uuid.uuid4().hex[:10]
-            msg = {"type": "complete", "id": rid, "prefix": p["prefix"], "suffix": p["suffix"],
-                   "max_tokens": args.max_tokens, "single_line": not args.multi_line, "method": method}
-            t0 = time.perf_counter()
-            await ws.send(json.dumps(msg))
-            first = None
-            while True:
-                m = json.loads(await ws.recv())
-                if m.get("id") != rid:
-                    continue
-                if m["type"] == "delta" and first is None:
-                    first = time.perf_counter()
-                elif m["type"] in ("done", "error"):
-                    end = time.perf_counter()
-                    out.append({"ttft": (first or end) - t0, "total": end - t0, "type": m["type"],
-                                "code": m.get("code"), "tokens": (m.get("usage") or {}).get("completion_tokens", 0),
-                                "tau": (m.get("spec") or {}).get("tau"), "finish": m.get("finish_reason"),
-                                "server_queue_ms": (m.get("timings") or {}).get("queue_ms")})
-                    break
+        i = 0
+        while (n is None or i < n) and not (stop and stop.is_set()):
+            msg = {"type": "complete", **completion(texts, client, i, args), "max_tokens": args.max_tokens,
+                   "single_line": True, **({"method": method} if method else {})}
+            out.append(await ws_request(ws, msg))
+            if i == 0 and warm is not None:
+                warm.append(client)
+            i += 1
     return out
 
 
-async def run_cell(url: str, headers: dict, prompts: list[dict], clients: int, method: str, args) -> dict:
-    if args.warmup:  # one request so that first-call costs do not land in the numbers
-        await client(url, headers, prompts, 0, 1, args, method)
-    t0 = time.perf_counter()
-    runs = await asyncio.gather(*(client(url, headers, prompts, c * 3, args.requests, args, method)
-                                  for c in range(clients)))
-    wall = time.perf_counter() - t0
-    rows = [r for run in runs for r in run]
+async def voice_client(url, headers, turns: int, args, method: str | None) -> list[dict]:
+    from websockets.asyncio.client import connect
+
+    out = []
+    questions = voice_questions()
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        for i in range(turns):
+            messages = [{"role": "system", "content": SPOKEN_SYSTEM_PROMPT},
+                        {"role": "user", "content": questions[i % len(questions)]}]
+            msg = {"type": "chat", "messages": messages, "max_tokens": 48, "priority": "voice",
+                   **({"method": method} if method else {})}
+            out.append(await ws_request(ws, msg))
+    return out
+
+
+def summary(rows: list[dict], wall: float) -> dict:
     ok = [r for r in rows if r["type"] == "done"]
-    ttft, total = [r["ttft"] * 1000 for r in ok], [r["total"] * 1000 for r in ok]
+    ms = lambda key, q: percentile([r[key] * 1000 for r in ok], q)
     taus = [r["tau"] for r in ok if r["tau"]]
     tokens = sum(r["tokens"] for r in ok)
-    return {
-        "method": method, "clients": clients, "requests": len(rows), "errors": len(rows) - len(ok),
-        "ttft_p50_ms": percentile(ttft, 0.5), "ttft_p95_ms": percentile(ttft, 0.95),
-        "total_p50_ms": percentile(total, 0.5), "total_p95_ms": percentile(total, 0.95),
-        "completions_per_s": len(ok) / wall, "tokens_per_s": tokens / wall,
-        "mean_tokens": tokens / len(ok) if ok else 0, "mean_tau": statistics.fmean(taus) if taus else None,
-        "wall_s": wall,
-    }
+    return {"requests": len(rows), "errors": len(rows) - len(ok),
+            "ttft_p50_ms": ms("ttft", 0.5), "ttft_p95_ms": ms("ttft", 0.95),
+            "total_p50_ms": ms("total", 0.5), "total_p95_ms": ms("total", 0.95),
+            "completions_per_s": len(ok) / wall, "tokens_per_s": tokens / wall,
+            "mean_tokens": tokens / len(ok) if ok else 0, "mean_tau": statistics.fmean(taus) if taus else None,
+            "wall_s": wall}
+
+
+async def completions_cell(url, headers, texts, clients: int, method, args) -> dict:
+    if args.warmup:  # first-call costs (and each client's first prefill) stay out of the numbers
+        await asyncio.gather(*(completion_client(url, headers, texts, c, 1, args, method) for c in range(clients)))
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(*(completion_client(url, headers, texts, c, args.requests, args, method)
+                                  for c in range(clients)))
+    return {"clients": clients, **summary([r for run in runs for r in run], time.perf_counter() - t0)}
+
+
+async def mixed_cell(url, headers, texts, method, args) -> dict:
+    await voice_client(url, headers, 1, args, method)  # warm: the system prompt sits in the prefix cache
+    alone = await voice_client(url, headers, args.voice_turns, args, method)
+    stop, warm = asyncio.Event(), []
+    load = [asyncio.create_task(completion_client(url, headers, texts, c, None, args, method, stop, warm))
+            for c in range(MIXED_CLIENTS)]
+    while len(warm) < MIXED_CLIENTS:  # every client's file is in the prefix cache: steady typing
+        await asyncio.sleep(0.05)
+    loaded = await voice_client(url, headers, args.voice_turns, args, method)
+    stop.set()
+    completions = [r for run in await asyncio.gather(*load) for r in run[1:]]
+    p50 = lambda rows: percentile([r["sentence"] * 1000 for r in rows if r["type"] == "done"], 0.5)
+    return {"voice_turns": args.voice_turns, "completion_clients": MIXED_CLIENTS,
+            "first_sentence_alone_p50_ms": p50(alone), "first_sentence_loaded_p50_ms": p50(loaded),
+            "first_sentence_loaded_p95_ms": percentile([r["sentence"] * 1000 for r in loaded], 0.95),
+            "growth": p50(loaded) / p50(alone) - 1 if p50(alone) else None,
+            "completions_during": len(completions),
+            "completion_ttft_p50_ms": percentile([r["ttft"] * 1000 for r in completions], 0.5)}
+
+
+SPEED_PROMPT = 0  # the first source file, cursor at context_chars
+
+
+async def served_speed(url, headers, texts, method, args) -> dict:
+    from websockets.asyncio.client import connect
+
+    msg = {"type": "complete", **completion(texts, SPEED_PROMPT, 0, args), "max_tokens": args.speed_tokens,
+           **({"method": method} if method else {})}
+    async with connect(url, additional_headers=headers, max_size=None) as ws:
+        await ws_request(ws, msg)  # warm-up: the prompt is in the prefix cache for every run after it
+        rows = [await ws_request(ws, msg) for _ in range(args.speed_runs)]
+    return {"served_tok_s": statistics.median(r["tokens"] / r["total"] for r in rows),
+            "served_engine_tok_s": statistics.median(r["engine_tok_s"] for r in rows),
+            "tokens": statistics.median(r["tokens"] for r in rows)}
+
+
+def engine_speed(args, method: str) -> float:
+    """Tokens/s of the same request decoded by `build_engine` on the main thread of a fresh
+    process, with the server's settings (a child process: the server has stopped by then)."""
+    code = f"""
+import json, statistics, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from app.backend import GenRequest
+from app.engine_backend import engine_threads
+from app.prompting import build_prompt
+from domino_backend.engine import GenerationRequest
+from domino_backend.loader import build_engine
+e = build_engine({args.profile!r}, None, {args.dtype!r}, {args.threads!r} or engine_threads())
+p = {json.dumps(completion(args.texts, SPEED_PROMPT, 0, args))}
+ids = build_prompt(e.target.tokenizer, GenRequest(kind="fim", prefix=p["prefix"], suffix=p["suffix"]), 8192)
+req = GenerationRequest(max_new_tokens={args.speed_tokens}, method={method!r})
+e.generate(ids, req)
+rates = []
+for _ in range({args.speed_runs}):
+    t0 = time.perf_counter()
+    g = e.generate(ids, req)
+    rates.append(len(g.token_ids) / (time.perf_counter() - t0))
+print(json.dumps(statistics.median(rates)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def fmt(x, nd=0):
@@ -111,66 +215,132 @@ def fmt(x, nd=0):
 
 
 def table(cells: list[dict]) -> str:
-    head = (f"{'method':8} {'clients':>7} {'reqs':>5} {'err':>4} {'ttft p50':>9} {'ttft p95':>9} {'total p50':>10} "
+    head = (f"{'method':13} {'clients':>7} {'reqs':>5} {'err':>4} {'ttft p50':>9} {'ttft p95':>9} {'total p50':>10} "
             f"{'total p95':>10} {'compl/s':>8} {'tok/s':>7} {'tok/req':>8} {'tau':>5}")
     lines = [head, "-" * len(head)]
     for c in cells:
-        lines.append(f"{c['method']:8} {c['clients']:>7} {c['requests']:>5} {c['errors']:>4} {fmt(c['ttft_p50_ms']):>9} "
+        lines.append(f"{c['method']:13} {c['clients']:>7} {c['requests']:>5} {c['errors']:>4} {fmt(c['ttft_p50_ms']):>9} "
                      f"{fmt(c['ttft_p95_ms']):>9} {fmt(c['total_p50_ms']):>10} {fmt(c['total_p95_ms']):>10} "
                      f"{fmt(c['completions_per_s'], 2):>8} {fmt(c['tokens_per_s'], 1):>7} {fmt(c['mean_tokens'], 1):>8} "
                      f"{fmt(c['mean_tau'], 2):>5}")
     return "\n".join(lines)
 
 
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.8))
+    for k, method in enumerate(report["methods"]):
+        cells = [c for c in report["cells"] if c["method"] == method]
+        xs, color = [c["clients"] for c in cells], f"C{k}"
+        ax1.plot(xs, [c["tokens_per_s"] for c in cells], "o-", color=color, label=method)
+        ax2.plot(xs, [c["ttft_p50_ms"] / 1000 for c in cells], "o-", color=color, label=f"{method} p50")
+        ax2.plot(xs, [c["ttft_p95_ms"] / 1000 for c in cells], "x--", color=color, label=f"{method} p95")
+    ticks = sorted({c["clients"] for c in report["cells"]})
+    for ax, title in ((ax1, "completion tokens/s"), (ax2, "TTFT (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrent completion clients")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    mixed = report.get("mixed", [])
+    labels = [m["method"] for m in mixed]
+    xs = range(len(mixed))
+    ax3.bar([x - 0.2 for x in xs], [m["first_sentence_alone_p50_ms"] / 1000 for m in mixed], 0.4, label="alone")
+    ax3.bar([x + 0.2 for x in xs], [m["first_sentence_loaded_p50_ms"] / 1000 for m in mixed], 0.4,
+            label=f"with {MIXED_CLIENTS} completion clients")
+    ax3.set_xticks(list(xs), labels)
+    ax3.set_title("voice-like stream: first sentence p50 (s)")
+    ax3.legend(fontsize=8)
+    fig.suptitle(f"profile {report['profile']}, {report['threads'] or 'default'} thread(s)", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def spawn(args) -> tuple[subprocess.Popen, str]:
     clients = max(int(c) for c in args.clients.split(","))
     proc, port = spawn_server(["--profile", args.profile, "--dtype", args.dtype, "--max-active", str(args.max_active),
-                               "--max-queue", str(max(64, clients))]
+                               "--max-queue", str(max(64, clients)), "--prefix-cache", str(max(clients, MIXED_CLIENTS) + 2)]
                               + (["--threads", str(args.threads)] if args.threads else []))
     return proc, f"ws://127.0.0.1:{port}/v1/ws"
+
+
+def default_method(url: str, headers: dict) -> str:
+    import httpx
+
+    http = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/ws", 1)[0]
+    return httpx.get(f"{http}/health", headers=headers, timeout=10).json()["default_method"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="ws://127.0.0.1:8000/v1/ws")
-    ap.add_argument("--spawn", action="store_true", help="start `python -m app` for the run")
+    ap.add_argument("--spawn", action="store_true", help="start `python -m app` for the run (and measure the speed cell)")
     ap.add_argument("--profile", default="coder")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--max-active", type=int, default=8)
+    ap.add_argument("--max-active", type=int, default=16)
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--methods", default="domino,ar")
+    ap.add_argument("--methods", default="default,ar", help="`default` = the server's default method")
     ap.add_argument("--requests", type=int, default=4, help="requests per client per cell")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--multi-line", action="store_true", help="do not set single_line")
-    ap.add_argument("--prompts", default=str(HERE / "prompts_coder.jsonl"), help="JSONL; its prefix/suffix records are added")
+    ap.add_argument("--context-chars", type=int, default=3500, help="prefix length at a client's first cursor")
+    ap.add_argument("--voice-turns", type=int, default=6, help="voice-like turns alone and under load (0: no mixed run)")
+    ap.add_argument("--speed-tokens", type=int, default=48)
+    ap.add_argument("--speed-runs", type=int, default=3, help="single-request runs served and in the engine (0: none)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--plot", default=None, help="write the plot here (matplotlib)")
     args = ap.parse_args(argv)
     headers = {"Authorization": f"Bearer {os.environ['DOMINO_API_KEY']}"} if os.environ.get("DOMINO_API_KEY") else {}
-    prompts = load_prompts(args.prompts if args.prompts and Path(args.prompts).exists() else None)
-    proc = None
-    url = args.url
-    if args.spawn:
-        proc, url = spawn(args)
+    args.texts = texts = cursor_prompts(args.context_chars)
+    if not texts:
+        ap.error(f"no source file is longer than --context-chars {args.context_chars}")
+    proc, url = spawn(args) if args.spawn else (None, args.url)
+    cells, mixed, speed = [], [], []
     try:
-        cells = []
-        for method in args.methods.split(","):
+        resolved = default_method(url, headers)
+        methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
+        names = [f"{resolved} (default)" if sent is None else m for m, sent in methods]
+        for name, (_, sent) in zip(names, methods):
             for n in (int(c) for c in args.clients.split(",")):
-                cell = asyncio.run(run_cell(url, headers, prompts, n, method, args))
+                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, sent, args))}
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
+            if args.voice_turns:
+                mixed.append({"method": name, **asyncio.run(mixed_cell(url, headers, texts, sent, args))})
+                print(json.dumps(mixed[-1]), file=sys.stderr, flush=True)
+            if args.spawn and args.speed_runs:
+                speed.append({"method": name, "sent": sent or resolved,
+                              **asyncio.run(served_speed(url, headers, texts, sent, args))})
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+    for s in speed:  # the server has stopped: the engine alone gets the machine
+        s["bench_tok_s"] = engine_speed(args, s["sent"])
+        s["served_vs_bench"] = s["served_tok_s"] / s["bench_tok_s"]
     print(table(cells))
+    for m in mixed:
+        print(f"{m['method']}: voice-like first sentence p50 {fmt(m['first_sentence_alone_p50_ms'])} ms alone, "
+              f"{fmt(m['first_sentence_loaded_p50_ms'])} ms with {MIXED_CLIENTS} completion clients "
+              f"({fmt(100 * m['growth'] if m['growth'] is not None else None)} %)")
+    for s in speed:
+        print(f"{s['method']}: one request served {s['served_tok_s']:.1f} tok/s, engine alone {s['bench_tok_s']:.1f} "
+              f"tok/s, served/bench {s['served_vs_bench']:.2f}")
+    report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
+              "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
+              "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
+              "requests_per_client": args.requests, "methods": names, "cells": cells, "mixed": mixed, "speed": speed}
     if args.json:
-        report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
-                  "max_tokens": args.max_tokens, "single_line": not args.multi_line, "requests_per_client": args.requests,
-                  "threads": args.threads, "cells": cells}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 

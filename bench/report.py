@@ -166,16 +166,30 @@ def tree_table(found: list[tuple[str, dict]]) -> list[str]:
 
 
 def load_table(found: list[tuple[str, dict]]) -> list[str]:
-    """`bench/load_completions.py`: one row per (method, clients) cell."""
+    """`bench/load_completions.py`: one row per (method, clients) cell, then the voice-like stream
+    under load and the served/bench speed of one request."""
     (_, rep), = found
     rows = [[f"`{c['method']}`", str(c["clients"]), str(c["requests"]), str(c["errors"]),
              f"{num(c['ttft_p50_ms'], 0)} / {num(c['ttft_p95_ms'], 0)}",
              f"{num(c['total_p50_ms'], 0)} / {num(c['total_p95_ms'], 0)}",
              num(c["completions_per_s"]), num(c["tokens_per_s"]), num(c["mean_tau"])] for c in rep["cells"]]
     caption = (f"Profile `{rep['profile']}`, single-line FIM completions of at most {rep['max_tokens']} tokens, "
-               f"{rep['requests_per_client']} requests per client, {rep['threads']} engine thread(s), loopback.")
-    return [caption, "", *markdown(["method", "clients", "requests", "errors", "TTFT p50 / p95 ms",
-                                    "total p50 / p95 ms", "completions/s", "tok/s", "mean τ"], rows)]
+               f"{rep['requests_per_client']} requests per client, {rep['threads'] or 'default'} engine thread(s), "
+               "loopback.")
+    out = [caption, "", *markdown(["method", "clients", "requests", "errors", "TTFT p50 / p95 ms",
+                                   "total p50 / p95 ms", "completions/s", "tok/s", "mean τ"], rows)]
+    if rep.get("mixed"):
+        out += ["", *markdown(["method", "voice-like first sentence p50 ms, alone", "with 8 completion clients",
+                               "growth", "completion TTFT p50 ms meanwhile"],
+                              [[f"`{m['method']}`", num(m["first_sentence_alone_p50_ms"], 0),
+                                num(m["first_sentence_loaded_p50_ms"], 0),
+                                f"{num(m['growth'] and 100 * m['growth'], 0)} %",
+                                num(m["completion_ttft_p50_ms"], 0)] for m in rep["mixed"]])]
+    if rep.get("speed"):
+        out += ["", *markdown(["method", "one request served tok/s", "engine alone tok/s", "served / bench"],
+                              [[f"`{s['method']}`", num(s["served_tok_s"]), num(s["bench_tok_s"]),
+                                num(s["served_vs_bench"])] for s in rep["speed"]])]
+    return out
 
 
 def kernels_table(found: list[tuple[str, dict]]) -> list[str]:

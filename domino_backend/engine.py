@@ -171,12 +171,19 @@ class Engine:
 
     def step(self, gens: list["Generation"]) -> list[str | Exception]:
         """One round of each generation, all of their target rows in one forward; returns each
-        one's text delta, or the exception that ended it. A generation that fails (drafting,
-        verify, or its rows in the forward) is finished with `error` and the others go on;
-        finished or cancelled ones plan nothing and get "" (their `finish_reason` says why)."""
+        one's text delta, or the exception that ended it. `gens` come most urgent first: prefill
+        chunks beyond `settings.batch_rows` wait, the most urgent one's never. A generation that
+        fails (drafting, verify, or its rows in the forward) is finished with `error` and the
+        others go on; waiting, finished or cancelled ones get "" (`finish_reason` says which)."""
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
+        rows, chunks = 0, 0
         for i, g in enumerate(gens):
+            # Prefill chunks keep their boundaries (a row's bits would depend on them); one that
+            # does not fit this forward's rows waits a round, unless it would be the forward's first.
+            chunk = g.prefill_rows()
+            if chunk and chunks and rows + chunk > self.settings.batch_rows:
+                continue
             try:
                 p = g.plan()
             except Exception as e:
@@ -184,10 +191,11 @@ class Engine:
                 continue
             if p is not None:
                 planned.append((i, p))
+                rows += p.ids.shape[0]
+                chunks += bool(chunk)
         if not planned:
             return results
         outs, forward_s = self._forward([p for _, p in planned])
-        rows = sum(p.ids.shape[0] for _, p in planned)
         for (i, p), out in zip(planned, outs):
             g = gens[i]
             if isinstance(out, Exception):
@@ -256,6 +264,10 @@ class Generation:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         return self._rounds.plan()
+
+    def prefill_rows(self) -> int:
+        """Rows of the prefill chunk the next round would run; 0 once the prompt is in."""
+        return self._rounds.prefill_rows() if self._rounds is not None and self.finish_reason is None else 0
 
     def absorb(self, out: ForwardOut, forward_s: float) -> str:
         """Finish the round with the forward's output: the text delta it makes visible (possibly

@@ -65,8 +65,10 @@ class PrefixCache:
         entry = PrefixEntry(list(ids), kv, None if feats is None else feats[: len(ids)].clone(),
                             tuple(layer_ids) if layer_ids is not None else None)
         with self._lock:
-            # A prompt that extends an older one (the user kept typing) replaces it.
+            # A prompt sharing at least 3/4 of an older one replaces it: the next keystroke in the
+            # same file (prefix grown, suffix shifted), the next turn of a conversation. It offers
+            # the shared part itself, and many clients' files then fit without evicting each other.
             self._entries = [e for e in self._entries
-                             if not (common_prefix(e.ids, ids) == len(e.ids) and e.layer_ids == entry.layer_ids)]
+                             if not (4 * common_prefix(e.ids, ids) >= 3 * len(e.ids) and e.layer_ids == entry.layer_ids)]
             self._entries.append(entry)
             del self._entries[: max(0, len(self._entries) - self.capacity)]

@@ -40,6 +40,12 @@ class Rounds:
         self._round = None  # what plan() decided, for absorb()
         self._plan_s = 0.0
 
+    def prefill_rows(self) -> int:
+        """Rows of the next prefill chunk (before a prefix cache lookup: at most that); 0 when done."""
+        if self.anchor is not None:
+            return 0
+        return min(self.engine.settings.prefill_chunk, len(self.prompt_ids) - self.prefilled)
+
     @torch.inference_mode()
     def plan(self) -> Pass:
         t0 = time.perf_counter()

@@ -124,6 +124,9 @@ class FakeGeneration:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def prefill_rows(self) -> int:
+        return 0  # the first round's word stands for the prefill
+
     def advance(self) -> str:
         """One round's word (the wait is the engine's: FakeEngine.step)."""
         if self._t0 is None:
@@ -155,7 +158,10 @@ class FakeEngine:
         from types import SimpleNamespace
 
         self.round_s = round_s
-        self.target = SimpleNamespace(tokenizer=FakeTokenizer(), max_context=max_context)
+        from torch import nn
+
+        # model: a module without Linear layers (`/health` reports the weight format)
+        self.target = SimpleNamespace(tokenizer=FakeTokenizer(), max_context=max_context, model=nn.Module())
         self.draft = SimpleNamespace(has_head=True)  # a drafter with a Domino head: every method runs
         self.placeholder_draft = False
         self.started = 0  # generations begun: lets tests check that cancelled work never started

@@ -161,3 +161,27 @@ def test_packed_forward_rows_equal_each_sequence_alone_bitwise(family, dtype):
     for a, b in zip(solo, together):
         assert torch.equal(a.logits, b.logits) and torch.equal(a.feats, b.feats)
     assert [s.length for s in batch] == [len(p) + len(b) for p, b in zip(prompts, blocks)]
+
+
+def test_prefill_chunks_beyond_the_forward_budget_wait_the_most_urgent_first():
+    engine = make_engine(prefill_chunk=8, batch_rows=12)
+    gens = [engine.stream(p, GenerationRequest(max_new_tokens=10, method=m))
+            for p, m in ((PROMPTS[3], "domino"), (PROMPTS[3][3:], "ar"), (PROMPTS[0], "ngram"))]
+    engine.step(gens)
+    assert [g._rounds.prefilled for g in gens] == [8, 0, 0]  # one chunk fits; 8 + 8 and 8 + 5 do not
+    engine.step(gens[::-1])  # the most urgent first: now the short prompt's whole chunk, then no room
+    assert [g._rounds.prefilled for g in gens] == [8, 0, 5]
+    drive(engine, gens)
+    for g in gens:
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=10, method="ar")
+
+
+def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
+    """Many clients typing in their own files: each keeps one snapshot, so none evicts another's."""
+    engine = make_engine(prefix_cache=3, prefill_chunk=64)
+    files = [[(k * 7 + i) % 60 for i in range(60)] for k in range(3)]
+    for f in files:
+        for cursor in (40, 41):  # the cursor moves on; the suffix after it shifts
+            engine.generate(f[:cursor] + [61] + f[cursor:cursor + 10], GenerationRequest(max_new_tokens=2, method="ar"))
+    g = engine.generate(files[0][:44] + [61] + files[0][44:54], GenerationRequest(max_new_tokens=2, method="ar"))
+    assert g.stats.reused_tokens == 41

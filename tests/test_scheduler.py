@@ -20,10 +20,11 @@ class Clock:
 
 
 class Gen:
-    """A generation that emits one word per round; `boom` makes its round fail."""
+    """A generation that prefills for `prefill` rounds, then emits one word per round; `boom`
+    makes its round fail."""
 
-    def __init__(self, name, req):
-        self.name, self.req = name, req
+    def __init__(self, name, req, prefill=0):
+        self.name, self.req, self.prefill = name, req, prefill
         self.stats = Stats(method=req.method)
         self.token_ids: list[int] = []
         self.finish_reason = None
@@ -31,6 +32,9 @@ class Gen:
 
     def cancel(self):
         self.cancelled = True
+
+    def prefill_rows(self):
+        return 512 if self.prefill else 0
 
     def close(self):
         self.closed = True
@@ -46,7 +50,7 @@ class RecordingEngine:
     def stream(self, prompt_ids, req):
         name = req.stop[0]
         self.started.append(name)
-        return Gen(name, req)
+        return Gen(name, req, prefill=len(prompt_ids) // 512)
 
     def step(self, gens):
         self.rounds.append([g.name for g in gens])
@@ -55,6 +59,10 @@ class RecordingEngine:
             if g.boom:
                 g.finish_reason = "error"
                 out.append(RuntimeError("broken"))
+                continue
+            if g.prefill:
+                g.prefill -= 1
+                out.append("")
                 continue
             g.token_ids.append(1)
             if len(g.token_ids) >= g.req.max_new_tokens:
@@ -115,6 +123,18 @@ def test_a_voice_turn_preempts_a_running_completion_which_resumes_where_it_was(s
     assert sched.engine.started == ["a", "b", "voice"]  # b kept its generation while it waited
     assert [t.job.result.text for t in (a, b, voice)] == ["a a a a ", "b b b b ", "voice voice "]
     assert sched.load() == {"active": 0, "queued": 0}
+
+
+def test_while_a_voice_reply_decodes_other_prompts_wait_to_be_prefilled(sched):
+    sched.max_active, sched.max_tokens = 4, None
+    add(sched, "fim", "interactive", tokens=6)
+    voice = add(sched, "voice", "voice", tokens=3, prompt=512)  # one prefill round, then 3 words
+    sched.run_round()
+    add(sched, "chat", "chat", tokens=1, prompt=1024)  # two prefill rounds
+    rounds = run(sched)
+    assert rounds == [["voice", "fim"], ["voice", "fim"], ["voice", "fim"], ["voice", "fim"],
+                      ["fim", "chat"], ["fim", "chat"], ["chat"]]
+    assert voice.job.result.text == "voice voice voice "
 
 
 def test_a_superseded_completion_leaves_the_batch_at_the_next_round(sched):

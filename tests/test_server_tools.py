@@ -56,10 +56,13 @@ def test_load_benchmark_runs_against_a_server(server, monkeypatch, tmp_path):
     monkeypatch.setenv("DOMINO_API_KEY", "tok")
     out = tmp_path / "r.json"
     assert bench.main(["--url", server.ws_url, "--clients", "1,3", "--methods", "ar,domino", "--requests", "2",
-                       "--max-tokens", "8", "--json", str(out)]) == 0
+                       "--max-tokens", "8", "--voice-turns", "2", "--json", str(out)]) == 0
     import json
 
-    cells = json.loads(out.read_text())["cells"]
+    report = json.loads(out.read_text())
+    cells = report["cells"]
+    assert [(m["method"], m["voice_turns"]) for m in report["mixed"]] == [("ar", 2), ("domino", 2)]
+    assert all(m["first_sentence_loaded_p50_ms"] > 0 and m["completions_during"] > 0 for m in report["mixed"])
     assert [(c["method"], c["clients"], c["requests"], c["errors"]) for c in cells] == [
         ("ar", 1, 2, 0), ("ar", 3, 6, 0), ("domino", 1, 2, 0), ("domino", 3, 6, 0)]
     assert all(c["ttft_p50_ms"] <= c["total_p95_ms"] and c["tokens_per_s"] > 0 for c in cells)
