@@ -23,13 +23,18 @@ if [ "${1:-}" = "dev" ]; then
   # SGLang parity tests read single files of the pinned wheel (never imported or installed whole).
   $PY -m pip download -q --no-deps "sglang==0.5.23" -d "${DOMINO_CACHE:-$HOME/.cache/domino}/wheels"
   # llama.cpp, the outside reference of `bench --methods ...,llamacpp`: built from source for this CPU
-  # (-march=native, a few minutes), so the wheel is cached per CPU feature set and built only once.
+  # (-march=native, a few minutes), so the wheel is cached per CPU feature set and flags, built once.
+  # AMX off: ggml's AMX matmul dies of SIGILL (tile config lost) on Sapphire Rapids with GCC 12;
+  # explicit -mno-* flags win over -march=native whatever their order. --no-cache-dir: pip would
+  # otherwise hand back a wheel it built earlier with other flags.
   LLAMA_CPP="llama-cpp-python==0.3.36"
-  cpu=$(grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-12)
-  llama_wheels="${DOMINO_CACHE:-$HOME/.cache/domino}/wheels/llama-cpp-native-$cpu"
+  llama_cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  key=$({ grep -m1 '^flags' /proc/cpuinfo; echo "$LLAMA_CPP $llama_cflags"; } | md5sum | cut -c1-12)
+  llama_wheels="${DOMINO_CACHE:-$HOME/.cache/domino}/wheels/llama-cpp-native-$key"
   if ! ls "$llama_wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-      nice $PY -m pip wheel -q --no-deps --no-binary llama-cpp-python "$LLAMA_CPP" -w "$llama_wheels"
+    CFLAGS="$llama_cflags" CXXFLAGS="$llama_cflags" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      nice $PY -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python "$LLAMA_CPP" -w "$llama_wheels"
   fi
   $PY -m pip install -q --find-links "$llama_wheels" "$LLAMA_CPP"
   # Browser tests: Playwright drives Debian's Chromium (tests/test_ui_browser.py); it never downloads a browser.
