@@ -14,7 +14,7 @@ from .cpu import cpu_has_fast_bf16, pin_mkl_avx2_on_amd
 from .draft_model import DraftModel
 from .engine import Engine
 from .models import load_target, mask_token_id
-from .quant import quantize_linears, resolve_quant
+from .quant import quantize_target, resolve_quant
 from .settings import EngineSettings
 from .target import Target
 
@@ -75,7 +75,7 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
         dtype = resolve_dtype(dtype)
     model, tokenizer = load_target(target, dtype=dtype)
     if resolve_quant(quant) == "int8":
-        quantize_linears(model)
+        quantize_target(model, tokenizer)
     t = Target(model, tokenizer)
     if draft == "none":
         return Engine(t, settings=settings)

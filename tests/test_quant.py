@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from domino_backend.engine import Engine, GenerationRequest
-from domino_backend.quant import Int8Linear, quantize_linears, resolve_quant, weight_format
+from domino_backend.quant import Int8Linear, quantize_linears, quantize_target, resolve_quant, smooth, weight_format
 from domino_backend.target import Target
 from kernels import int8
 
@@ -93,9 +93,46 @@ def test_gradients_are_refused_with_a_clear_error():
         q(torch.randn(2, 8, requires_grad=True))
 
 
+class ByteTokenizer:
+    """Calibration text -> ids in a tiny vocabulary (no chat template)."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [b % self.vocab for b in text.encode()]}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_smoothing_keeps_the_float_model_and_shrinks_the_activation_range(family):
+    model = tiny_target(family, seed=3).model
+    layer = model.model.layers[0]
+    with torch.no_grad():  # one loud input channel, as real models have
+        layer.post_attention_layernorm.weight[5] = 40.0
+    x = torch.randint(0, 64, (1, 40))
+    before = model(x).logits
+    seen = []
+
+    def record(mod, args):  # returns None: the input goes on unchanged
+        seen.append(args[0].abs().amax((0, 1)))
+
+    hook = layer.mlp.gate_proj.register_forward_pre_hook(record)
+    model(x)
+    assert smooth(model, ByteTokenizer(64)) == len(model.model.layers)
+    after = model(x).logits
+    hook.remove()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    spread = [(a.max() / a.median()).item() for a in seen[:1] + seen[-1:]]  # before, after
+    assert spread[1] < spread[0] / 2
+
+
+def test_smoothing_skips_models_without_the_decoder_layout():
+    assert smooth(torch.nn.Sequential(torch.nn.Linear(4, 4)), ByteTokenizer(8)) == 0
+
+
 def _int8_engine(family: str) -> Engine:
     model = tiny_target(family, peak=3.0, seed=1).model
-    quantize_linears(model)  # before Target(): it keeps a handle on the LM head
+    quantize_target(model, ByteTokenizer(64))  # before Target(): it keeps a handle on the LM head
     target = Target(model, tokenizer=None)
     return Engine(target, tiny_draft(target, seed=1))
 

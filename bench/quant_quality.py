@@ -1,0 +1,92 @@
+"""How close the int8 target is to the bf16 one: perplexity on held-out code and chat text, and the
+share of held-out greedy completions that are token-identical.
+
+Both models are built from the same safetensors (the profile's GGUF, de-quantized once) in one
+process; the int8 one is `--quant int8` (domino_backend/quant.py). Perplexity: teacher-forced
+next-token loss over each prompt's text (code: the file excerpt, or prefix + suffix; chat: the
+chat template), at most 1024 tokens each. Greedy: `ar`, 64 new tokens per prompt.
+
+    python bench/quant_quality.py            # ~5 min on 2 cores, writes bench/results/quant_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from domino_backend.bench import encode_record, read_prompts
+from domino_backend.engine import GenerationRequest
+from domino_backend.loader import build_engine
+
+ROOT = Path(__file__).resolve().parent
+
+
+def perplexity(model, prompts: list[list[int]], max_len: int) -> float:
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor(ids[:max_len])[None]
+            logits = model(x).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            n += x.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def greedy(engine, prompts: list[list[int]], new_tokens: int, label: str) -> list[list[int]]:
+    return [engine.generate(ids, GenerationRequest(max_new_tokens=new_tokens, method="ar")).token_ids
+            for ids in tqdm(prompts, desc=f"greedy {label}", leave=False)]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="coder")
+    p.add_argument("--sets", default="code,chat", help="bench/heldout_SET.jsonl files")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--greedy-prompts", type=int, default=8, help="per set")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=str(ROOT / "results" / "quant_quality.json"))
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    engines = {q: build_engine(a.profile, "none", "auto", a.threads, quant=q) for q in ("none", "int8")}
+    tok = engines["none"].target.tokenizer
+    report = {"profile": a.profile, "dtype": str(engines["none"].target.dtype).removeprefix("torch."),
+              "max_len": a.max_len, "new_tokens": a.new_tokens, "sets": {}}
+    for name in a.sets.split(","):
+        records = read_prompts(ROOT / f"heldout_{name}.jsonl")
+        prompts = [encode_record(tok, r) for r in records]
+        ppl = {q: perplexity(e.target.model, prompts, a.max_len) for q, e in engines.items()}
+        gp = prompts[: a.greedy_prompts]
+        outs = {q: greedy(e, gp, a.new_tokens, q) for q, e in engines.items()}
+        prefix = [common_prefix(x, y) for x, y in zip(outs["none"], outs["int8"])]
+        report["sets"][name] = {
+            "prompts": len(prompts),
+            "tokens": sum(min(len(x), a.max_len) - 1 for x in prompts),
+            "ppl_bf16": round(ppl["none"], 4),
+            "ppl_int8": round(ppl["int8"], 4),
+            "ppl_change_pct": round(100 * (ppl["int8"] / ppl["none"] - 1), 2),
+            "greedy_prompts": len(gp),
+            "greedy_identical": sum(x == y for x, y in zip(outs["none"], outs["int8"])) / len(gp),
+            "greedy_mean_common_prefix": sum(prefix) / len(gp),
+        }
+        print(name, json.dumps(report["sets"][name]), flush=True)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
