@@ -54,7 +54,7 @@ def run(group: str, limit: int, sizes: list[int], max_new_tokens: int, engine) -
     for ids in tqdm(prompts, desc=group, unit="prompt"):
         out = engine.generate(ids, GenerationRequest(max_new_tokens=max_new_tokens, method="ar")).token_ids
         full = ids + out
-        feats = t.session().forward(torch.tensor(full), m.cfg.target_layer_ids, keep_last=1).feats
+        feats = t.session().forward(torch.tensor(full), m.cfg.target_layer_ids, keep_last=1, prefill=True).feats
         drafter = BlockProposer(m, t, use_head=True)
         drafter.commit(ids, feats[:len(ids)])
         lengths = {name: [] for name in totals}

@@ -13,11 +13,17 @@ The fix has two halves, both exact computations with no approximation:
 * Linear layers: `domino_backend.cpu.PackedLinear` (oneDNN, weights pre-packed) gives each row the
   same bits for any M >= 2, and runs M = 1 as two rows for the shapes whose one-row kernel differs.
   Every other per-token op of the forward (norms, RoPE, MLP activations) is row-wise already.
-* Attention (here): for up to `MAX_ROWS` query rows of one sequence, each row attends by itself,
-  through the same one-query SDPA call decoding uses, to the keys it may see (the cache, then the
-  block's rows up to itself; for a draft tree, the cache plus the row's ancestors). That costs M
-  small SDPA calls per layer instead of one, a few ms per verify; longer inputs (prefill chunks,
-  identical for every method and batch) keep the fused kernel.
+* Attention (here): each verify row attends by itself, through the same one-query SDPA call
+  decoding uses, to the keys it may see (the cache, then the block's rows up to itself; for a
+  draft tree, the cache plus the row's ancestors). That costs M small SDPA calls per layer instead
+  of one, a few ms per verify.
+* Prefill (here too): a prompt row's attention must not depend on how the prompt was cut into
+  chunks either (prefix reuse starts a prompt mid-way, a batch's row budget schedules chunks), or
+  a restored prefix would change the output. Rows run in `BLOCK`-row blocks at absolute positions
+  (0, BLOCK, 2 BLOCK, ...): a block that lies wholly inside the pass runs as one fused call over
+  the keys up to its end, any other row (a prompt's tail) row by row as decoding would. Which path
+  a row takes then depends on its position and the prompt's length alone, provided chunks and
+  restored prefixes end on block boundaries (the engine cuts them so).
 
 tests/test_batch_invariant.py checks the bitwise property end to end.
 """
@@ -27,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_ROWS = 32  # >= a block-16 verify (17 rows); longer inputs are prefill chunks
+MAX_ROWS = 32  # the largest draft tree verified (in rows), >= a block-16 verify (17 rows)
+BLOCK = 32  # prefill rows attend in aligned blocks of this many (one fused call each)
 
 
 def tree_mask(parents: list[int]) -> torch.Tensor:
@@ -42,12 +49,11 @@ def tree_mask(parents: list[int]) -> torch.Tensor:
     return mask
 
 
-def visible_rows(parents: list[int] | None, m: int) -> list[torch.Tensor | None] | None:
-    """Per query row of an M-row block, the block rows it may see: None for a row that sees a plain
-    causal prefix, else their indices (a draft tree: ancestors and itself). None overall for a
-    causal block too long to run row by row (the fused kernel)."""
+def visible_rows(parents: list[int] | None, m: int) -> list[torch.Tensor | None]:
+    """Per query row of an M-row verify, the block rows it may see: None for a row that sees a
+    plain causal prefix, else their indices (a draft tree: ancestors and itself)."""
     if parents is None:
-        return [None] * m if m <= MAX_ROWS else None
+        return [None] * m
     if m > MAX_ROWS:
         raise ValueError(f"a draft tree of {m} rows; at most {MAX_ROWS} are verified row by row")
     block = tree_mask(parents)
@@ -58,27 +64,41 @@ def visible_rows(parents: list[int] | None, m: int) -> list[torch.Tensor | None]
     return rows
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
-           rows: list[torch.Tensor | None] | None, scale: float) -> torch.Tensor:
-    """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D], the cache first and
-    the block's own rows last -> [M, H, D].
+def prefill_blocks(start: int, m: int) -> list[int]:
+    """The rows (relative to the pass) where the aligned BLOCK-row blocks lying wholly inside a
+    prefill pass of m rows at position `start` begin; every other row runs row by row."""
+    first = -(-start // BLOCK) * BLOCK
+    return [b - start for b in range(first, (start + m) // BLOCK * BLOCK, BLOCK)]
 
-    rows (from `visible_rows`): None = causal through the fused kernel. Otherwise query row i runs
-    alone, its G query heads per KV head as G queries of one SDPA call, over the keys decoding its
-    branch token by token would have cached; a tree row's ancestors are copied behind the cache in
-    a scratch buffer, so the call sees exactly those keys in that order."""
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
+           rows: list[torch.Tensor | None], scale: float, blocks: list[int] = ()) -> torch.Tensor:
+    """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D], the cache first and
+    the pass's own rows last -> [M, H, D].
+
+    rows (from `visible_rows`): query row i runs alone, its G query heads per KV head as G queries
+    of one SDPA call, over the keys decoding its branch token by token would have cached; a tree
+    row's ancestors are copied behind the cache in a scratch buffer, so the call sees exactly those
+    keys in that order. blocks (a prefill's, from `prefill_blocks`): these BLOCK-row blocks run as
+    one causal call each instead, their G x BLOCK queries per KV head over the keys up to the
+    block's end (no copy of the keys per query head)."""
     m, h, d = query.shape
     kv = key.shape[0]
     g = h // kv
-    if rows is None:
-        n = past + m
-        allowed = torch.ones(m, n, dtype=torch.bool, device=query.device).tril(past)
-        k, v = key.repeat_interleave(g, 0)[None], value.repeat_interleave(g, 0)[None]
-        out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], k, v, attn_mask=allowed, scale=scale)
-        return out[0].transpose(0, 1)
     out = query.new_empty(m, h, d)
+    fused = set()
+    for b in blocks:
+        end = past + b + BLOCK
+        q = query[b:b + BLOCK].reshape(BLOCK, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * BLOCK, d)
+        allowed = torch.ones(BLOCK, end, dtype=torch.bool, device=query.device).tril(end - BLOCK).repeat(g, 1)
+        o = F.scaled_dot_product_attention(q, key[None, :, :end], value[None, :, :end], attn_mask=allowed,
+                                           scale=scale)
+        out[b:b + BLOCK] = o.reshape(kv, g, BLOCK, d).permute(2, 0, 1, 3).reshape(BLOCK, h, d)
+        fused.update(range(b, b + BLOCK))
     scratch = None
     for i in range(m):
+        if i in fused:
+            continue
         q = query[i].reshape(1, kv, g, d)
         if rows[i] is None:
             k, v = key[None, :, :past + i + 1], value[None, :, :past + i + 1]

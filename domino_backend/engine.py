@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
+from .batch_invariant import BLOCK
 from .cpu import pack_linears
 from .draft_length import AdaptiveDraftLength
 from .draft_model import DraftModel
@@ -122,7 +123,7 @@ class Engine:
                  placeholder_draft: bool = False):
         self.target, self.draft, self.settings = target, draft, settings
         # Snapshots of recent prompts' KV caches for prefix reuse.
-        self.prefix_cache = (PrefixCache(settings.prefix_cache, settings.prefix_min_reuse)
+        self.prefix_cache = (PrefixCache(settings.prefix_cache, settings.prefix_min_reuse, BLOCK)
                              if settings.prefix_cache else None)
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch_invariant import attend, tree_mask, visible_rows
+from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -38,13 +38,16 @@ class Pass:
 
     keep_last: logits for the last N rows only (0 = all; None = none: a prefill chunk that is not
     the prompt's last). layer_ids: capture these layers' outputs. parents: `ids` is a draft tree,
-    ids[0] its root and parents[i] the index of ids[i + 1]'s parent (0 = the root)."""
+    ids[0] its root and parents[i] the index of ids[i + 1]'s parent (0 = the root). prefill: prompt
+    rows, whose aligned blocks attend in fused calls (batch_invariant.py); else every row attends
+    as decoding does."""
 
     session: object  # target.TargetSession
     ids: torch.Tensor
     layer_ids: list[int] | None = None
     keep_last: int | None = 0
     parents: list[int] | None = None
+    prefill: bool = False
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,8 @@ class PackedForward:
             else:
                 positions.append(start + tree_mask(p.parents).sum(1).to(dev) - 1)  # depth = ancestors
             p.session.reserve(start + t)
-            plans.append((offset, t, start, visible_rows(p.parents, t)))
+            blocks = prefill_blocks(start, t) if p.prefill and p.parents is None else []
+            plans.append((offset, t, start, visible_rows(p.parents, t), blocks))
             offset += t
         n, nh, nkv, d = offset, self.heads, self.kv_heads, self.head_dim
         h = self.embed(torch.cat([p.ids for p in passes]).to(dev))
@@ -100,11 +104,12 @@ class PackedForward:
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             out = q.new_empty(n, nh, d)
-            for p, (o, t, start, rows) in zip(passes, plans):
+            for p, (o, t, start, rows, blocks) in zip(passes, plans):
                 keys, values = p.session.keys[li], p.session.values[li]
                 keys[:, start:start + t] = k[o:o + t].transpose(0, 1)
                 values[:, start:start + t] = v[o:o + t].transpose(0, 1)
-                out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale)
+                out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,
+                                      blocks)
             h = h + a.o_proj(out.view(n, nh * d))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if li in wanted and li != last:
@@ -112,16 +117,16 @@ class PackedForward:
         h = self.norm(h)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention
         keep = []
-        for p, (o, t, _, _) in zip(passes, plans):
+        for p, (o, t, *_) in zip(passes, plans):
             if p.keep_last is not None:
                 keep.append(torch.arange(o + t - (p.keep_last or t), o + t, device=dev))
         logits = self.lm_head(h[torch.cat(keep)]).float() if keep else None
         outs, row = [], 0
-        for p, (o, t, start, _) in zip(passes, plans):
+        for p, (o, t, *_) in zip(passes, plans):
             kept = 0 if p.keep_last is None else p.keep_last or t
             feats = None if p.layer_ids is None else torch.cat([captured[i][o:o + t] for i in p.layer_ids], -1)
             outs.append(ForwardOut(logits[row:row + kept] if kept else h.new_empty(0, 0).float(), feats))
             row += kept
-        for p, (_, t, start, _) in zip(passes, plans):
+        for p, (_, t, start, *_) in zip(passes, plans):
             p.session.length = start + t
         return outs

@@ -2,7 +2,8 @@
 and consecutive prompts share all but their last few tokens. After each prefill the engine keeps a
 snapshot of the prompt's target KV cache (and the captured drafter features); a later prompt with
 a common prefix restores it and prefills only the rest. Output is unchanged: the restored K/V are
-exactly what a fresh prefill of those tokens would hold (up to the chunking of the matmuls).
+exactly what a fresh prefill of those tokens would hold, and restoring whole attention blocks
+(`align`) keeps the rest of the prefill bit for bit a fresh one's (batch_invariant.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class PrefixCache:
     """A small LRU of prompt snapshots (thread-safe; entries are immutable once stored)."""
 
-    def __init__(self, capacity: int = 4, min_reuse: int = 16):
-        self.capacity, self.min_reuse = capacity, min_reuse
+    def __init__(self, capacity: int = 4, min_reuse: int = 16, align: int = 1):
+        """align: restore a multiple of this many tokens (a prefill's attention blocks, so that the
+        rest is prefilled exactly as a fresh prompt would be)."""
+        self.capacity, self.min_reuse, self.align = capacity, min_reuse, align
         self._entries: list[PrefixEntry] = []  # most recently used last
         self._lock = threading.Lock()
 
@@ -43,7 +46,7 @@ class PrefixCache:
 
     def lookup(self, ids: list[int], layer_ids: list[int] | None) -> tuple[PrefixEntry, int] | None:
         """The entry sharing the longest prefix with `ids` (at most len(ids) - 1 tokens: the last
-        prompt token must run to produce logits). Entries without the needed features don't count."""
+        prompt token must run to produce logits; a multiple of `align`). Entries without the needed features don't count."""
         need = tuple(layer_ids) if layer_ids is not None else None
         best, best_n = None, 0
         with self._lock:
@@ -51,6 +54,7 @@ class PrefixCache:
                 if need is not None and e.layer_ids != need:
                     continue
                 n = min(common_prefix(e.ids, ids), len(ids) - 1)
+                n -= n % self.align
                 if n > best_n:
                     best, best_n = e, n
             if best is None or best_n < self.min_reuse:

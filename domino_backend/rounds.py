@@ -41,10 +41,13 @@ class Rounds:
         self._plan_s = 0.0
 
     def prefill_rows(self) -> int:
-        """Rows of the next prefill chunk (before a prefix cache lookup: at most that); 0 when done."""
+        """Rows of the next prefill chunk (before a prefix cache lookup: at most that); 0 when done.
+        Chunks end on multiples of `prefill_chunk`, wherever the prefill started, so that a
+        prompt row's attention does not depend on a restored prefix (batch_invariant.py)."""
         if self.anchor is not None:
             return 0
-        return min(self.engine.settings.prefill_chunk, len(self.prompt_ids) - self.prefilled)
+        chunk = self.engine.settings.prefill_chunk
+        return min(len(self.prompt_ids), (self.prefilled // chunk + 1) * chunk) - self.prefilled
 
     @torch.inference_mode()
     def plan(self) -> Pass:
@@ -59,12 +62,11 @@ class Rounds:
         if self.sess is None:
             self._restore()
         if self.anchor is None:  # prefill, one chunk per round: other requests' rounds go on meanwhile
-            n = len(self.prompt_ids)
-            piece = self.prompt_ids[self.prefilled:self.prefilled + e.settings.prefill_chunk]
-            last = self.prefilled + len(piece) >= n
+            piece = self.prompt_ids[self.prefilled:self.prefilled + self.prefill_rows()]
+            last = self.prefilled + len(piece) >= len(self.prompt_ids)
             self._round = piece
             return Pass(self.sess, torch.tensor(piece, dtype=torch.long), proposer.layer_ids,
-                        keep_last=1 if last else None)
+                        keep_last=1 if last else None, prefill=True)
         pos, req = self.sess.length, self.req
         # Never draft past the token budget or the context window: the bonus token is free.
         cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)

@@ -98,9 +98,9 @@ class TargetSession:
         return [(k[:, :n].clone(), v[:, :n].clone()) for k, v in zip(self.keys, self.values)]
 
     def forward(self, ids: torch.Tensor, layer_ids: list[int] | None = None, keep_last: int | None = 0,
-                parents: list[int] | None = None) -> ForwardOut:
+                parents: list[int] | None = None, prefill: bool = False) -> ForwardOut:
         """This sequence alone: `Pass` says what the arguments mean."""
-        return self.t.forward_batch([Pass(self, ids, layer_ids, keep_last, parents)])[0]
+        return self.t.forward_batch([Pass(self, ids, layer_ids, keep_last, parents, prefill)])[0]
 
     @torch.inference_mode()
     def keep_path(self, start: int, rows: list[int]) -> None:

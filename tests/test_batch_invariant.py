@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from domino_backend.batch_invariant import MAX_ROWS, attend, tree_mask, visible_rows
+from domino_backend.batch_invariant import BLOCK, MAX_ROWS, attend, prefill_blocks, tree_mask, visible_rows
 from domino_backend.cpu import cpu_has_fast_bf16
 from domino_backend.engine import Engine
 from domino_backend.models import load_target
@@ -77,6 +77,15 @@ def test_rowwise_attention_is_causal_attention_over_the_cache(m):
     q, k, v = _attn_inputs(m=m, n_keys=m + 7)
     causal = torch.ones(m, m + 7, dtype=torch.bool).tril(7)
     out = attend(q, k, v, 7, visible_rows(None, m), scale=0.3)
+    torch.testing.assert_close(out, _reference(q, k, v, causal))
+
+
+def test_prefill_attention_runs_its_aligned_blocks_fused_and_is_causal_attention():
+    past, m = 20, 3 * BLOCK + 5  # positions 20..120: blocks at 32 and 64 lie inside, the rest row by row
+    assert prefill_blocks(past, m) == [32 - past, 64 - past] and prefill_blocks(0, BLOCK - 1) == []
+    q, k, v = _attn_inputs(m=m, n_keys=m + past)
+    causal = torch.ones(m, m + past, dtype=torch.bool).tril(past)
+    out = attend(q, k, v, past, visible_rows(None, m), scale=0.3, blocks=prefill_blocks(past, m))
     torch.testing.assert_close(out, _reference(q, k, v, causal))
 
 

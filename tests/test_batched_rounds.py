@@ -11,7 +11,7 @@ from domino_backend.settings import EngineSettings
 from test_batch_invariant import DTYPES, TREE
 from tiny import tiny_draft, tiny_target
 
-# Prompts of many lengths: one token, a few, and one longer than MAX_ROWS (a fused prefill chunk).
+# Prompts of many lengths: one token, a few, and one with whole attention blocks (fused prefill rows).
 PROMPTS = [[3, 5, 7, 9, 11], [1], [8, 8, 8, 8, 2, 8, 8], list(range(10, 50)), [4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4]]
 
 
@@ -184,4 +184,30 @@ def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
         for cursor in (40, 41):  # the cursor moves on; the suffix after it shifts
             engine.generate(f[:cursor] + [61] + f[cursor:cursor + 10], GenerationRequest(max_new_tokens=2, method="ar"))
     g = engine.generate(files[0][:44] + [61] + files[0][44:54], GenerationRequest(max_new_tokens=2, method="ar"))
-    assert g.stats.reused_tokens == 41
+    assert g.stats.reused_tokens == 32  # 41 shared, restored in whole attention blocks
+
+
+def _prefilled(engine: Engine, prompt: list[int]) -> tuple[list[torch.Tensor], int]:
+    """The target's keys after the prompt's prefill, and the first token."""
+    gen = engine.stream(prompt, GenerationRequest(max_new_tokens=5, method="ar"))
+    while not gen.token_ids:
+        engine.step([gen])
+    sess = gen._rounds.sess
+    return [k[:, :len(prompt)].clone() for k in sess.keys], gen.token_ids[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_prompt_prefills_to_the_same_bits_whatever_was_restored_or_how_it_was_chunked(family):
+    """A restored prefix or another chunk size must not change a prompt's K/V by a bit, or the
+    prefix cache would change outputs (int8 activations turn such bits into other tokens)."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 64, (150,), generator=g).tolist()
+    want = _prefilled(make_engine(family, prefill_chunk=64), prompt)
+    for chunk in (32, 128, 512):
+        assert all(torch.equal(a, b) for a, b in zip(want[0], _prefilled(make_engine(family, prefill_chunk=chunk),
+                                                                           prompt)[0]))
+    cached = make_engine(family, prefill_chunk=64, prefix_cache=2)
+    for shared in (100, 149, 37):  # an earlier prompt sharing this much, then the prompt itself
+        cached.generate(prompt[:shared] + [63] * 20, GenerationRequest(max_new_tokens=1, method="ar"))
+        keys, first = _prefilled(cached, prompt)
+        assert first == want[1] and all(torch.equal(a, b) for a, b in zip(want[0], keys)), shared
