@@ -1,32 +1,37 @@
 """Small-M GEMMs on the default target's shapes: what one forward's Linear layers cost at the
-token counts the engine runs (M=1 decoding step, M=9 block-8 verify, M=17 block-16 verify, M=128 a
-prefill chunk).
+token counts the engine runs (M=1 a decoding step, M=9 a block-8 verify, M=17 a block-16 verify,
+M=33 a wide tree, M=128 a prefill chunk).
 
-Compares, side by side in one process, plain `nn.Linear` (fp32: MKL, with `MKL_CBWR=AVX2` on AMD as
-the package sets it) against what the engine runs: the same modules after
-`domino_backend.cpu.pack_linears` (oneDNN, weights pre-packed); in fp32, and in bf16 too where the
-CPU has native bf16 (what `--dtype auto` then picks). Random weights of Qwen2.5-Coder-0.5B's shapes (24 layers of
-q/k/v/o/gate/up/down + the LM head); the ratio `M=9 / M=1` is the verify:step cost that decides
-whether drafting pays.
+Side by side in one process, on random weights of Qwen2.5-Coder-0.5B's shapes (24 layers of
+q/k/v/o/gate/up/down + the LM head):
+* fp32 / bf16 `nn.Linear` as is (MKL, with `MKL_CBWR=AVX2` on AMD as the package sets it);
+* the same after `domino_backend.cpu.pack_linears` (oneDNN, weights pre-packed: `--quant none`);
+* int8 (`--quant int8`, kernels/int8.py): the C kernel with AMX tiles where the CPU has them, its
+  AVX512-VNNI path, and the PyTorch reference (`torch._int_mm`), all three with the same bits.
+The ratio `M=9 / M=1` is the verify:step cost that decides whether drafting pays.
 
-    python bench/cpu_linear.py            # ~1 min, ~5 GB RAM
+    python bench/cpu_linear.py            # ~2 min, ~5 GB RAM; writes bench/results/cpu_linear.json
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+from pathlib import Path
 
 import torch
 
 from domino_backend.bench import median_ms
 from domino_backend.cpu import cpu_has_fast_bf16, pack_linears, pin_mkl_avx2_on_amd
-
-pin_mkl_avx2_on_amd()  # MKL_CBWR=AVX2 on AMD before the first BLAS call, as build_engine does
+from domino_backend.quant import quantize_linears
+from kernels import int8
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 896, 4864, 128, 151936, 24
 SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
           (INTER, HIDDEN)]  # (in, out): q k v o gate up down
-MS = (1, 9, 17, 128)
+MS = (1, 9, 17, 33, 128)
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu_linear.json"
 
 
 def forward_ms(model: torch.nn.ModuleList, m: int, dtype: torch.dtype) -> float:
@@ -40,12 +45,51 @@ def forward_ms(model: torch.nn.ModuleList, m: int, dtype: torch.dtype) -> float:
     return median_ms(once, iters=6)
 
 
+def int8_variants(model: torch.nn.ModuleList) -> dict:
+    """The int8 model run three ways (same bits): the kernel as dispatched, its VNNI path, PyTorch."""
+    lib = int8.kernel()
+    out = {}
+    if lib is not None:
+        out["int8 kernel" + (" (AMX)" if lib.amx else " (VNNI)")] = model
+        if lib.amx:
+            vnni = torch.nn.ModuleList(_Vnni(lin) for lin in model)
+            out["int8 kernel (VNNI)"] = vnni
+    out["int8 torch._int_mm"] = torch.nn.ModuleList(_Reference(lin) for lin in model)
+    return out
+
+
+class _Vnni(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin, self.in_features = lin, lin.in_features
+
+    def forward(self, x):
+        return int8.kernel_linear(int8.kernel(), x, self.lin.qweight, self.lin.bias, amx=False)
+
+
+class _Reference(_Vnni):
+    def forward(self, x):
+        return int8.reference_linear(x, self.lin.qweight, self.lin.bias)
+
+
 def main() -> None:
-    torch.set_num_threads(2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=str(RESULTS))
+    a = p.parse_args()
+    pin_mkl_avx2_on_amd()  # MKL_CBWR=AVX2 on AMD before the first BLAS call, as build_engine does
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     plain = torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False) for _ in range(LAYERS) for i, o in SHAPES)
     plain.append(torch.nn.Linear(HIDDEN, VOCAB, bias=False))
     plain.requires_grad_(False)
+    rows = []
+
+    def measure(name: str, model, dtype: torch.dtype) -> None:
+        t = {m: forward_ms(model, m, dtype) for m in MS}
+        rows.append({"linears": name, "ms": {str(m): round(t[m], 2) for m in MS}, "m9_over_m1": round(t[9] / t[1], 2)})
+        print(f"{name:32s}" + "".join(f"{t[m]:8.1f}ms" for m in MS) + f"{t[9] / t[1]:8.2f}", flush=True)
+
     print(f"{'linears':32s}" + "".join(f"{'M=' + str(m):>10s}" for m in MS) + f"{'M9/M1':>8s}")
     for dtype in (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,):
         plain.to(dtype)
@@ -54,14 +98,18 @@ def main() -> None:
         x = torch.randn(9, HIDDEN, dtype=dtype)
         err = (packed[-1](x).float() - plain[-1](x).float()).abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 0.1), err  # same product, another summation order
-        base = None
-        for name, model in (("plain nn.Linear", plain), ("packed (engine)", packed)):
-            t = {m: forward_ms(model, m, dtype) for m in MS}
-            base = base or t
-            print(f"{str(dtype)[6:] + ' ' + name:32s}" + "".join(f"{t[m]:8.1f}ms" for m in MS)
-                  + f"{t[9] / t[1]:8.2f}" + "   vs plain: " + " ".join(f"{base[m] / t[m]:.2f}x" for m in MS),
-                  flush=True)
+        name = str(dtype).removeprefix("torch.")
+        measure(f"{name} nn.Linear", plain, dtype)
+        measure(f"{name} packed (--quant none)", packed, dtype)
         del packed
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    quantize_linears(plain)  # activations stay in the model dtype; weights int8
+    for name, model in int8_variants(plain).items():
+        measure(name, model, dtype)
+    report = {"threads": a.threads, "layers": LAYERS, "activations": str(dtype).removeprefix("torch."),
+              "ms_per_forward": rows, "command": "python bench/cpu_linear.py"}
+    Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

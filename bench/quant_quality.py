@@ -64,7 +64,7 @@ def main() -> None:
     engines = {q: build_engine(a.profile, "none", "auto", a.threads, quant=q) for q in ("none", "int8")}
     tok = engines["none"].target.tokenizer
     report = {"profile": a.profile, "dtype": str(engines["none"].target.dtype).removeprefix("torch."),
-              "max_len": a.max_len, "new_tokens": a.new_tokens, "sets": {}}
+              "max_len": a.max_len, "new_tokens": a.new_tokens, "sets": []}
     for name in a.sets.split(","):
         records = read_prompts(ROOT / f"heldout_{name}.jsonl")
         prompts = [encode_record(tok, r) for r in records]
@@ -72,7 +72,8 @@ def main() -> None:
         gp = prompts[: a.greedy_prompts]
         outs = {q: greedy(e, gp, a.new_tokens, q) for q, e in engines.items()}
         prefix = [common_prefix(x, y) for x, y in zip(outs["none"], outs["int8"])]
-        report["sets"][name] = {
+        row = {
+            "set": name,
             "prompts": len(prompts),
             "tokens": sum(min(len(x), a.max_len) - 1 for x in prompts),
             "ppl_bf16": round(ppl["none"], 4),
@@ -82,7 +83,8 @@ def main() -> None:
             "greedy_identical": sum(x == y for x, y in zip(outs["none"], outs["int8"])) / len(gp),
             "greedy_mean_common_prefix": sum(prefix) / len(gp),
         }
-        print(name, json.dumps(report["sets"][name]), flush=True)
+        report["sets"].append(row)
+        print(json.dumps(row), flush=True)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {a.json}")
