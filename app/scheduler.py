@@ -8,8 +8,8 @@ target forward for all of them, domino_backend/engine.py), so a short completion
 behind a long chat answer and a spoken reply rides in the next round whatever else is running.
 A started request that falls out of the top `max_active` (preempted by a more urgent one) keeps
 its KV cache and goes on when a slot frees. While a voice reply is decoding, other requests' prompts
-wait to be prefilled (prefill chunks are the big rows that slow a round down); requests already
-decoding go on with it. A cancel (a completion superseded by a newer
+wait to be prefilled and requests already decoding go on without drafts (one row each: prefill
+chunks and drafts are the rows that slow a round down on a CPU). A cancel (a completion superseded by a newer
 keystroke) or a deadline takes effect at the next round.
 
 Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
@@ -192,9 +192,10 @@ class Scheduler:
                      if t.job.cancelled.is_set() or (t.deadline is not None and now >= t.deadline)]
             batch = sorted((t for t in self._waiting + self._running if t not in ended), key=Task.rank)
             batch = batch[:self.max_active]
-            if any(t.priority == "voice" and t.gen is not None and not t.gen.prefill_rows() for t in batch):
+            voice = any(t.priority == "voice" and t.gen is not None and not t.gen.prefill_rows() for t in batch)
+            if voice:
                 # A spoken reply is on its way: other prompts' prefill chunks, the forwards' big
-                # rows, wait until it is done; rounds of requests already decoding go on.
+                # rows, wait until it is done; requests already decoding go on without drafts.
                 batch = [t for t in batch if t.priority == "voice" or (t.gen is not None and not t.gen.prefill_rows())]
             for t in batch:
                 if t in self._waiting:
@@ -203,6 +204,8 @@ class Scheduler:
         for t in ended:
             self._finish(t, "cancelled" if t.job.cancelled.is_set() else "deadline")
         ready = [t for t in batch if self._guard(t, self._begin)]
+        for t in ready:
+            t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
         if not ready or self._stop:
             return []
         try:

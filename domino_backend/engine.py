@@ -266,6 +266,13 @@ class Generation:
             self._t0 = time.perf_counter()
         return self._rounds.plan()
 
+    def cap_drafts(self, n: int | None) -> None:
+        """Verify at most n drafts per round from now on (None: the request's own cap). Any draft
+        length is lossless: a scheduler uses this to keep rounds small while a more urgent
+        request shares them."""
+        if self._rounds is not None:
+            self._rounds.draft_cap = n
+
     def prefill_rows(self) -> int:
         """Rows of the prefill chunk the next round would run; 0 once the prompt is in."""
         return self._rounds.prefill_rows() if self._rounds is not None and self.finish_reason is None else 0

@@ -37,6 +37,7 @@ class Rounds:
         self.feats: list[torch.Tensor] = []  # the prompt's captured features (for the prefix cache)
         self.anchor: int | None = None
         self.produced = 0
+        self.draft_cap: int | None = None  # most drafts per round, set by a scheduler (None: the request's own)
         self._round = None  # what plan() decided, for absorb()
         self._plan_s = 0.0
 
@@ -69,7 +70,7 @@ class Rounds:
                         keep_last=1 if last else None, prefill=True)
         pos, req = self.sess.length, self.req
         # Never draft past the token budget or the context window: the bonus token is free.
-        cap = proposer.max_k if req.max_drafts is None else min(proposer.max_k, req.max_drafts)
+        cap = min(x for x in (proposer.max_k, req.max_drafts, self.draft_cap) if x is not None)
         k = max(0, min(cap, req.max_new_tokens - self.produced - 1, t.max_context - pos - 1))
         policy = None
         if req.adaptive_drafts and proposer.max_k > 0:

@@ -127,6 +127,9 @@ class FakeGeneration:
     def prefill_rows(self) -> int:
         return 0  # the first round's word stands for the prefill
 
+    def cap_drafts(self, n) -> None:
+        pass
+
     def advance(self) -> str:
         """One round's word (the wait is the engine's: FakeEngine.step)."""
         if self._t0 is None:

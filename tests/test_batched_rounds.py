@@ -211,3 +211,17 @@ def test_a_prompt_prefills_to_the_same_bits_whatever_was_restored_or_how_it_was_
         cached.generate(prompt[:shared] + [63] * 20, GenerationRequest(max_new_tokens=1, method="ar"))
         keys, first = _prefilled(cached, prompt)
         assert first == want[1] and all(torch.equal(a, b) for a, b in zip(want[0], keys)), shared
+
+
+def test_a_draft_cap_set_mid_generation_keeps_the_output_exact():
+    engine = make_engine()
+    gen = engine.stream(PROMPTS[2], GenerationRequest(max_new_tokens=40, method="domino", adaptive_drafts=False))
+    drafted = []
+
+    def cap_between(rnd, active, results):
+        drafted.append(gen.stats.drafted)
+        gen.cap_drafts(0 if 2 <= rnd < 6 else None)
+
+    drive(engine, [gen], each_round=cap_between)
+    assert drafted[3] == drafted[5] < drafted[7]  # capped rounds drafted nothing, later ones did again
+    assert gen.token_ids == alone(engine, PROMPTS[2], max_new_tokens=40, method="ar")

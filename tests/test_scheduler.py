@@ -29,12 +29,16 @@ class Gen:
         self.token_ids: list[int] = []
         self.finish_reason = None
         self.cancelled = self.closed = self.boom = False
+        self.caps: list[int | None] = []  # draft caps, round by round
 
     def cancel(self):
         self.cancelled = True
 
     def prefill_rows(self):
         return 512 if self.prefill else 0
+
+    def cap_drafts(self, n):
+        self.caps.append(n)
 
     def close(self):
         self.closed = True
@@ -127,14 +131,16 @@ def test_a_voice_turn_preempts_a_running_completion_which_resumes_where_it_was(s
 
 def test_while_a_voice_reply_decodes_other_prompts_wait_to_be_prefilled(sched):
     sched.max_active, sched.max_tokens = 4, None
-    add(sched, "fim", "interactive", tokens=6)
+    fim = add(sched, "fim", "interactive", tokens=6)
     voice = add(sched, "voice", "voice", tokens=3, prompt=512)  # one prefill round, then 3 words
     sched.run_round()
+    fim_gen = fim.gen
     add(sched, "chat", "chat", tokens=1, prompt=1024)  # two prefill rounds
     rounds = run(sched)
     assert rounds == [["voice", "fim"], ["voice", "fim"], ["voice", "fim"], ["voice", "fim"],
                       ["fim", "chat"], ["fim", "chat"], ["chat"]]
     assert voice.job.result.text == "voice voice voice "
+    assert fim_gen.caps == [None, 0, 0, 0, None, None]  # no drafts beside the reply being spoken
 
 
 def test_a_superseded_completion_leaves_the_batch_at_the_next_round(sched):
