@@ -142,7 +142,7 @@ class Backend(Protocol):
         """{"status": "ok" | "loading" | "error", ...}; "ok" means requests will be served."""
 
     def load(self) -> dict:
-        """{"active": n, "queued": n} for metrics."""
+        """{"active": n, "queued": n, ...} for metrics (the engine adds its batch counts)."""
 
     async def submit(self, req: GenRequest) -> Job:
         """Validate and enqueue; raises RequestError. The job's last event is a Result."""

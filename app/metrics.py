@@ -66,6 +66,10 @@ class Metrics:
                                ["api"], buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("domino_requests_running", "Requests being decoded", registry=r)
         self.queued = Gauge("domino_requests_queued", "Requests waiting for a slot", registry=r)
+        self.engine_rounds = Gauge("domino_engine_rounds", "Batched engine rounds so far", registry=r)
+        self.batched = Gauge("domino_engine_batched_requests", "Requests advanced by those rounds (sum of batch "
+                             "sizes: the mean batch is this over domino_engine_rounds)", registry=r)
+        self.max_batch = Gauge("domino_engine_max_batch", "Most requests advanced by one round", registry=r)
         self.ws_connections = Gauge("domino_ws_connections", "Open WebSocket connections", registry=r)
         self.voice_sessions = Gauge("domino_voice_sessions", "Open /v1/voice sessions", registry=r)
         self.voice_turns = Counter("domino_voice_turns", "Finished voice turns", ["outcome"], registry=r)
@@ -100,6 +104,9 @@ class Metrics:
     def render(self, load: dict) -> bytes:
         self.running.set(load.get("active", 0))
         self.queued.set(load.get("queued", 0))
+        self.engine_rounds.set(load.get("rounds", 0))
+        self.batched.set(load.get("batched", 0))
+        self.max_batch.set(load.get("max_batch", 0))
         return generate_latest(self.registry)
 
 

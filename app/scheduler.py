@@ -115,6 +115,7 @@ class Scheduler:
         self._waiting: list[Task] = []  # admitted, not started
         self._running: list[Task] = []  # started: holding a Generation (and its KV cache)
         self._order = itertools.count()
+        self._steps = {"rounds": 0, "batched": 0, "max_batch": 0}  # engine steps, requests stepped, largest batch
         self._stop = False
         self._engine_thread = engine_thread or EngineThread()
         self._worker: Future | None = None
@@ -155,8 +156,10 @@ class Scheduler:
             gen.cancel()
 
     def load(self) -> dict:
+        """Requests running and queued now; engine rounds so far, the requests they stepped (their
+        sum: the mean batch is batched / rounds) and the largest batch."""
         with self._cv:
-            return {"active": len(self._running), "queued": len(self._waiting)}
+            return {"active": len(self._running), "queued": len(self._waiting), **self._steps}
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -208,6 +211,10 @@ class Scheduler:
             t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
         if not ready or self._stop:
             return []
+        with self._cv:
+            st = self._steps
+            st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
+                                                            max(st["max_batch"], len(ready)))
         try:
             results = self.engine.step([t.gen for t in ready])
         except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on

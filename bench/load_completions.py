@@ -10,7 +10,8 @@ started with a cache entry per client). Latencies are measured at the client fro
 first `delta`, total = `done`.
 
 Cells, per method (`default` = the server's default method, resolved through /health):
-  completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau
+  completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau, and the
+               mean number of requests per engine round (from the server's /metrics)
   mixed        a voice-like stream (chat turns with priority `voice`, one short spoken-style answer
                each) alone, then while 8 completion clients run: time to first sentence p50/p95
   speed        one request at a time (no stop rules, fixed length) served over /v1/ws, against
@@ -138,13 +139,28 @@ def summary(rows: list[dict], wall: float) -> dict:
             "wall_s": wall}
 
 
+def engine_counts(url: str, headers: dict) -> dict[str, float]:
+    """The server's batch counters from /metrics (app/metrics.py); {} from a server without them."""
+    import httpx
+
+    text = httpx.get(f"{http_base(url)}/metrics", headers=headers, timeout=10).text
+    names = ("domino_engine_rounds", "domino_engine_batched_requests", "domino_engine_max_batch")
+    return {name: float(line.split()[1]) for line in text.splitlines() for name in names
+            if line.startswith(name + " ")}
+
+
 async def completions_cell(url, headers, texts, clients: int, method, args) -> dict:
     if args.warmup:  # first-call costs (and each client's first prefill) stay out of the numbers
         await asyncio.gather(*(completion_client(url, headers, texts, c, 1, args, method) for c in range(clients)))
+    before = engine_counts(url, headers)
     t0 = time.perf_counter()
     runs = await asyncio.gather(*(completion_client(url, headers, texts, c, args.requests, args, method)
                                   for c in range(clients)))
-    return {"clients": clients, **summary([r for run in runs for r in run], time.perf_counter() - t0)}
+    wall, after = time.perf_counter() - t0, engine_counts(url, headers)
+    rounds = after.get("domino_engine_rounds", 0) - before.get("domino_engine_rounds", 0)
+    batched = after.get("domino_engine_batched_requests", 0) - before.get("domino_engine_batched_requests", 0)
+    return {"clients": clients, **summary([r for run in runs for r in run], wall),
+            "mean_batch": batched / rounds if rounds else None}
 
 
 async def mixed_cell(url, headers, texts, method, args) -> dict:
@@ -216,13 +232,13 @@ def fmt(x, nd=0):
 
 def table(cells: list[dict]) -> str:
     head = (f"{'method':13} {'clients':>7} {'reqs':>5} {'err':>4} {'ttft p50':>9} {'ttft p95':>9} {'total p50':>10} "
-            f"{'total p95':>10} {'compl/s':>8} {'tok/s':>7} {'tok/req':>8} {'tau':>5}")
+            f"{'total p95':>10} {'compl/s':>8} {'tok/s':>7} {'tok/req':>8} {'tau':>5} {'batch':>5}")
     lines = [head, "-" * len(head)]
     for c in cells:
         lines.append(f"{c['method']:13} {c['clients']:>7} {c['requests']:>5} {c['errors']:>4} {fmt(c['ttft_p50_ms']):>9} "
                      f"{fmt(c['ttft_p95_ms']):>9} {fmt(c['total_p50_ms']):>10} {fmt(c['total_p95_ms']):>10} "
                      f"{fmt(c['completions_per_s'], 2):>8} {fmt(c['tokens_per_s'], 1):>7} {fmt(c['mean_tokens'], 1):>8} "
-                     f"{fmt(c['mean_tau'], 2):>5}")
+                     f"{fmt(c['mean_tau'], 2):>5} {fmt(c.get('mean_batch'), 1):>5}")
     return "\n".join(lines)
 
 
@@ -269,11 +285,14 @@ def spawn(args) -> tuple[subprocess.Popen, str]:
     return proc, f"ws://127.0.0.1:{port}/v1/ws"
 
 
+def http_base(url: str) -> str:
+    return url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/ws", 1)[0]
+
+
 def default_method(url: str, headers: dict) -> str:
     import httpx
 
-    http = url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/ws", 1)[0]
-    return httpx.get(f"{http}/health", headers=headers, timeout=10).json()["default_method"]
+    return httpx.get(f"{http_base(url)}/health", headers=headers, timeout=10).json()["default_method"]
 
 
 def main(argv=None) -> int:
@@ -301,7 +320,7 @@ def main(argv=None) -> int:
     if not texts:
         ap.error(f"no source file is longer than --context-chars {args.context_chars}")
     proc, url = spawn(args) if args.spawn else (None, args.url)
-    cells, mixed, speed = [], [], []
+    cells, mixed, speed, counts = [], [], [], {}
     try:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
@@ -314,6 +333,7 @@ def main(argv=None) -> int:
             if args.voice_turns:
                 mixed.append({"method": name, **asyncio.run(mixed_cell(url, headers, texts, sent, args))})
                 print(json.dumps(mixed[-1]), file=sys.stderr, flush=True)
+            counts = engine_counts(url, headers)
             if args.spawn and args.speed_runs:
                 speed.append({"method": name, "sent": sent or resolved,
                               **asyncio.run(served_speed(url, headers, texts, sent, args))})
@@ -335,7 +355,8 @@ def main(argv=None) -> int:
     report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
               "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
-              "requests_per_client": args.requests, "methods": names, "cells": cells, "mixed": mixed, "speed": speed}
+              "requests_per_client": args.requests, "methods": names, "cells": cells, "mixed": mixed, "speed": speed,
+              "max_batch": counts.get("domino_engine_max_batch")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

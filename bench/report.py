@@ -172,12 +172,13 @@ def load_table(found: list[tuple[str, dict]]) -> list[str]:
     rows = [[f"`{c['method']}`", str(c["clients"]), str(c["requests"]), str(c["errors"]),
              f"{num(c['ttft_p50_ms'], 0)} / {num(c['ttft_p95_ms'], 0)}",
              f"{num(c['total_p50_ms'], 0)} / {num(c['total_p95_ms'], 0)}",
-             num(c["completions_per_s"]), num(c["tokens_per_s"]), num(c["mean_tau"])] for c in rep["cells"]]
+             num(c["completions_per_s"]), num(c["tokens_per_s"]), num(c["mean_tau"]), num(c.get("mean_batch"), 1)]
+            for c in rep["cells"]]
     caption = (f"Profile `{rep['profile']}`, single-line FIM completions of at most {rep['max_tokens']} tokens, "
                f"{rep['requests_per_client']} requests per client, {rep['threads'] or 'default'} engine thread(s), "
-               "loopback.")
+               f"loopback; mean batch = requests per engine round (largest: {num(rep.get('max_batch'), 0)}).")
     out = [caption, "", *markdown(["method", "clients", "requests", "errors", "TTFT p50 / p95 ms",
-                                   "total p50 / p95 ms", "completions/s", "tok/s", "mean τ"], rows)]
+                                   "total p50 / p95 ms", "completions/s", "tok/s", "mean τ", "mean batch"], rows)]
     if rep.get("mixed"):
         out += ["", *markdown(["method", "voice-like first sentence p50 ms, alone", "with 8 completion clients",
                                "growth", "completion TTFT p50 ms meanwhile"],

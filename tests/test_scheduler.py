@@ -126,7 +126,7 @@ def test_a_voice_turn_preempts_a_running_completion_which_resumes_where_it_was(s
     assert rounds == [["a", "b"], ["voice", "a"], ["voice", "a"], ["a", "b"], ["b"], ["b"]]
     assert sched.engine.started == ["a", "b", "voice"]  # b kept its generation while it waited
     assert [t.job.result.text for t in (a, b, voice)] == ["a a a a ", "b b b b ", "voice voice "]
-    assert sched.load() == {"active": 0, "queued": 0}
+    assert sched.load() == {"active": 0, "queued": 0, "rounds": 6, "batched": 10, "max_batch": 2}
 
 
 def test_while_a_voice_reply_decodes_other_prompts_wait_to_be_prefilled(sched):

@@ -153,7 +153,7 @@ def test_cancel_and_deadline_free_the_engine_promptly(ctx):
         while (m := json.loads(ws.recv(timeout=60)))["type"] != "done":
             pass
         assert m["finish_reason"] == "deadline" and time.monotonic() - t0 < 10
-    assert srv.app.state.backend.load() == {"active": 0, "queued": 0}
+    assert srv.app.state.backend.load().items() >= {"active": 0, "queued": 0}.items()
 
 
 def test_python_m_app_serves_and_reports_loading_then_ok():

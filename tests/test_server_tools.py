@@ -66,4 +66,5 @@ def test_load_benchmark_runs_against_a_server(server, monkeypatch, tmp_path):
     assert [(c["method"], c["clients"], c["requests"], c["errors"]) for c in cells] == [
         ("ar", 1, 2, 0), ("ar", 3, 6, 0), ("domino", 1, 2, 0), ("domino", 3, 6, 0)]
     assert all(c["ttft_p50_ms"] <= c["total_p95_ms"] and c["tokens_per_s"] > 0 for c in cells)
+    assert all(c["mean_batch"] >= 1 for c in cells) and report["max_batch"] >= 3  # 3 clients shared rounds
     assert cells[2]["mean_tau"] is not None

@@ -179,7 +179,7 @@ def test_disconnect_cancels_in_flight_work():
             ws.send(complete("x", max_tokens=1000))
             ws.send(complete("y", max_tokens=1000))
             recv(ws)
-        assert srv.wait_idle() == {"active": 0, "queued": 0}
+        assert srv.wait_idle().items() >= {"active": 0, "queued": 0}.items()
 
 
 def test_overloaded_when_queue_is_full():
