@@ -45,6 +45,12 @@ class Table:
 
 # --- formatting ---------------------------------------------------------------------------------
 
+def weights(rep: dict) -> str:
+    """How the target ran: its dtype, and int8 weights when quantized (reports before `quant` existed ran as loaded)."""
+    dtype = rep.get("dtype", "?")
+    return f"int8 (activations {dtype})" if rep.get("quant") == "int8" else dtype
+
+
 def num(x, nd: int = 2) -> str:
     if x is None:
         return "-"
@@ -96,7 +102,7 @@ def methods_table(found: list[tuple[str, dict]], positions: int = 4) -> list[str
                      *per_round, acc])
     draft = f"`{rep['draft']}`" if rep.get("draft") else "the profile's default"
     caption = (f"{rep['num_prompts']} prompts, greedy, {rep['max_new_tokens']} new tokens, target "
-               f"`{rep.get('target', '?')}` in {rep.get('dtype', '?')}, drafter: {draft}"
+               f"`{rep.get('target', '?')}` in {weights(rep)}, drafter: {draft}"
                + (f", at most {rep['max_drafts']} drafts per round" if rep.get("max_drafts") else ""))
     pos = " / ".join(str(j) for j in range(1, width + 1))
     return [caption + ".", "", *markdown(
@@ -121,7 +127,7 @@ def summary_table(found: list[tuple[str, dict]]) -> list[str]:
              str(code["lossless"][m] and chat["lossless"][m])] for i, m in enumerate(methods)]
     caption = (f"Held-out prompts never seen in training ({code['num_prompts']} code, {chat['num_prompts']} chat), "
                f"greedy, {code['max_new_tokens']} new tokens, target `{code.get('target', '?')}` in "
-               f"{code.get('dtype', '?')}, all methods in one process.")
+               f"{weights(code)}, all methods in one process.")
     return [caption, "", *markdown(["method", "code tok/s", "code speedup", "code τ", "chat tok/s",
                                     "chat speedup", "chat τ", "lossless"], rows)]
 
@@ -146,7 +152,7 @@ def llamacpp_table(found: list[tuple[str, dict]]) -> list[str]:
                      num(methods[ours]["tau"]) if ours else "-", num(llama), vs_llama["ar"], vs_llama[ours], same])
     _, first = found[0]
     caption = (f"Greedy, {first['max_new_tokens']} new tokens, target `{first.get('target', '?')}` in "
-               f"{first.get('dtype', '?')}; llama.cpp (llama-cpp-python {info.get('version', '?')}, "
+               f"{weights(first)}; llama.cpp (llama-cpp-python {info.get('version', '?')}, "
                f"{info.get('threads', '?')} threads like ours) runs the GGUF the target is built from, "
                "in the same process, on the same prompt token ids.")
     return [caption, "", *markdown(["prompts", "`ar` tok/s", "drafting method", "tok/s", "speedup vs ar", "τ",
