@@ -7,9 +7,11 @@ work), within a class by deadline, then by arrival. Their rounds run as one `Eng
 target forward for all of them, domino_backend/engine.py), so a short completion is not stuck
 behind a long chat answer and a spoken reply rides in the next round whatever else is running.
 A started request that falls out of the top `max_active` (preempted by a more urgent one) keeps
-its KV cache and goes on when a slot frees. While a voice reply is decoding, other requests' prompts
-wait to be prefilled and requests already decoding go on without drafts (one row each: prefill
-chunks and drafts are the rows that slow a round down on a CPU). A cancel (a completion superseded by a newer
+its KV cache and goes on when a slot frees. A voice reply runs alone until its first words can be
+spoken (the first chunk for text-to-speech: the latency a listener waits through); after that,
+speech plays far slower than rounds go, so requests already decoding go on beside it without drafts
+while other prompts wait to be prefilled (prefill chunks and drafts are the rows that slow a round
+down on a CPU). A cancel (a completion superseded by a newer
 keystroke) or a deadline takes effect at the next round.
 
 Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
@@ -36,10 +38,13 @@ from typing import Any, Callable
 from domino_backend.engine import GenerationRequest
 
 from agents.code.postprocess import Postprocessor
+from agents.voice.chunker import SentenceChunker
+from agents.voice.config import VoiceConfig
 
 from .backend import PRIORITIES, RequestError, Result, StreamJob
 
 log = logging.getLogger("domino.server")
+FIRST_CLAUSE_WORDS = VoiceConfig().first_clause_words  # the voice agent's first chunk (agents/voice/reply.py)
 
 
 @dataclass(eq=False)
@@ -57,6 +62,7 @@ class Task:
     first: float | None = None
     text: str = ""
     order: int = 0  # admission order (ties of `received`)
+    spoken: bool = False  # a voice reply: its first chunk for text-to-speech is out
 
     @property
     def tokens(self) -> int:
@@ -195,10 +201,16 @@ class Scheduler:
                      if t.job.cancelled.is_set() or (t.deadline is not None and now >= t.deadline)]
             batch = sorted((t for t in self._waiting + self._running if t not in ended), key=Task.rank)
             batch = batch[:self.max_active]
-            voice = any(t.priority == "voice" and t.gen is not None and not t.gen.prefill_rows() for t in batch)
+            voice = [t for t in batch if t.priority == "voice"]
+            if any(not t.spoken for t in voice):
+                # Until a voice reply's first words can be spoken, its rounds are its own: the
+                # first chunk for text-to-speech is the latency a listener waits through.
+                batch = voice
+            voice = any(t.gen is not None and not t.gen.prefill_rows() for t in voice)
             if voice:
-                # A spoken reply is on its way: other prompts' prefill chunks, the forwards' big
-                # rows, wait until it is done; requests already decoding go on without drafts.
+                # Then speech plays far slower than rounds go: other requests share them, but
+                # prompts wait to be prefilled and requests already decoding go without drafts
+                # (prefill chunks and draft rows are what makes a CPU round slow).
                 batch = [t for t in batch if t.priority == "voice" or (t.gen is not None and not t.gen.prefill_rows())]
             for t in batch:
                 if t in self._waiting:
@@ -274,6 +286,8 @@ class Scheduler:
                 t.first = self.clock()
             t.text += delta
             t.job.put(delta)
+            if not t.spoken and t.priority == "voice":
+                t.spoken = bool(SentenceChunker(FIRST_CLAUSE_WORDS).feed(t.text))
 
     def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
         if t.post is not None:  # text the stop rules held back is decided now

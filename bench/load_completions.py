@@ -14,6 +14,7 @@ Cells, per method (`default` = the server's default method, resolved through /he
                mean number of requests per engine round (from the server's /metrics)
   mixed        a voice-like stream (chat turns with priority `voice`, one short spoken-style answer
                each) alone, then while 8 completion clients run: time to first sentence p50/p95
+               (the first chunk the voice agent would hand to text-to-speech)
   speed        one request at a time (no stop rules, fixed length) served over /v1/ws, against
                the same prompt decoded by the engine on the main thread of a fresh process after
                the server stopped (`python -m domino_backend bench`'s way): tokens/s and the ratio
@@ -30,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -42,12 +42,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.voice.config import SPOKEN_SYSTEM_PROMPT  # noqa: E402
+from agents.voice.chunker import SentenceChunker  # noqa: E402
+from agents.voice.config import SPOKEN_SYSTEM_PROMPT, VoiceConfig  # noqa: E402
 from agents.voice.metrics import percentile  # noqa: E402
 from bench.serving import spawn_server  # noqa: E402
 
 FILES = sorted(p for d in ("domino_backend", "app", "agents/voice") for p in (ROOT / d).glob("*.py"))
-SENTENCE_END = re.compile(r"[.!?](\s|$)|\n")
+FIRST_CLAUSE_WORDS = VoiceConfig().first_clause_words  # the voice agent's first chunk for text-to-speech
 TYPED_PER_REQUEST = 7  # characters the cursor moves between a client's requests
 MIXED_CLIENTS = 8
 
@@ -84,7 +85,7 @@ async def ws_request(ws, msg: dict) -> dict:
         if m["type"] == "delta":
             first = first or now
             text += m["text"]
-            if sentence is None and SENTENCE_END.search(text):
+            if sentence is None and SentenceChunker(FIRST_CLAUSE_WORDS).feed(text):
                 sentence = now
         elif m["type"] in ("done", "error"):
             return {"ttft": (first or now) - t0, "sentence": (sentence or now) - t0, "total": now - t0,

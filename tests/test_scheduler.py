@@ -71,7 +71,7 @@ class RecordingEngine:
             g.token_ids.append(1)
             if len(g.token_ids) >= g.req.max_new_tokens:
                 g.finish_reason = "length"
-            out.append(f"{g.name} ")
+            out.append(f"{g.name}. " if g.name.startswith("voice") else f"{g.name} ")  # a voice word is a sentence
         return out
 
 
@@ -106,7 +106,8 @@ def run(s: Scheduler, rounds: int = 50) -> list[list[str]]:
 def test_classes_run_in_priority_order_whatever_the_arrival(sched):
     for name, prio in (("bg", "background"), ("chat", "chat"), ("fim", "interactive"), ("voice", "voice")):
         add(sched, name, prio, tokens=2)
-    assert run(sched) == [["voice", "fim"], ["voice", "fim"], ["chat", "bg"], ["chat", "bg"]]
+    # (a voice reply's prompt and first words run alone; the others' prompts wait for its end)
+    assert run(sched) == [["voice"], ["voice"], ["fim", "chat"], ["fim", "chat"], ["bg"], ["bg"]]
 
 
 def test_within_a_class_the_earliest_deadline_then_the_earliest_arrival_goes_first(sched):
@@ -123,24 +124,25 @@ def test_a_voice_turn_preempts_a_running_completion_which_resumes_where_it_was(s
     sched.run_round()
     voice = add(sched, "voice", "voice", tokens=2)
     rounds = run(sched)
-    assert rounds == [["a", "b"], ["voice", "a"], ["voice", "a"], ["a", "b"], ["b"], ["b"]]
+    assert rounds == [["a", "b"], ["voice"], ["voice", "a"], ["a", "b"], ["a", "b"], ["b"]]
     assert sched.engine.started == ["a", "b", "voice"]  # b kept its generation while it waited
-    assert [t.job.result.text for t in (a, b, voice)] == ["a a a a ", "b b b b ", "voice voice "]
+    assert [t.job.result.text for t in (a, b, voice)] == ["a a a a ", "b b b b ", "voice. voice. "]
     assert sched.load() == {"active": 0, "queued": 0, "rounds": 6, "batched": 10, "max_batch": 2}
 
 
-def test_while_a_voice_reply_decodes_other_prompts_wait_to_be_prefilled(sched):
+def test_a_voice_reply_runs_alone_to_its_first_words_then_beside_decoding_requests_without_drafts(sched):
     sched.max_active, sched.max_tokens = 4, None
     fim = add(sched, "fim", "interactive", tokens=6)
-    voice = add(sched, "voice", "voice", tokens=3, prompt=512)  # one prefill round, then 3 words
     sched.run_round()
     fim_gen = fim.gen
+    voice = add(sched, "voice", "voice", tokens=3, prompt=512)  # one prefill round, then 3 sentences
     add(sched, "chat", "chat", tokens=1, prompt=1024)  # two prefill rounds
     rounds = run(sched)
-    assert rounds == [["voice", "fim"], ["voice", "fim"], ["voice", "fim"], ["voice", "fim"],
-                      ["fim", "chat"], ["fim", "chat"], ["chat"]]
-    assert voice.job.result.text == "voice voice voice "
-    assert fim_gen.caps == [None, 0, 0, 0, None, None]  # no drafts beside the reply being spoken
+    assert rounds == [["fim"], ["voice"], ["voice"], ["voice", "fim"], ["voice", "fim"],
+                      ["fim", "chat"], ["fim", "chat"], ["fim", "chat"]]
+    assert voice.job.result.text == "voice. voice. voice. "
+    assert fim.job.result.text == "fim " * 6
+    assert fim_gen.caps == [None, 0, 0, None, None, None]  # no drafts beside the reply being spoken
 
 
 def test_a_superseded_completion_leaves_the_batch_at_the_next_round(sched):
