@@ -14,10 +14,12 @@ from .cpu import cpu_has_fast_bf16, pin_mkl_avx2_on_amd
 from .draft_model import DraftModel
 from .engine import Engine
 from .models import load_target, mask_token_id
-from .quant import quantize_target, resolve_quant
+from .quant import quantize_linears, quantize_target, resolve_quant
 from .settings import EngineSettings
 from .target import Target
 
+# The drafter's feature projection stays float: its input is the target's wide feature concat.
+DRAFT_FLOAT_LINEARS = ("fc",)
 # Trained drafters shipped with the package, by profile (see docs/training.md).
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters_shipped"
 
@@ -67,23 +69,26 @@ def build_engine(target: str = "coder", draft: str | None = None, dtype: str | t
                  quant: str = "auto") -> Engine:
     """target: profile name, HF folder or hub id. draft: checkpoint folder/hub id, "none" (ar/ngram
     only), or None for the profile's shipped drafter (a random-init one when none is shipped yet).
-    quant: the target's Linear layers as int8 ("int8"), as loaded ("none"), or "auto" (quant.py)."""
+    quant: the Linear layers of the target (and of the drafter) as int8 ("int8"), as loaded ("none"),
+    or "auto" (quant.py)."""
     pin_mkl_avx2_on_amd()  # before the first BLAS call (cpu.py)
     if threads:
         torch.set_num_threads(threads)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype)
     model, tokenizer = load_target(target, dtype=dtype)
-    if resolve_quant(quant) == "int8":
+    int8 = resolve_quant(quant) == "int8"
+    if int8:
         quantize_target(model, tokenizer)
     t = Target(model, tokenizer)
     if draft == "none":
         return Engine(t, settings=settings)
-    if draft is not None:
-        return Engine(t, load_draft(draft), settings)
     shipped = SHIPPED_DRAFTERS / target
-    if shipped.is_dir():
-        return Engine(t, load_draft(shipped), settings)
+    if draft is not None or shipped.is_dir():
+        drafter = load_draft(draft if draft is not None else shipped)
+        if int8:  # drafting then costs less; it only proposes, so the output cannot change
+            quantize_linears(drafter, skip=DRAFT_FLOAT_LINEARS)
+        return Engine(t, drafter, settings)
     mask = mask_token_id(target, t.vocab_size)
     print(
         f"[domino] WARNING: no trained drafter for {target!r}; using a RANDOMLY INITIALISED drafter. "

@@ -142,12 +142,12 @@ def quantize_target(model: nn.Module, tokenizer) -> int:
     return quantize_linears(model)
 
 
-def quantize_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` (or subclass, e.g. `PackedLinear`) of `model` by an `Int8Linear`,
-    in place; returns how many. The float weights are dropped unless something else (a tied
-    embedding) still holds them."""
+def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Replace every `nn.Linear` (or subclass, e.g. `PackedLinear`) of `model` whose attribute name
+    is not in `skip` by an `Int8Linear`, in place; returns how many. The float weights are dropped
+    unless something else (a tied embedding) still holds them."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear)]
+             if isinstance(child, nn.Linear) and name not in skip]
     for parent, name, child in swaps:
         setattr(parent, name, Int8Linear(child))
     return len(swaps)
