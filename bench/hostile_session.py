@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serving import free_port, spawn_server  # noqa: E402
+
 # Realistic text (3-5 characters per token), so a prompt under the character bound is tokenized.
 CODE = "def handler(request, *args):\n    value = request.get('key', 0) + len(args)\n    return value * 2\n"
 
@@ -39,28 +41,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(repo: Path, profile: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "app", "--profile", profile, "--no-ui", "--port", str(port), "--method", "ar",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 600:
-            proc.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.5)
+    proc, _ = spawn_server(["--profile", profile, "--method", "ar"], cwd=repo, timeout_s=600, port=port,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "PYTHONPATH": str(repo)})
+    return proc
 
 
 def hostile_round(url: str, ws_url: str, char_bound: int) -> dict:

@@ -17,12 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(args: list[str], cwd: Path = ROOT, timeout_s: float = 900, **popen) -> tuple[subprocess.Popen, int]:
-    """`python -m app --no-ui --log-level warning ARGS` on a free loopback port, once /health is 200.
-    Returns (process, port); kills it and raises RuntimeError if it exits or does not get ready."""
+def spawn_server(args: list[str], cwd: Path = ROOT, timeout_s: float = 900, port: int | None = None,
+                 **popen) -> tuple[subprocess.Popen, int]:
+    """`python -m app --no-ui --log-level warning ARGS` on `port` (default: a free loopback port),
+    once /health is 200. Returns (process, port); kills it and raises RuntimeError if it exits or
+    does not get ready. A fixed port lets a test restart a server in place."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "app", "--port", str(port), "--no-ui", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, **popen)
     t0 = time.monotonic()

@@ -17,20 +17,20 @@ import json
 import os
 import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.serving import free_port, spawn_server  # noqa: E402
+
 VSCODE = ROOT / "clients" / "vscode"
 NVIM = ROOT / "clients" / "nvim"
 KEY = "ide-test-key"
@@ -48,12 +48,6 @@ def need(tool: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`python -m app` with the API key KEY on a fixed loopback port, so it can be restarted in place."""
 
@@ -62,20 +56,9 @@ class Server:
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
 
     def start(self, timeout_s: float = 600) -> Server:
-        cmd = [sys.executable, "-m", "app", "--profile", PROFILE, "--no-ui", "--log-level", "warning",
-               "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "DOMINO_API_KEY": KEY})
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() - t0 > timeout_s:
-                self.stop()
-                raise RuntimeError(f"the server did not start: {' '.join(cmd)}")
-            time.sleep(0.3)
+        self.proc, _ = spawn_server(["--profile", PROFILE, *self.args], timeout_s=timeout_s, port=self.port,
+                                    env={**os.environ, "DOMINO_API_KEY": KEY})
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
