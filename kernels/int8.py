@@ -101,7 +101,8 @@ def kernel() -> ctypes.CDLL | None:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        print("[domino] no C compiler found: the int8 target runs the slower PyTorch reference", file=sys.stderr)
+        print("[domino] no C compiler found: --quant auto keeps the loaded weights, --quant int8 runs the slower "
+              "PyTorch reference", file=sys.stderr)
         return None
     from domino_backend.models import cache_dir
 
@@ -114,7 +115,8 @@ def kernel() -> ctypes.CDLL | None:
             out = Path(tmp) / lib.name
             res = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
             if res.returncode:
-                print(f"[domino] compiling {SOURCE.name} failed, using the PyTorch reference:\n{res.stderr[-2000:]}",
+                print(f"[domino] compiling {SOURCE.name} failed (--quant int8 falls back to the PyTorch reference, "
+                      f"--quant auto keeps the loaded weights):\n{res.stderr[-2000:]}",
                       file=sys.stderr)
                 return None
             os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
