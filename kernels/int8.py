@@ -122,10 +122,8 @@ def kernel() -> ctypes.CDLL | None:
             os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
     dll = ctypes.CDLL(str(lib))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.w8a8_linear.argtypes = [p, i32, i64, i64, p, p, p, p, i64, p, i32, p, i32, i32]
+    dll.w8a8_linear.argtypes = [p, i32, i64, i64, p, p, p, p, i64, p, i32, i32, i32]
     dll.w8a8_linear.restype = None
-    dll.w8a8_work_bytes.argtypes = [i64, i64]
-    dll.w8a8_work_bytes.restype = i64
     dll.amx = "amx_int8" in cpu_flags() and dll.w8a8_amx_init() == 1
     return dll
 
@@ -140,9 +138,8 @@ def kernel_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight, bias: torch
     m, k = x.shape
     n = w.q.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    work = torch.empty(lib.w8a8_work_bytes(m, k), dtype=torch.uint8)
     lib.w8a8_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, w.packed.data_ptr(), w.colsum.data_ptr(),
                     w.scale_pad.data_ptr(), None if bias is None else bias.data_ptr(), n, y.data_ptr(),
-                    int(y.dtype == torch.bfloat16), work.data_ptr(), torch.get_num_threads(),
+                    int(y.dtype == torch.bfloat16), torch.get_num_threads(),
                     int(amx and lib.amx and k % 64 == 0))
     return y

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -159,15 +160,20 @@ static void amx_tile(const uint8_t *xu, int64_t k, int m0, int m1, const int8_t 
   }
 }
 
+static void vnni_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *wp,
+                        const int32_t *colsum, const float *wscale, const float *bias, int64_t n, void *y,
+                        int y_bf16, int threads);
+
 /* x: [m, k] fp32 (x_bf16 = 0) or bf16 (x_bf16 = 1); y: [m, n] fp32 or bf16 (y_bf16).
  * wp: packed weights for n_pad = ceil(n / 32) * 32 channels; colsum, wscale, bias: [n_pad] (bias may be NULL).
- * work: m * k bytes + m floats of scratch. k must be a multiple of 4; with amx (after
+ * k must be a multiple of 4; with amx (after
  * w8a8_amx_init succeeded) a multiple of 64. */
 void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *wp, const int32_t *colsum,
-                 const float *wscale, const float *bias, int64_t n, void *y, int y_bf16, uint8_t *work,
+                 const float *wscale, const float *bias, int64_t n, void *y, int y_bf16,
                  int threads, int amx) {
-  uint8_t *xu = work;
-  float *xs = (float *)(work + ((m * k + 63) / 64) * 64);
+  /* scratch: the quantized rows and their scales (a few KB per row, freed on return) */
+  uint8_t *xu = malloc((size_t)(m * k));
+  float *xs = malloc((size_t)m * sizeof(float));
   const int64_t xrow = k * (x_bf16 ? 2 : 4);
   for (int64_t r = 0; r < m; r++) quantize_row((const char *)x + r * xrow, x_bf16, k, xu + r * k, xs + r);
   const int64_t blocks = (n + 31) / 32;
@@ -197,8 +203,19 @@ void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *
       }
       if (configured >= 0) _tile_release();
     }
-    return;
+  } else {
+    vnni_linear(xu, xs, m, k, wp, colsum, wscale, bias, n, y, y_bf16, threads);
   }
+  free(xu);
+  free(xs);
+}
+
+/* The AVX512-VNNI path: ROWS rows at a time in zmm accumulators. */
+static void vnni_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k, const int8_t *wp,
+                        const int32_t *colsum, const float *wscale, const float *bias, int64_t n, void *y,
+                        int y_bf16, int threads) {
+  const int64_t blocks = (n + 31) / 32;
+  const size_t ybytes = y_bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t nb = 0; nb < blocks; nb++) {
     __m512i acc0[ROWS], acc1[ROWS];
@@ -214,6 +231,3 @@ void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *
     }
   }
 }
-
-/* Scratch bytes w8a8_linear needs for m rows of k inputs. */
-int64_t w8a8_work_bytes(int64_t m, int64_t k) { return ((m * k + 63) / 64) * 64 + m * 4; }
