@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from domino_backend.bench import encode_record, read_prompts
+from domino_backend.bench import common_prefix, encode_record, read_prompts
 from domino_backend.engine import GenerationRequest
 from domino_backend.loader import build_engine
 
@@ -41,13 +41,6 @@ def perplexity(model, prompts: list[list[int]], max_len: int) -> float:
 def greedy(engine, prompts: list[list[int]], new_tokens: int, label: str) -> list[list[int]]:
     return [engine.generate(ids, GenerationRequest(max_new_tokens=new_tokens, method="ar")).token_ids
             for ids in tqdm(prompts, desc=f"greedy {label}", leave=False)]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def main() -> None:
