@@ -326,6 +326,28 @@ def test_asr_round_trip_on_piper_speech(name):
 
 
 @pytest.mark.slow
+def test_tiny_asr_short_window_hears_what_the_full_window_hears(monkeypatch):
+    from agents.voice import asr as asr_mod
+
+    asr = get_asr("tiny")
+    tts = get_tts("piper")
+    short = speech_16k(tts, "How many days are there in a leap year?")
+    assert asr._transcribe_short(short) is not None  # a short turn takes the short window
+    full = asr.model.transcribe(short, language="en", beam_size=1, condition_on_previous_text=False,
+                                without_timestamps=True)[0]
+    assert words(asr.transcribe(short)) == words(" ".join(s.text for s in full))
+    # speech longer than the window less its padding goes to the full window, as does silence
+    calls = []
+    monkeypatch.setattr(asr, "_transcribe_short", lambda pcm: calls.append(len(pcm)))
+    long = np.concatenate([short] * 5)
+    assert len(long) > (asr_mod.SHORT_WINDOW_S - asr_mod.SHORT_PAD_S) * SAMPLE_RATE
+    assert "leap" in words(asr.transcribe(long)) and calls == []
+    monkeypatch.undo()
+    assert asr._transcribe_short(np.zeros(2 * SAMPLE_RATE, np.float32)) is None
+    assert asr.transcribe(np.zeros(2 * SAMPLE_RATE, np.float32)) == ""
+
+
+@pytest.mark.slow
 def test_whisper_base_join_from_the_real_packages(tmp_path, monkeypatch):
     monkeypatch.setenv("DOMINO_CACHE", str(tmp_path))
     folder = models.whisper_base_dir(progress=False)
