@@ -78,8 +78,13 @@ class EngineBackend:
         if self.default_method != self.cfg.method != "auto":
             log.warning("this engine cannot run %s: default method %s", self.cfg.method, self.default_method)
         self._tok = copy.deepcopy(e.target.tokenizer)
+        # An explicit --threads is what every round gets; by default a voice reply's first chunk
+        # takes every core when nothing else runs (scheduler.py). An engine handed in keeps its own.
+        built = self._loader is not None
         self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread,
-                                   self.cfg.max_tokens_in_flight)
+                                   self.cfg.max_tokens_in_flight,
+                                   threads=self.cfg.threads or (engine_threads() if built else None),
+                                   solo_threads=self.cfg.threads or (os.cpu_count() if built else None))
         self.scheduler.start()
         self._status = "ok"
         log.info("engine ready: target=%s method=%s max_context=%d", self.model_id, self.default_method,

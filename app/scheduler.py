@@ -14,6 +14,12 @@ while other prompts wait to be prefilled (prefill chunks and drafts are the rows
 down on a CPU). A cancel (a completion superseded by a newer
 keystroke) or a deadline takes effect at the next round.
 
+Threads: the engine decodes on `threads` (by default a core fewer than the machine has: OpenMP
+threads that find their core busy stall every parallel region). A voice reply's first chunk, alone
+in its round while no other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight, runs on
+`solo_threads`: then nothing competes for the cores, and that chunk is what the listener waits for.
+The int8 GEMMs give the same bits on any thread count, so this changes no output.
+
 Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
 (prompt + max_tokens of every admitted request: the KV memory they may claim), `submit` refuses
 with `overloaded` (HTTP 429) instead of letting latency grow without bound; a request alone is
@@ -25,6 +31,7 @@ stops it before its next round. Only the engine thread touches Generation object
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -34,6 +41,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from domino_backend.engine import GenerationRequest
 
@@ -45,6 +54,31 @@ from .backend import PRIORITIES, RequestError, Result, StreamJob
 
 log = logging.getLogger("domino.server")
 FIRST_CLAUSE_WORDS = VoiceConfig().first_clause_words  # the voice agent's first chunk (agents/voice/reply.py)
+
+
+class SideWork:
+    """The server's CPU work besides the engine (speech recognition, synthesis) now in flight:
+    `run` offloads a blocking call to a thread and counts it while it runs."""
+
+    def __init__(self):
+        self._n = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._n > 0
+
+    async def run(self, fn, *args):
+        with self._lock:
+            self._n += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            with self._lock:
+                self._n -= 1
+
+
+SIDE_WORK = SideWork()
 
 
 @dataclass(eq=False)
@@ -110,11 +144,14 @@ class EngineThread:
 class Scheduler:
     def __init__(self, engine, max_active: int = 8, max_queue: int = 64,
                  engine_thread: EngineThread | None = None, max_tokens: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, threads: int | None = None,
+                 solo_threads: int | None = None, side_work: SideWork = SIDE_WORK):
         """engine_thread: the thread that built the engine; the worker loop runs on it too.
         max_tokens: the tokens-in-flight budget (None: none). clock: what `received`, deadlines
-        and timings are measured with."""
+        and timings are measured with. threads / solo_threads: torch threads for rounds, and for a
+        voice reply's first chunk alone on an otherwise idle CPU (None: leave torch's setting)."""
         self.engine = engine
+        self.threads, self.solo_threads, self.side_work = threads, solo_threads or threads, side_work
         self.max_active, self.max_queue, self.max_tokens = max_active, max_queue, max_tokens
         self.clock = clock
         self._cv = threading.Condition()
@@ -223,6 +260,8 @@ class Scheduler:
             t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
         if not ready or self._stop:
             return []
+        solo = len(ready) == 1 and ready[0].priority == "voice" and not ready[0].spoken and not self.side_work.busy
+        self._use_threads(self.solo_threads if solo else self.threads)
         with self._cv:
             st = self._steps
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
@@ -235,6 +274,10 @@ class Scheduler:
         for t, r in zip(ready, results):
             self._guard(t, self._deliver, r)
         return ready
+
+    def _use_threads(self, n: int | None) -> None:
+        if n and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
     def _guard(self, t: Task, fn, *args) -> bool:
         """fn(t, *args); an unexpected error ends this request with `error` and the engine thread

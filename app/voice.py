@@ -33,6 +33,7 @@ from .backend import Backend, RequestError
 from .config import ServerConfig
 from .edge import decode_message, encode_json, validation_message
 from .metrics import Metrics
+from .scheduler import SIDE_WORK
 from .security import admit_websocket
 
 log = logging.getLogger("domino.server")
@@ -330,6 +331,7 @@ class VoiceConnection:
         cfg = self._settings(m, self.vcfg)
         vad, asr, tts = await self._load(cfg)
         self.session = VoiceSession(self.backend, cfg, self, vad=vad, asr=asr, tts=tts, method=m.method,
+                                    offload=SIDE_WORK.run,  # the engine knows when ASR/TTS use the CPU
                                     on_turn=self._on_turn, on_result=lambda r: self.metrics.observe(r, "voice", "chat"),
                                     name=f"voice {self.id}")
         self.session.partials = bool(m.partials)

@@ -145,6 +145,53 @@ def test_a_voice_reply_runs_alone_to_its_first_words_then_beside_decoding_reques
     assert fim_gen.caps == [None, 0, 0, None, None, None]  # no drafts beside the reply being spoken
 
 
+def test_a_voice_reply_alone_on_an_idle_cpu_gets_every_core_until_its_first_words():
+    import torch
+
+    from app.scheduler import SideWork
+
+    class ThreadsSeen(RecordingEngine):
+        def step(self, gens):
+            self.threads = getattr(self, "threads", []) + [torch.get_num_threads()]
+            return super().step(gens)
+
+    loop, clock, side = asyncio.new_event_loop(), Clock(), SideWork()
+    before = torch.get_num_threads()
+    try:
+        s = Scheduler(ThreadsSeen(), max_active=4, max_queue=8, clock=clock, threads=1, solo_threads=2,
+                      side_work=side)
+        s.loop, s.clk = loop, clock
+        add(s, "voice", "voice", tokens=2, prompt=512)  # a prefill round, a first sentence, a second one
+        add(s, "fim", "interactive", tokens=1)
+        assert run(s) == [["voice"], ["voice"], ["voice"], ["fim"]]
+        assert s.engine.threads == [2, 2, 1, 1]  # every core until the reply's first words are out
+        # ASR or TTS of the server in flight: the reply's first words get the base threads
+        s.engine.rounds.clear(), s.engine.threads.clear()
+        add(s, "voice2", "voice", tokens=1)
+        side._n = 1
+        run(s)
+        assert s.engine.threads == [1]
+    finally:
+        torch.set_num_threads(before)
+        loop.close()
+
+
+def test_side_work_counts_blocking_calls_while_they_run():
+    from app.scheduler import SideWork
+
+    side, seen = SideWork(), []
+
+    async def main():
+        assert not side.busy
+        assert await side.run(lambda x: seen.append(side.busy) or x * 2, 21) == 42
+        with pytest.raises(ZeroDivisionError):
+            await side.run(lambda: 1 / 0)
+        assert not side.busy  # an error still ends the count
+
+    asyncio.run(main())
+    assert seen == [True]
+
+
 def test_a_superseded_completion_leaves_the_batch_at_the_next_round(sched):
     old = add(sched, "old", "interactive", tokens=50)
     other = add(sched, "other", "chat", tokens=4)
