@@ -147,3 +147,23 @@ def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method
         ref = engine.generate(ids, GenerationRequest(max_new_tokens=24, method="ar"))
         gen = engine.generate(ids, GenerationRequest(max_new_tokens=24, method=method, adaptive_drafts=False))
         assert gen.token_ids == ref.token_ids
+
+
+def test_switching_threads_between_rounds_changes_no_token():
+    """The server gives a voice reply's first rounds more threads than the rest (app/scheduler.py):
+    a generation whose rounds alternate 1 and 2 threads equals plain decoding on 1 thread."""
+    engine = _int8_engine("qwen3")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+        ref = engine.generate(ids, GenerationRequest(max_new_tokens=24, method="ar"))
+        for method in ("ar", "domino+ngram"):
+            gen, n = engine.stream(ids, GenerationRequest(max_new_tokens=24, method=method)), 0
+            while gen.finish_reason is None:
+                torch.set_num_threads(1 + n % 2)
+                engine.step([gen])
+                n += 1
+            assert gen.token_ids == ref.token_ids, method
+    finally:
+        torch.set_num_threads(before)
