@@ -18,6 +18,7 @@ Threads: the engine decodes on `threads` (by default a core fewer than the machi
 threads that find their core busy stall every parallel region). A voice reply's first chunk, alone
 in its round while no other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight, runs on
 `solo_threads`: then nothing competes for the cores, and that chunk is what the listener waits for.
+Rounds that would step only voice replies already speaking wait while ASR/TTS runs.
 The int8 GEMMs give the same bits on any thread count, so this changes no output.
 
 Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
@@ -47,13 +48,13 @@ import torch
 from domino_backend.engine import GenerationRequest
 
 from agents.code.postprocess import Postprocessor
-from agents.voice.chunker import SentenceChunker
 from agents.voice.config import VoiceConfig
 
 from .backend import PRIORITIES, RequestError, Result, StreamJob
 
 log = logging.getLogger("domino.server")
-FIRST_CLAUSE_WORDS = VoiceConfig().first_clause_words  # the voice agent's first chunk (agents/voice/reply.py)
+FIRST_CHUNK = VoiceConfig().first_chunker  # the voice agent's first chunk (agents/voice/reply.py)
+SIDE_WORK_POLL_S = 0.002  # how often a voice reply paused for speech synthesis looks again
 
 
 class SideWork:
@@ -255,6 +256,11 @@ class Scheduler:
                     self._running.append(t)
         for t in ended:
             self._finish(t, "cancelled" if t.job.cancelled.is_set() else "deadline")
+        if batch and self.side_work.busy and all(t.priority == "voice" and t.spoken for t in batch):
+            # Speech being synthesized goes first: a reply's text runs far ahead of its audio, and
+            # the cores are better spent on the chunk the listener is about to hear.
+            time.sleep(SIDE_WORK_POLL_S)
+            return []
         ready = [t for t in batch if self._guard(t, self._begin)]
         for t in ready:
             t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
@@ -330,7 +336,7 @@ class Scheduler:
             t.text += delta
             t.job.put(delta)
             if not t.spoken and t.priority == "voice":
-                t.spoken = bool(SentenceChunker(FIRST_CLAUSE_WORDS).feed(t.text))
+                t.spoken = bool(FIRST_CHUNK().feed(t.text))
 
     def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
         if t.post is not None:  # text the stop rules held back is decided now

@@ -165,12 +165,15 @@ def test_a_voice_reply_alone_on_an_idle_cpu_gets_every_core_until_its_first_word
         add(s, "fim", "interactive", tokens=1)
         assert run(s) == [["voice"], ["voice"], ["voice"], ["fim"]]
         assert s.engine.threads == [2, 2, 1, 1]  # every core until the reply's first words are out
-        # ASR or TTS of the server in flight: the reply's first words get the base threads
+        # ASR or TTS of the server in flight: the reply's first words get the base threads, and a
+        # reply already speaking waits for the synthesis (beside a completion it does not)
         s.engine.rounds.clear(), s.engine.threads.clear()
-        add(s, "voice2", "voice", tokens=1)
+        add(s, "voice2", "voice", tokens=2)
         side._n = 1
-        run(s)
-        assert s.engine.threads == [1]
+        assert run(s) == [["voice2"]] and s.engine.threads == [1]
+        assert s.run_round() == [] and s.engine.rounds == [["voice2"]]
+        side._n = 0
+        assert run(s) == [["voice2"], ["voice2"]]
     finally:
         torch.set_num_threads(before)
         loop.close()

@@ -275,6 +275,12 @@ def test_the_first_spoken_chunk_is_short():
         await r.until("turn_done")
         assert [e["text"] for e in r.sink.of("audio_start")] == ["Well, Paris is the capital,",
                                                                  "as you know, of the French republic today."]
+        # a first sentence without commas ends its first chunk before a conjunction; later ones do not
+        r.backend.reply = "Water boils at 100 degrees Celsius and salt melts. It boils at 1413 degrees and more."
+        await r.speak(1.0)
+        await r.until("turn_done", turn=2)
+        assert [e["text"] for e in r.sink.of("audio_start")][2:] == [
+            "Water boils at 100 degrees Celsius", "and salt melts.", "It boils at 1413 degrees and more."]
         await r.s.close()
 
     run(main())

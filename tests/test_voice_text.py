@@ -32,8 +32,8 @@ EXPECTED = [
 ]
 
 
-def stream(text, sizes, clause_words=8):
-    chunker, out, i = SentenceChunker(clause_words), [], 0
+def stream(text, sizes, clause_words=8, phrase_words=None):
+    chunker, out, i = SentenceChunker(clause_words, phrase_words=phrase_words), [], 0
     while i < len(text):
         n = sizes()
         out += chunker.feed(text[i : i + n])
@@ -86,6 +86,18 @@ def test_clause_split_only_after_enough_words():
         "later starts are quick.",
     ]
     assert split_sentences(long) == [long]  # clause_words=None: sentences only
+
+
+def test_phrase_split_before_a_conjunction_only_after_enough_words_and_outside_code():
+    long = "Water boils at 100 degrees Celsius and salt melts at 801 degrees."
+    assert stream(long, lambda: 1, phrase_words=5) == ["Water boils at 100 degrees Celsius",
+                                                       "and salt melts at 801 degrees."]
+    assert stream(long, lambda: 1, phrase_words=7) == [long]  # "and" comes after 6 words
+    assert stream(long, lambda: 1) == [long]  # off by default
+    # whole words only ("android", "orange"), never inside inline code
+    text = "Install the app on your android phone or tablet: `if a and b or c` works."
+    assert stream(text, lambda: 2, phrase_words=3, clause_words=None) == [
+        "Install the app on your android phone", "or tablet: `if a and b or c` works."]
 
 
 def test_unclosed_code_fence_is_held_until_flush_and_run_ons_are_cut():

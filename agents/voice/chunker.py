@@ -7,6 +7,9 @@ A chunk ends at
 * a line break (list items, headings and paragraphs have no final punctuation);
 * a clause mark (``,`` ``;`` ``:``) followed by whitespace, once the chunk has `clause_words` words:
   long first sentences then reach TTS early, short clauses are not chopped into odd prosody;
+* with `phrase_words` set (the reply's first chunk, where every word is on the listener's wait),
+  just before a conjunction or relative word ("and", "because", "which" ...) once the chunk has
+  that many words: a phrase boundary speakers pause at anyway, in a long sentence without commas;
 * the end of a fenced code block: the block is one chunk (speech_text replaces it) and nothing
   inside a fence or inline code ever splits;
 * `max_chars` without any of these (a run-on reply still gets spoken).
@@ -22,11 +25,17 @@ ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs approx fig e.g i.e cf al viz incl dept est".split()
 )
 _WORD_BEFORE = re.compile(r"(\S+)$")
+# Words that open a new phrase: a chunk may end just before one (see `phrase_words`).
+PHRASE_STARTS = frozenset(
+    "and but or so because which who whom whose where when while if although though since unless whereas".split()
+)
+_NEXT_WORD = re.compile(r"\s+([A-Za-z]+)(?=[\s,.;:!?])")
 
 
 class SentenceChunker:
-    def __init__(self, clause_words: int | None = 8, max_chars: int = 300):
+    def __init__(self, clause_words: int | None = 8, max_chars: int = 300, phrase_words: int | None = None):
         self.clause_words = clause_words  # None: split at sentences only
+        self.phrase_words = phrase_words  # None: never before a conjunction
         self.max_chars = max_chars
         self._buf = ""
 
@@ -43,7 +52,7 @@ class SentenceChunker:
 
     def _drain(self, final: bool) -> list[str]:
         out = []
-        while (cut := _boundary(self._buf, final, self.clause_words, self.max_chars)) is not None:
+        while (cut := _boundary(self._buf, final, self.clause_words, self.max_chars, self.phrase_words)) is not None:
             chunk, self._buf = self._buf[:cut].strip(), self._buf[cut:]
             if chunk:
                 out.append(chunk)
@@ -56,7 +65,8 @@ def split_sentences(text: str) -> list[str]:
     return chunker.feed(text) + chunker.flush()
 
 
-def _boundary(buf: str, final: bool, clause_words: int | None, max_chars: int) -> int | None:
+def _boundary(buf: str, final: bool, clause_words: int | None, max_chars: int,
+              phrase_words: int | None = None) -> int | None:
     """Index just past the first chunk end in `buf`, or None if no chunk is complete yet."""
     in_fence = in_inline = False
     line_start = True
@@ -97,6 +107,11 @@ def _boundary(buf: str, final: bool, clause_words: int | None, max_chars: int) -
             continue
         elif not in_inline and c in ",;:" and clause_words and i + 1 < n and buf[i + 1].isspace():
             if len(buf[:i].split()) >= clause_words:
+                return i + 1
+        elif not in_inline and phrase_words and c in " \t" and i and not buf[i - 1].isspace():
+            # the next word must be whole (followed by a space or mark) to be told from "android"
+            m = _NEXT_WORD.match(buf, i)
+            if m and m.group(1).lower() in PHRASE_STARTS and len(buf[:i].split()) >= phrase_words:
                 return i + 1
         line_start = c == "\n" or (line_start and c in " \t")
         i += 1

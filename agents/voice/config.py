@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .chunker import SentenceChunker
 from .parts import ASRS, TTSS, VADS
 
 SPOKEN_SYSTEM_PROMPT = (
@@ -33,7 +34,7 @@ class VoiceConfig(BaseModel):
     echo_guard_ms: int = Field(200, ge=0)  # ignore speech starting this soon after our own audio starts
     # ASR and the LLM start after this much silence, while the turn is confirmed only at `silence_ms`
     # (speech in between discards the early start): the silence wait overlaps ASR and prefill.
-    early_turn_ms: int = Field(200, ge=32, le=5000)
+    early_turn_ms: int = Field(100, ge=32, le=5000)
     # Reply audio is paced in real time this far ahead of the listener: a barge-in silences it within
     # about this much, and the server knows what was heard. Raise it for clients on jittery links.
     audio_lead_ms: int = Field(120, ge=20, le=5000)
@@ -46,6 +47,8 @@ class VoiceConfig(BaseModel):
     clause_words: int = Field(8, ge=2)  # speak at , ; : once a clause has this many words (earlier audio)
     # The reply's first chunk may end at a clause mark sooner: it is on the voice-to-voice path.
     first_clause_words: int = Field(3, ge=1)
+    # ... or just before a conjunction ("and", "which", "because" ...) once it has this many words
+    first_phrase_words: int | None = Field(5, ge=1)
 
     # --- conversation
     system_prompt: str = SPOKEN_SYSTEM_PROMPT
@@ -74,6 +77,10 @@ class VoiceConfig(BaseModel):
     @classmethod
     def _known_tts(cls, v: str) -> str:
         return _known(TTSS.names(), "tts", v)
+
+    def first_chunker(self) -> SentenceChunker:
+        """The chunker for a reply's start; `reply.speak` relaxes it after the first chunk."""
+        return SentenceChunker(clause_words=self.first_clause_words, phrase_words=self.first_phrase_words)
 
     @model_validator(mode="after")
     def _rates(self) -> VoiceConfig:

@@ -22,7 +22,6 @@ import numpy as np
 
 from app.backend import Backend, GenRequest, Job, RequestError, Result
 
-from .chunker import SentenceChunker
 from .config import VoiceConfig
 from .metrics import TurnClock
 from .parts import TTS
@@ -99,7 +98,7 @@ async def speak(v: Voice, turn: Turn, messages: list[dict]) -> None:
 async def _generate(v: Voice, turn: Turn, messages: list[dict], texts: asyncio.Queue) -> None:
     req = GenRequest(kind="chat", messages=messages, max_tokens=v.cfg.max_reply_tokens, method=v.method,
                      tag=f"{v.name} turn {turn.id}", priority="voice")
-    chunker = SentenceChunker(clause_words=v.cfg.first_clause_words)
+    chunker = v.cfg.first_chunker()
     try:
         turn.job = await v.backend.submit(req)
         async for ev in turn.job:
@@ -113,7 +112,8 @@ async def _generate(v: Voice, turn: Turn, messages: list[dict], texts: asyncio.Q
             v.emit(turn, {"type": "reply_delta", "turn": turn.id, "text": ev})
             for chunk in chunker.feed(ev):
                 turn.clock.mark("first_sentence", v.clock.now())
-                chunker.clause_words = v.cfg.clause_words  # later chunks play while the next is made
+                # later chunks play while the next is made: whole clauses, for prosody
+                chunker.clause_words, chunker.phrase_words = v.cfg.clause_words, None
                 texts.put_nowait(chunk)
         for chunk in chunker.flush():
             turn.clock.mark("first_sentence", v.clock.now())
