@@ -1,10 +1,13 @@
 """How close the int8 target is to the bf16 one: perplexity on held-out code and chat text, and the
-share of held-out greedy completions that are token-identical.
+share of held-out greedy completions that are token-identical, and how far the int8 next-token
+distribution is from the bf16 one along bf16's own greedy replies (mean KL divergence, nats per
+token, and top-1 agreement: what llama.cpp's `perplexity --kl-divergence` reports for its quants).
 
 Both models are built from the same safetensors (the profile's GGUF, de-quantized once) in one
 process; the int8 one is `--quant int8` (domino_backend/quant.py). Perplexity: teacher-forced
 next-token loss over each prompt's text (code: the file excerpt, or prefix + suffix; chat: the
-chat template), at most 1024 tokens each. Greedy: `ar`, 64 new tokens per prompt.
+chat template: mostly the user's words), at most 1024 tokens each. Greedy: `ar`, 64 new tokens per
+prompt; the replies of bf16 are the text the divergence is measured on.
 
     python bench/quant_quality.py            # ~5 min on 2 cores, writes bench/results/quant_quality.json
 """
@@ -38,6 +41,20 @@ def perplexity(model, prompts: list[list[int]], max_len: int) -> float:
     return math.exp(nll / n)
 
 
+def divergence(ref, model, prompts: list[list[int]], replies: list[list[int]]) -> tuple[float, float]:
+    """Mean KL(ref || model) per reply token and the share of reply tokens where both argmaxes agree."""
+    kl, same, n = 0.0, 0, 0
+    with torch.inference_mode():
+        for ids, reply in zip(prompts, replies):
+            x = torch.tensor(ids + reply)[None]
+            span = slice(len(ids) - 1, x.shape[1] - 1)  # the positions that predict the reply
+            p, q = (m(x).logits[0, span].float().log_softmax(-1) for m in (ref, model))
+            kl += (p.exp() * (p - q)).sum().item()
+            same += (p.argmax(-1) == q.argmax(-1)).sum().item()
+            n += len(reply)
+    return kl / max(n, 1), same / max(n, 1)
+
+
 def greedy(engine, prompts: list[list[int]], new_tokens: int, label: str) -> list[list[int]]:
     return [engine.generate(ids, GenerationRequest(max_new_tokens=new_tokens, method="ar")).token_ids
             for ids in tqdm(prompts, desc=f"greedy {label}", leave=False)]
@@ -65,6 +82,7 @@ def main() -> None:
         gp = prompts[: a.greedy_prompts]
         outs = {q: greedy(e, gp, a.new_tokens, q) for q, e in engines.items()}
         prefix = [common_prefix(x, y) for x, y in zip(outs["none"], outs["int8"])]
+        kld, top1 = divergence(engines["none"].target.model, engines["int8"].target.model, gp, outs["none"])
         row = {
             "set": name,
             "prompts": len(prompts),
@@ -75,6 +93,8 @@ def main() -> None:
             "greedy_prompts": len(gp),
             "greedy_identical": sum(x == y for x, y in zip(outs["none"], outs["int8"])) / len(gp),
             "greedy_mean_common_prefix": sum(prefix) / len(gp),
+            "reply_kld": round(kld, 5),
+            "reply_top1": round(top1, 4),
         }
         report["sets"].append(row)
         print(json.dumps(row), flush=True)
