@@ -330,7 +330,8 @@ class VoiceConnection:
             raise Refused("invalid_request", str(e)) from None
         cfg = self._settings(m, self.vcfg)
         vad, asr, tts = await self._load(cfg)
-        self.session = VoiceSession(self.backend, cfg, self, vad=vad, asr=asr, tts=tts, method=m.method,
+        self.session = VoiceSession(self.backend, cfg, self, vad=vad, asr=asr, tts=tts,
+                                    method=m.method if m.method is not None else cfg.method,
                                     offload=SIDE_WORK.run,  # the engine knows when ASR/TTS use the CPU
                                     on_turn=self._on_turn, on_result=lambda r: self.metrics.observe(r, "voice", "chat"),
                                     name=f"voice {self.id}")

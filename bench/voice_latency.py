@@ -151,7 +151,7 @@ def main(argv=None) -> int:
 
         health = httpx.get(url.replace("ws", "http", 1).rsplit("/v1/", 1)[0] + "/health").json()
         default = health.get("default_method")
-        methods = {"ar": "ar", default: None} if default != "ar" else {"ar": "ar"}
+        methods = {"ar": "ar", default: default} if default != "ar" else {"ar": "ar"}
         one_request(url, clips[0], None)  # warm-up: loads the voice models, fills the prefix cache
         rows = {m: [] for m in methods}
         for text, pcm in zip(texts, clips):

@@ -41,6 +41,11 @@ class VoiceConfig(BaseModel):
     max_reply_tokens: int = Field(160, ge=1)  # spoken answers are short; this bounds a runaway one
 
     # --- recognition and synthesis
+    # The LLM method for replies when the client names none (None: the server's default). Plain
+    # decoding: a spoken reply's first chunk is a dozen chat tokens, where the shipped drafter
+    # (trained on code) is accepted too rarely to pay for its verify rows on a CPU; compare both
+    # with `python bench/voice_latency.py`.
+    method: str | None = "ar"
     asr: str = "tiny"  # "tiny" (Whisper tiny.en) | "accurate" (Whisper base)
     tts: str = "piper"  # "piper" | "kokoro" | "espeak" | "coqui"
     voice: str | None = None  # engine-specific voice name or model path; None = the engine's default
