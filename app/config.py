@@ -39,7 +39,7 @@ class ServerConfig(BaseModel):
     draft: str | None = None  # None = the profile's default drafter, "none" = ar/ngram only
     dtype: str = "auto"
     quant: str = "auto"  # the target's Linear weights: domino_backend.quant.QUANT_MODES
-    threads: int | None = None  # torch threads; None = cores - 1 (see engine_backend.engine_threads)
+    threads: int | None = None  # torch threads; None = every core, one fewer while ASR/TTS run (engine_backend)
     # Default decoding method when a request names none; "auto" is resolved by
     # domino_backend.methods.resolve. Lossless either way.
     method: str = "auto"

@@ -23,10 +23,15 @@ log = logging.getLogger("domino.server")
 
 
 def engine_threads() -> int:
-    """Default torch threads for serving: one core fewer than the machine has. The event loop,
-    tokenizer and sockets need a core, and OpenMP threads that find their core busy spin-wait:
-    on the 2-core dev box a tiny-model forward took 35x longer with 2 threads than with 1 while
-    another process was busy."""
+    """Torch threads for the engine's rounds: every core (the load benchmark served 16 clients
+    markedly faster on both cores of the 2-core dev box than on one)."""
+    return os.cpu_count() or 1
+
+
+def shared_threads() -> int:
+    """Torch threads while the server's own speech recognition or synthesis runs: one core fewer.
+    OpenMP threads that find their core busy stall every parallel region (on the 2-core dev box a
+    tiny-model forward took 35x longer with 2 threads than with 1 while another process was busy)."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
@@ -78,13 +83,13 @@ class EngineBackend:
         if self.default_method != self.cfg.method != "auto":
             log.warning("this engine cannot run %s: default method %s", self.cfg.method, self.default_method)
         self._tok = copy.deepcopy(e.target.tokenizer)
-        # An explicit --threads is what every round gets; by default a voice reply's first chunk
-        # takes every core when nothing else runs (scheduler.py). An engine handed in keeps its own.
+        # An explicit --threads is what every round gets; by default every core, one fewer while
+        # ASR/TTS runs (scheduler.py). An engine handed in keeps its own.
         built = self._loader is not None
         self.scheduler = Scheduler(e, self.cfg.max_active, self.cfg.max_queue, self._engine_thread,
                                    self.cfg.max_tokens_in_flight,
                                    threads=self.cfg.threads or (engine_threads() if built else None),
-                                   solo_threads=self.cfg.threads or (os.cpu_count() if built else None))
+                                   shared_threads=self.cfg.threads or (shared_threads() if built else None))
         self.scheduler.start()
         self._status = "ok"
         log.info("engine ready: target=%s method=%s max_context=%d", self.model_id, self.default_method,

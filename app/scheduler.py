@@ -14,20 +14,11 @@ while other prompts wait to be prefilled (prefill chunks and drafts are the rows
 down on a CPU). A cancel (a completion superseded by a newer
 keystroke) or a deadline takes effect at the next round.
 
-Threads: the engine decodes on `threads` (by default a core fewer than the machine has: OpenMP
-threads that find their core busy stall every parallel region). A voice reply's first chunk, alone
-in its round while no other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight, runs on
-`solo_threads`: then nothing competes for the cores, and that chunk is what the listener waits for.
-Rounds that would step only voice replies already speaking wait while ASR/TTS runs.
-The int8 GEMMs give the same bits on any thread count, so this changes no output.
-
-Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
-(prompt + max_tokens of every admitted request: the KV memory they may claim), `submit` refuses
-with `overloaded` (HTTP 429) instead of letting latency grow without bound; a request alone is
-never refused for its size (the edge bounds that).
-
-Cancelling a waiting request removes it at once (no engine work at all); cancelling a started one
-stops it before its next round. Only the engine thread touches Generation objects.
+Threads: the engine decodes on `threads` (by default every core), and on `shared_threads` (one
+core fewer) while other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight: OpenMP
+threads that find their core busy stall every parallel region. Rounds that would step only voice
+replies already speaking wait while ASR/TTS runs: a reply's text runs far ahead of its audio. The
+int8 GEMMs give the same bits on any thread count, so this changes no output.
 """
 
 from __future__ import annotations
@@ -146,13 +137,13 @@ class Scheduler:
     def __init__(self, engine, max_active: int = 8, max_queue: int = 64,
                  engine_thread: EngineThread | None = None, max_tokens: int | None = None,
                  clock: Callable[[], float] = time.perf_counter, threads: int | None = None,
-                 solo_threads: int | None = None, side_work: SideWork = SIDE_WORK):
+                 shared_threads: int | None = None, side_work: SideWork = SIDE_WORK):
         """engine_thread: the thread that built the engine; the worker loop runs on it too.
         max_tokens: the tokens-in-flight budget (None: none). clock: what `received`, deadlines
-        and timings are measured with. threads / solo_threads: torch threads for rounds, and for a
-        voice reply's first chunk alone on an otherwise idle CPU (None: leave torch's setting)."""
+        and timings are measured with. threads / shared_threads: torch threads for rounds, and
+        for rounds while `side_work` is busy (None: leave torch's setting)."""
         self.engine = engine
-        self.threads, self.solo_threads, self.side_work = threads, solo_threads or threads, side_work
+        self.threads, self.shared_threads, self.side_work = threads, shared_threads or threads, side_work
         self.max_active, self.max_queue, self.max_tokens = max_active, max_queue, max_tokens
         self.clock = clock
         self._cv = threading.Condition()
@@ -266,8 +257,7 @@ class Scheduler:
             t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
         if not ready or self._stop:
             return []
-        solo = len(ready) == 1 and ready[0].priority == "voice" and not ready[0].spoken and not self.side_work.busy
-        self._use_threads(self.solo_threads if solo else self.threads)
+        self._use_threads(self.shared_threads if self.side_work.busy else self.threads)
         with self._cv:
             st = self._steps
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),

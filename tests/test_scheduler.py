@@ -145,7 +145,7 @@ def test_a_voice_reply_runs_alone_to_its_first_words_then_beside_decoding_reques
     assert fim_gen.caps == [None, 0, 0, None, None, None]  # no drafts beside the reply being spoken
 
 
-def test_a_voice_reply_alone_on_an_idle_cpu_gets_every_core_until_its_first_words():
+def test_rounds_take_every_core_except_while_speech_work_runs_when_speaking_replies_wait():
     import torch
 
     from app.scheduler import SideWork
@@ -158,22 +158,22 @@ def test_a_voice_reply_alone_on_an_idle_cpu_gets_every_core_until_its_first_word
     loop, clock, side = asyncio.new_event_loop(), Clock(), SideWork()
     before = torch.get_num_threads()
     try:
-        s = Scheduler(ThreadsSeen(), max_active=4, max_queue=8, clock=clock, threads=1, solo_threads=2,
+        s = Scheduler(ThreadsSeen(), max_active=4, max_queue=8, clock=clock, threads=2, shared_threads=1,
                       side_work=side)
         s.loop, s.clk = loop, clock
         add(s, "voice", "voice", tokens=2, prompt=512)  # a prefill round, a first sentence, a second one
         add(s, "fim", "interactive", tokens=1)
         assert run(s) == [["voice"], ["voice"], ["voice"], ["fim"]]
-        assert s.engine.threads == [2, 2, 1, 1]  # every core until the reply's first words are out
-        # ASR or TTS of the server in flight: the reply's first words get the base threads, and a
-        # reply already speaking waits for the synthesis (beside a completion it does not)
+        assert s.engine.threads == [2, 2, 2, 2]
+        # ASR or TTS of the server in flight: a reply not yet speaking runs on the shared threads,
+        # and a reply already speaking waits for the synthesis
         s.engine.rounds.clear(), s.engine.threads.clear()
         add(s, "voice2", "voice", tokens=2)
         side._n = 1
         assert run(s) == [["voice2"]] and s.engine.threads == [1]
         assert s.run_round() == [] and s.engine.rounds == [["voice2"]]
         side._n = 0
-        assert run(s) == [["voice2"], ["voice2"]]
+        assert run(s) == [["voice2"], ["voice2"]] and s.engine.threads == [1, 2]
     finally:
         torch.set_num_threads(before)
         loop.close()
