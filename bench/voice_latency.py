@@ -4,16 +4,17 @@ The requests of bench/voice_prompts.txt are synthesized by Piper (en_US-joe-medi
 off, so every run speaks the same audio; cached as WAVs under $DOMINO_CACHE/voice/bench). One
 server process (`python -m app`, default models) answers them all. Each request opens a fresh
 session, streams its speech in real time like a microphone, keeps streaming silence until the
-first reply audio arrives, then ends the session. Every request is sent once per method (`ar`,
-then the server's default), so both methods meet the same machine.
+first reply audio arrives, then ends the session. Every request is sent once per method and pass
+(`ar`, then the server's default), so both methods meet the same machine; p50/p95 pool the turns
+of all passes (one pass over 12 requests moves by 10-15 % between runs on the 2-core box).
 
 Reported per method: p50/p95 of each stage of `turn_done.timings` (see docs/voice-api.md), each
 stage's share of voice-to-voice, the voice-to-voice a client sees (end of the speech it sent ->
 first audio byte it received), tau and decode speed, and how much speculation saves on the first
 sentence. Writes JSON and prints a markdown table.
 
-    python bench/voice_latency.py                       # pinned: coder profile, 12 requests
-    python bench/voice_latency.py --profile tiny --limit 3 --json ''   # a quick check
+    python bench/voice_latency.py                       # pinned: coder profile, 12 requests, 3 passes
+    python bench/voice_latency.py --profile tiny --limit 3 --repeat 1 --json ''   # a quick check
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompts", default=str(HERE / "voice_prompts.txt"))
     ap.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="passes over the requests (the p50/p95 pool every turn: one pass varies by 10-15 %% here)")
     ap.add_argument("--url", default=None, help="a running server's ws://.../v1/voice instead of spawning one")
     ap.add_argument("--json", default=str(HERE / "results" / "voice_latency.json"), help="'' = do not write")
     args = ap.parse_args(argv)
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
         methods = {"ar": "ar", default: default} if default != "ar" else {"ar": "ar"}
         one_request(url, clips[0], None)  # warm-up: loads the voice models, fills the prefix cache
         rows = {m: [] for m in methods}
-        for text, pcm in zip(texts, clips):
+        for text, pcm in [(t, c) for _ in range(args.repeat) for t, c in zip(texts, clips)]:
             for name, method in methods.items():
                 row = {"prompt": text, "speech_s": round(speech_end_s(pcm), 2), **one_request(url, pcm, method)}
                 rows[name].append(row)
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
     p50 = lambda m, k: next(r[m]["p50"] for r in stages if r["stage"] == LABELS[k])  # noqa: E731
     stages = stage_rows(rows)
     # Latency on a shared machine is mostly other work: the load average says how busy it was.
-    report = {"profile": None if args.url else args.profile, "requests": len(texts), "default_method": default,
+    report = {"profile": None if args.url else args.profile, "requests": len(texts), "repeat": args.repeat,
+              "default_method": default,
               "cpus": os.cpu_count(), "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2)}
     if default != "ar":  # what speculation saves, p50 against ar
         for k in ("first_sentence_ms", "voice_to_voice_ms"):
