@@ -88,15 +88,17 @@ def test_clause_split_only_after_enough_words():
     assert split_sentences(long) == [long]  # clause_words=None: sentences only
 
 
-def test_phrase_split_before_a_conjunction_only_after_enough_words_and_outside_code():
+def test_phrase_split_before_a_conjunction_or_preposition_only_after_enough_words_and_outside_code():
     long = "Water boils at 100 degrees Celsius and salt melts at 801 degrees."
     assert stream(long, lambda: 1, phrase_words=5) == ["Water boils at 100 degrees Celsius",
                                                        "and salt melts at 801 degrees."]
-    assert stream(long, lambda: 1, phrase_words=7) == [long]  # "and" comes after 6 words
+    assert stream(long, lambda: 1, phrase_words=9) == ["Water boils at 100 degrees Celsius and salt melts",
+                                                       "at 801 degrees."]
+    assert stream(long, lambda: 1, phrase_words=10) == [long]  # the last "at" comes after 9 words
     assert stream(long, lambda: 1) == [long]  # off by default
     # whole words only ("android", "orange"), never inside inline code
     text = "Install the app on your android phone or tablet: `if a and b or c` works."
-    assert stream(text, lambda: 2, phrase_words=3, clause_words=None) == [
+    assert stream(text, lambda: 2, phrase_words=4, clause_words=None) == [
         "Install the app on your android phone", "or tablet: `if a and b or c` works."]
 
 

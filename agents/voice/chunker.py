@@ -8,8 +8,8 @@ A chunk ends at
 * a clause mark (``,`` ``;`` ``:``) followed by whitespace, once the chunk has `clause_words` words:
   long first sentences then reach TTS early, short clauses are not chopped into odd prosody;
 * with `phrase_words` set (the reply's first chunk, where every word is on the listener's wait),
-  just before a conjunction or relative word ("and", "because", "which" ...) once the chunk has
-  that many words: a phrase boundary speakers pause at anyway, in a long sentence without commas;
+  just before a conjunction, relative word or preposition ("and", "which", "in", "by" ...) once
+  the chunk has that many words: a phrase boundary, in a sentence without commas;
 * the end of a fenced code block: the block is one chunk (speech_text replaces it) and nothing
   inside a fence or inline code ever splits;
 * `max_chars` without any of these (a run-on reply still gets spoken).
@@ -25,9 +25,11 @@ ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st vs approx fig e.g i.e cf al viz incl dept est".split()
 )
 _WORD_BEFORE = re.compile(r"(\S+)$")
-# Words that open a new phrase: a chunk may end just before one (see `phrase_words`).
+# Words that open a new phrase (conjunctions, relative words, prepositions): a chunk may end just
+# before one (see `phrase_words`).
 PHRASE_STARTS = frozenset(
-    "and but or so because which who whom whose where when while if although though since unless whereas".split()
+    "and but or so because which who whom whose where when while if although though since unless whereas "
+    "in on at for to with of by from into about over after before during through without within between".split()
 )
 _NEXT_WORD = re.compile(r"\s+([A-Za-z]+)(?=[\s,.;:!?])")
 

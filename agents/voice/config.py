@@ -52,8 +52,9 @@ class VoiceConfig(BaseModel):
     clause_words: int = Field(8, ge=2)  # speak at , ; : once a clause has this many words (earlier audio)
     # The reply's first chunk may end at a clause mark sooner: it is on the voice-to-voice path.
     first_clause_words: int = Field(3, ge=1)
-    # ... or just before a conjunction ("and", "which", "because" ...) once it has this many words
-    first_phrase_words: int | None = Field(5, ge=1)
+    # ... or just before a conjunction or preposition ("and", "which", "in" ...) once it has this
+    # many words: every token and every syllable of the first chunk is on the voice-to-voice path
+    first_phrase_words: int | None = Field(4, ge=1)
 
     # --- conversation
     system_prompt: str = SPOKEN_SYSTEM_PROMPT
