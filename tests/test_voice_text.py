@@ -142,3 +142,13 @@ def test_code_in_a_reply_is_never_spoken():
     spoken = " ".join(to_speech(chunk) for chunk in EXPECTED)
     assert "print" not in spoken and "a.txt" not in spoken and CODE_PHRASE in spoken
     assert not set(spoken) & set("`*#_[]{}|<>\\")
+
+
+def test_a_transcript_said_again_and_again_is_kept_once():
+    from agents.voice.asr import said_once
+
+    again = " What language do they speak in Brazil? What language do they speak in Brazil? What language"
+    assert said_once(again) == "What language do they speak in Brazil?"
+    assert said_once("Hi. How are you? Hi. How are you? Hi.") == "Hi. How are you?"
+    assert said_once("What language do they speak in Brazil?") is None  # said once: not a repeat
+    assert said_once("la la la la la la la la") is None  # no sentence to keep: the full window decides

@@ -7,6 +7,7 @@ passed, so nothing is ever downloaded.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,14 @@ from .audio import as_float_mono
 from .parts import SAMPLE_RATE, VoiceDependencyError, VoiceError, INSTALL_HINT
 
 
-# The short-window path (see WhisperASR._transcribe_short): with tiny.en, a 10 s window transcribes
-# the 2-8 s turns of bench/voice_prompts.txt like the 30 s one, at a fraction of the cost.
-SHORT_WINDOW_S = 10
+# The short-window path (see WhisperASR._transcribe_short): with tiny.en, an 8 s window transcribes
+# the turns of bench/voice_prompts.txt like the 30 s one, at a fraction of the cost.
+SHORT_WINDOW_S = 8
 SHORT_PAD_S = 2
 SHORT_MAX_TOKENS = 160  # far more than 8 s of speech needs; reaching it means a runaway repeat
 NO_SPEECH_PROB = 0.6  # faster-whisper's threshold for a segment that may be silence
 MAX_COMPRESSION = 2.4  # faster-whisper's threshold for a repetitive (failed) decode
+_SAID_AGAIN = re.compile(r"^(.+?[.?!])(?:\s+\1)+", re.S)  # sentences repeated right after themselves
 
 
 class WhisperASR:
@@ -88,10 +90,12 @@ class WhisperASR:
                                         return_no_speech_prob=True)[0]
         ids = [i for i in out.sequences_ids[0] if i < self._eot]
         text = self._decode(ids).strip()
-        # Likely silence or noise, or a runaway repeat: the full path decides, with faster-whisper's
-        # no-speech rule and temperature fallback.
-        if out.no_speech_prob > NO_SPEECH_PROB or len(ids) >= SHORT_MAX_TOKENS - len(self._prompt) or _repetitive(text):
-            return None
+        if out.no_speech_prob > NO_SPEECH_PROB:
+            return None  # likely silence or noise: faster-whisper's no-speech rule decides
+        if len(ids) >= SHORT_MAX_TOKENS - len(self._prompt) or _repetitive(text):
+            # Whisper's failure in a short window: the utterance again and again. Keep it once;
+            # any other runaway goes to the full window and its temperature fallback.
+            return said_once(text)
         return text
 
 
@@ -111,3 +115,10 @@ def _repetitive(text: str) -> bool:
 
     raw = text.encode()
     return len(raw) > 0 and len(raw) / len(zlib.compress(raw)) > MAX_COMPRESSION
+
+
+def said_once(text: str) -> str | None:
+    """The sentence(s) that `text` repeats right after themselves ("Hi. How are you? Hi. How are
+    you? Hi."), once; None when `text` is not such a repeat."""
+    m = _SAID_AGAIN.match(text.strip())
+    return m.group(1) if m else None
