@@ -32,8 +32,8 @@ EXPECTED = [
 ]
 
 
-def stream(text, sizes, clause_words=8, phrase_words=None):
-    chunker, out, i = SentenceChunker(clause_words, phrase_words=phrase_words), [], 0
+def stream(text, sizes, clause_words=8, phrase_chars=None):
+    chunker, out, i = SentenceChunker(clause_words, phrase_chars=phrase_chars), [], 0
     while i < len(text):
         n = sizes()
         out += chunker.feed(text[i : i + n])
@@ -90,15 +90,18 @@ def test_clause_split_only_after_enough_words():
 
 def test_phrase_split_before_a_conjunction_or_preposition_only_after_enough_words_and_outside_code():
     long = "Water boils at 100 degrees Celsius and salt melts at 801 degrees."
-    assert stream(long, lambda: 1, phrase_words=5) == ["Water boils at 100 degrees Celsius",
-                                                       "and salt melts at 801 degrees."]
-    assert stream(long, lambda: 1, phrase_words=9) == ["Water boils at 100 degrees Celsius and salt melts",
-                                                       "at 801 degrees."]
-    assert stream(long, lambda: 1, phrase_words=10) == [long]  # the last "at" comes after 9 words
+    assert stream(long, lambda: 1, phrase_chars=16) == ["Water boils at 100 degrees Celsius",
+                                                        "and salt melts at 801 degrees."]
+    assert stream(long, lambda: 1, phrase_chars=40) == ["Water boils at 100 degrees Celsius and salt melts",
+                                                        "at 801 degrees."]
+    assert stream(long, lambda: 1, phrase_chars=50) == [long]  # the last "at" comes after 49 characters
     assert stream(long, lambda: 1) == [long]  # off by default
+    # a long word counts for what it takes to say
+    assert stream("H-D-T-T-P stands for hypertext transfer protocol.", lambda: 3, phrase_chars=16) == [
+        "H-D-T-T-P stands", "for hypertext transfer protocol."]
     # whole words only ("android", "orange"), never inside inline code
     text = "Install the app on your android phone or tablet: `if a and b or c` works."
-    assert stream(text, lambda: 2, phrase_words=4, clause_words=None) == [
+    assert stream(text, lambda: 2, phrase_chars=16, clause_words=None) == [
         "Install the app on your android phone", "or tablet: `if a and b or c` works."]
 
 

@@ -7,9 +7,10 @@ A chunk ends at
 * a line break (list items, headings and paragraphs have no final punctuation);
 * a clause mark (``,`` ``;`` ``:``) followed by whitespace, once the chunk has `clause_words` words:
   long first sentences then reach TTS early, short clauses are not chopped into odd prosody;
-* with `phrase_words` set (the reply's first chunk, where every word is on the listener's wait),
+* with `phrase_chars` set (the reply's first chunk, where every word is on the listener's wait),
   just before a conjunction, relative word or preposition ("and", "which", "in", "by" ...) once
-  the chunk has that many words: a phrase boundary, in a sentence without commas;
+  the chunk has that many characters (what it costs to say, better than words: "H-D-T-T-P" is one
+  word of many syllables and tokens): a phrase boundary, in a sentence without commas;
 * the end of a fenced code block: the block is one chunk (speech_text replaces it) and nothing
   inside a fence or inline code ever splits;
 * `max_chars` without any of these (a run-on reply still gets spoken).
@@ -26,7 +27,7 @@ ABBREVIATIONS = frozenset(
 )
 _WORD_BEFORE = re.compile(r"(\S+)$")
 # Words that open a new phrase (conjunctions, relative words, prepositions): a chunk may end just
-# before one (see `phrase_words`).
+# before one (see `phrase_chars`).
 PHRASE_STARTS = frozenset(
     "and but or so because which who whom whose where when while if although though since unless whereas "
     "in on at for to with of by from into about over after before during through without within between".split()
@@ -35,9 +36,9 @@ _NEXT_WORD = re.compile(r"\s+([A-Za-z]+)(?=[\s,.;:!?])")
 
 
 class SentenceChunker:
-    def __init__(self, clause_words: int | None = 8, max_chars: int = 300, phrase_words: int | None = None):
+    def __init__(self, clause_words: int | None = 8, max_chars: int = 300, phrase_chars: int | None = None):
         self.clause_words = clause_words  # None: split at sentences only
-        self.phrase_words = phrase_words  # None: never before a conjunction
+        self.phrase_chars = phrase_chars  # None: never before a conjunction
         self.max_chars = max_chars
         self._buf = ""
 
@@ -54,7 +55,7 @@ class SentenceChunker:
 
     def _drain(self, final: bool) -> list[str]:
         out = []
-        while (cut := _boundary(self._buf, final, self.clause_words, self.max_chars, self.phrase_words)) is not None:
+        while (cut := _boundary(self._buf, final, self.clause_words, self.max_chars, self.phrase_chars)) is not None:
             chunk, self._buf = self._buf[:cut].strip(), self._buf[cut:]
             if chunk:
                 out.append(chunk)
@@ -68,7 +69,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _boundary(buf: str, final: bool, clause_words: int | None, max_chars: int,
-              phrase_words: int | None = None) -> int | None:
+              phrase_chars: int | None = None) -> int | None:
     """Index just past the first chunk end in `buf`, or None if no chunk is complete yet."""
     in_fence = in_inline = False
     line_start = True
@@ -110,10 +111,10 @@ def _boundary(buf: str, final: bool, clause_words: int | None, max_chars: int,
         elif not in_inline and c in ",;:" and clause_words and i + 1 < n and buf[i + 1].isspace():
             if len(buf[:i].split()) >= clause_words:
                 return i + 1
-        elif not in_inline and phrase_words and c in " \t" and i and not buf[i - 1].isspace():
+        elif not in_inline and phrase_chars and c in " \t" and i and not buf[i - 1].isspace():
             # the next word must be whole (followed by a space or mark) to be told from "android"
             m = _NEXT_WORD.match(buf, i)
-            if m and m.group(1).lower() in PHRASE_STARTS and len(buf[:i].split()) >= phrase_words:
+            if m and m.group(1).lower() in PHRASE_STARTS and len(buf[:i].strip()) >= phrase_chars:
                 return i + 1
         line_start = c == "\n" or (line_start and c in " \t")
         i += 1

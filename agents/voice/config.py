@@ -53,8 +53,9 @@ class VoiceConfig(BaseModel):
     # The reply's first chunk may end at a clause mark sooner: it is on the voice-to-voice path.
     first_clause_words: int = Field(3, ge=1)
     # ... or just before a conjunction or preposition ("and", "which", "in" ...) once it has this
-    # many words: every token and every syllable of the first chunk is on the voice-to-voice path
-    first_phrase_words: int | None = Field(4, ge=1)
+    # many characters (about 4 words): every token and syllable of the first chunk is on the
+    # voice-to-voice path
+    first_phrase_chars: int | None = Field(16, ge=1)
 
     # --- conversation
     system_prompt: str = SPOKEN_SYSTEM_PROMPT
@@ -86,7 +87,7 @@ class VoiceConfig(BaseModel):
 
     def first_chunker(self) -> SentenceChunker:
         """The chunker for a reply's start; `reply.speak` relaxes it after the first chunk."""
-        return SentenceChunker(clause_words=self.first_clause_words, phrase_words=self.first_phrase_words)
+        return SentenceChunker(clause_words=self.first_clause_words, phrase_chars=self.first_phrase_chars)
 
     @model_validator(mode="after")
     def _rates(self) -> VoiceConfig:

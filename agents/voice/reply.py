@@ -113,7 +113,7 @@ async def _generate(v: Voice, turn: Turn, messages: list[dict], texts: asyncio.Q
             for chunk in chunker.feed(ev):
                 turn.clock.mark("first_sentence", v.clock.now())
                 # later chunks play while the next is made: whole clauses, for prosody
-                chunker.clause_words, chunker.phrase_words = v.cfg.clause_words, None
+                chunker.clause_words, chunker.phrase_chars = v.cfg.clause_words, None
                 texts.put_nowait(chunk)
         for chunk in chunker.flush():
             turn.clock.mark("first_sentence", v.clock.now())
