@@ -19,6 +19,14 @@ core fewer) while other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in fli
 threads that find their core busy stall every parallel region. Rounds that would step only voice
 replies already speaking wait while ASR/TTS runs: a reply's text runs far ahead of its audio. The
 int8 GEMMs give the same bits on any thread count, so this changes no output.
+
+Admission: beyond `max_active + max_queue` requests, or beyond `max_tokens` tokens in flight
+(prompt + max_tokens of every admitted request: the KV memory they may claim), `submit` refuses
+with `overloaded` (HTTP 429) instead of letting latency grow without bound; a request alone is
+never refused for its size (the edge bounds that).
+
+Cancelling a waiting request removes it at once (no engine work at all); cancelling a started one
+stops it before its next round. Only the engine thread touches Generation objects.
 """
 
 from __future__ import annotations

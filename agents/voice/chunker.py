@@ -38,7 +38,7 @@ _NEXT_WORD = re.compile(r"\s+([A-Za-z]+)(?=[\s,.;:!?])")
 class SentenceChunker:
     def __init__(self, clause_words: int | None = 8, max_chars: int = 300, phrase_chars: int | None = None):
         self.clause_words = clause_words  # None: split at sentences only
-        self.phrase_chars = phrase_chars  # None: never before a conjunction
+        self.phrase_chars = phrase_chars  # None: never before a conjunction or preposition
         self.max_chars = max_chars
         self._buf = ""
 
