@@ -97,6 +97,7 @@ class Task:
     text: str = ""
     order: int = 0  # admission order (ties of `received`)
     spoken: bool = False  # a voice reply: its first chunk for text-to-speech is out
+    first_chunk: Any = None  # a voice reply's chunker (agents.voice.chunker), fed until `spoken`
 
     @property
     def tokens(self) -> int:
@@ -334,7 +335,8 @@ class Scheduler:
             t.text += delta
             t.job.put(delta)
             if not t.spoken and t.priority == "voice":
-                t.spoken = bool(FIRST_CHUNK().feed(t.text))
+                t.first_chunk = t.first_chunk or FIRST_CHUNK()
+                t.spoken = bool(t.first_chunk.feed(delta))
 
     def _finish(self, t: Task, reason: str, error: str | None = None) -> None:
         if t.post is not None:  # text the stop rules held back is decided now

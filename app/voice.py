@@ -307,7 +307,8 @@ class VoiceConnection:
         methods = self.backend.health().get("methods")
         if m.method is not None and methods and m.method not in methods:
             raise Refused("invalid_request", f"unknown method {m.method!r}; this server has {', '.join(methods)}")
-        update = {k: v for k, v in (("asr", m.asr), ("tts", m.tts), ("voice", m.voice)) if v is not None}
+        update = {k: v for k, v in (("asr", m.asr), ("tts", m.tts), ("voice", m.voice), ("method", m.method))
+                  if v is not None}
         if m.tts is not None and m.tts != base.tts and m.voice is None:
             update["voice"] = None  # another engine's voice name means nothing to this one
         try:
@@ -331,7 +332,7 @@ class VoiceConnection:
         cfg = self._settings(m, self.vcfg)
         vad, asr, tts = await self._load(cfg)
         self.session = VoiceSession(self.backend, cfg, self, vad=vad, asr=asr, tts=tts,
-                                    method=m.method if m.method is not None else cfg.method,
+                                    method=cfg.method,
                                     offload=SIDE_WORK.run,  # the engine knows when ASR/TTS use the CPU
                                     on_turn=self._on_turn, on_result=lambda r: self.metrics.observe(r, "voice", "chat"),
                                     name=f"voice {self.id}")
@@ -346,7 +347,7 @@ class VoiceConnection:
         cfg = self._settings(m, s.cfg)
         _, s.asr, s.tts = await self._load(cfg)  # the next turn uses them; a reply in progress keeps its voice
         s.cfg = cfg
-        s.method = m.method if m.method is not None else s.method
+        s.method = cfg.method
         s.partials = s.partials if m.partials is None else m.partials
         self._ready()
 

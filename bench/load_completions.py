@@ -42,13 +42,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.voice.chunker import SentenceChunker  # noqa: E402
 from agents.voice.config import SPOKEN_SYSTEM_PROMPT, VoiceConfig  # noqa: E402
 from agents.voice.metrics import percentile  # noqa: E402
 from bench.serving import spawn_server  # noqa: E402
 
 FILES = sorted(p for d in ("domino_backend", "app", "agents/voice") for p in (ROOT / d).glob("*.py"))
-FIRST_CLAUSE_WORDS = VoiceConfig().first_clause_words  # the voice agent's first chunk for text-to-speech
+FIRST_CHUNK = VoiceConfig().first_chunker  # the voice agent's first chunk for text-to-speech
 TYPED_PER_REQUEST = 7  # characters the cursor moves between a client's requests
 MIXED_CLIENTS = 8
 
@@ -76,7 +75,7 @@ async def ws_request(ws, msg: dict) -> dict:
     t0 = time.perf_counter()
     await ws.send(json.dumps({**msg, "id": rid}))
     first = sentence = None
-    text = ""
+    chunker = FIRST_CHUNK()
     while True:
         m = json.loads(await ws.recv())
         if m.get("id") != rid:
@@ -84,8 +83,7 @@ async def ws_request(ws, msg: dict) -> dict:
         now = time.perf_counter()
         if m["type"] == "delta":
             first = first or now
-            text += m["text"]
-            if sentence is None and SentenceChunker(FIRST_CLAUSE_WORDS).feed(text):
+            if sentence is None and chunker.feed(m["text"]):
                 sentence = now
         elif m["type"] in ("done", "error"):
             return {"ttft": (first or now) - t0, "sentence": (sentence or now) - t0, "total": now - t0,
