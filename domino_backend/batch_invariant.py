@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import attention
+
 MAX_ROWS = 32  # the largest draft tree verified (in rows), >= a block-16 verify (17 rows)
 BLOCK = 32  # prefill rows attend in aligned blocks of this many (one fused call each)
 
@@ -49,19 +51,14 @@ def tree_mask(parents: list[int]) -> torch.Tensor:
     return mask
 
 
-def visible_rows(parents: list[int] | None, m: int) -> list[torch.Tensor | None]:
-    """Per query row of an M-row verify, the block rows it may see: None for a row that sees a
-    plain causal prefix, else their indices (a draft tree: ancestors and itself)."""
+def visible_rows(parents: list[int] | None, m: int) -> torch.Tensor | None:
+    """Which block rows each query row of an M-row verify may see: None for a chain (row i sees
+    rows 0..i), else the draft tree's [M, M] uint8 mask (ancestors and itself)."""
     if parents is None:
-        return [None] * m
+        return None
     if m > MAX_ROWS:
         raise ValueError(f"a draft tree of {m} rows; at most {MAX_ROWS} are verified row by row")
-    block = tree_mask(parents)
-    rows = []
-    for i in range(m):
-        seen = block[i, :i + 1]
-        rows.append(None if bool(seen.all()) else seen.nonzero().flatten())
-    return rows
+    return tree_mask(parents).to(torch.uint8)
 
 
 def prefill_blocks(start: int, m: int) -> list[int]:
@@ -71,17 +68,16 @@ def prefill_blocks(start: int, m: int) -> list[int]:
     return [b - start for b in range(first, (start + m) // BLOCK * BLOCK, BLOCK)]
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
-           rows: list[torch.Tensor | None], scale: float, blocks: list[int] = ()) -> torch.Tensor:
-    """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D], the cache first and
-    the pass's own rows last -> [M, H, D].
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int, mask: torch.Tensor | None,
+           scale: float, blocks: list[int] = ()) -> torch.Tensor:
+    """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D] (views of the cache:
+    its first rows, the pass's own rows last) -> [M, H, D].
 
-    rows (from `visible_rows`): query row i runs alone, its G query heads per KV head as G queries
-    of one SDPA call, over the keys decoding its branch token by token would have cached; a tree
-    row's ancestors are copied behind the cache in a scratch buffer, so the call sees exactly those
-    keys in that order. blocks (a prefill's, from `prefill_blocks`): these BLOCK-row blocks run as
-    one causal call each instead, their G x BLOCK queries per KV head over the keys up to the
-    block's end (no copy of the keys per query head)."""
+    blocks (a prefill's, from `prefill_blocks`): these BLOCK-row blocks run as one causal SDPA call
+    each, their G x BLOCK queries per KV head over the keys up to the block's end. Every other row
+    runs alone, over the keys decoding its branch token by token would have cached (mask, from
+    `visible_rows`: None = all earlier rows of the pass), through `kernels.attention` when it runs
+    here (all rows in one call) or else one SDPA call per row."""
     m, h, d = query.shape
     kv = key.shape[0]
     g = h // kv
@@ -95,19 +91,24 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
                                            scale=scale)
         out[b:b + BLOCK] = o.reshape(kv, g, BLOCK, d).permute(2, 0, 1, 3).reshape(BLOCK, h, d)
         fused.update(range(b, b + BLOCK))
+    rows = [i for i in range(m) if i not in fused]
+    if not rows:
+        return out
+    if attention.supports(query, key, value):
+        attention.attend_rows(query, key, value, past, mask, rows, scale, out)
+        return out
     scratch = None
-    for i in range(m):
-        if i in fused:
-            continue
+    for i in rows:
         q = query[i].reshape(1, kv, g, d)
-        if rows[i] is None:
+        seen = None if mask is None or bool(mask[i, :i + 1].all()) else mask[i, :i + 1].nonzero().flatten()
+        if seen is None:
             k, v = key[None, :, :past + i + 1], value[None, :, :past + i + 1]
         else:
             if scratch is None:  # the cache, copied once per layer
                 scratch = (key.new_empty(kv, past + m, d), value.new_empty(kv, past + m, d))
                 scratch[0][:, :past] = key[:, :past]
                 scratch[1][:, :past] = value[:, :past]
-            idx, n = rows[i] + past, past + rows[i].numel()
+            idx, n = seen + past, past + seen.numel()
             scratch[0][:, past:n] = key.index_select(1, idx)
             scratch[1][:, past:n] = value.index_select(1, idx)
             k, v = scratch[0][None, :, :n], scratch[1][None, :, :n]

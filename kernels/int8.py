@@ -12,30 +12,22 @@ a verify of K + 1 rows reproduces K + 1 one-token decoding steps exactly.
 Two implementations with identical bits: `reference_linear` (torch._int_mm, portable) and the C
 kernel in `kernels/cpu/w8a8.c` (AVX512-VNNI `vpdpbusd`, weights pre-packed; the integer GEMM reads
 each weight once for all M rows, so a 17-row verify costs about what one row does). The kernel is
-compiled with the system C compiler on first use into the Domino cache (`$DOMINO_CACHE/kernels`,
-about a second) and loaded with ctypes; its OpenMP loop shares torch's libgomp runtime.
+built and loaded by `kernels.native`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from domino_backend.cpu import cpu_flags
 
-SOURCE = Path(__file__).with_name("cpu") / "w8a8.c"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
-          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+from . import native
+
 BLOCK = 32  # output channels per packed block (two zmm registers of int32 lanes)
 
 
@@ -95,36 +87,13 @@ def cpu_has_vnni() -> bool:
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
-    """The compiled C kernel, or None when this CPU lacks AVX512-VNNI, no C compiler is found, or
-    DOMINO_INT8_KERNEL=torch asks for the reference. Built once per source version."""
+    """The compiled kernels (`kernels.native`), or None when this CPU lacks AVX512-VNNI, they do not
+    build, or DOMINO_INT8_KERNEL=torch asks for the reference."""
     if os.environ.get("DOMINO_INT8_KERNEL", "").lower() == "torch" or not cpu_has_vnni():
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        print("[domino] no C compiler found: --quant auto keeps the loaded weights, --quant int8 runs the slower "
-              "PyTorch reference", file=sys.stderr)
-        return None
-    from domino_backend.models import cache_dir
-
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    lib = cache_dir() / "kernels" / f"w8a8-{tag}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-            out = Path(tmp) / lib.name
-            res = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
-            if res.returncode:
-                print(f"[domino] compiling {SOURCE.name} failed (--quant int8 falls back to the PyTorch reference, "
-                      f"--quant auto keeps the loaded weights):\n{res.stderr[-2000:]}",
-                      file=sys.stderr)
-                return None
-            os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
-    dll = ctypes.CDLL(str(lib))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.w8a8_linear.argtypes = [p, i32, i64, i64, p, p, p, p, i64, p, i32, i32, i32]
-    dll.w8a8_linear.restype = None
-    dll.amx = "amx_int8" in cpu_flags() and dll.w8a8_amx_init() == 1
+    dll = native.library()
+    if dll is not None and not hasattr(dll, "amx"):
+        dll.amx = "amx_int8" in cpu_flags() and dll.w8a8_amx_init() == 1
     return dll
 
 

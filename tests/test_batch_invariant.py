@@ -9,6 +9,7 @@ from domino_backend.cpu import cpu_has_fast_bf16
 from domino_backend.engine import Engine
 from domino_backend.models import load_target
 from domino_backend.target import Target
+from kernels import attention
 
 from tiny import tiny_target
 
@@ -35,8 +36,9 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("k", [1, 8, 16])
-def test_verify_logits_equal_decoding_bitwise(family, k, dtype):
-    t = tiny_target(family, vocab=96, seed=3)
+@pytest.mark.parametrize("head_dim", [8, 16])  # 16: bf16 attention runs the CPU kernel where it builds
+def test_verify_logits_equal_decoding_bitwise(family, k, dtype, head_dim):
+    t = tiny_target(family, vocab=96, seed=3, head_dim=head_dim)
     t.model.to(dtype)
     Engine(t)
     g = torch.Generator().manual_seed(k)
@@ -97,6 +99,59 @@ def test_rowwise_attention_runs_a_draft_tree_mask_as_masked_attention():
     q, k, v = _attn_inputs(m=m, n_keys=m + past)
     out = attend(q, k, v, past, visible_rows(parents, m), scale=0.3)
     torch.testing.assert_close(out, _reference(q, k, v, mask))
+
+
+IMPLS = ["sdpa", pytest.param("kernel", marks=pytest.mark.skipif(
+    attention.kernel() is None, reason="the attention kernel needs AVX512 and a C compiler"))]
+
+
+def _bf16_attn_inputs(m, past, seed=0):
+    """The default target's attention shape (14 query heads over 2 kv heads, head dim 64) in bf16,
+    the keys/values a view of a larger cache as the engine passes them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(m, 14, 64, generator=g).bfloat16()
+    cache = torch.randn(2, 2, past + m + 9, 64, generator=g).bfloat16()
+    return q, cache[0][:, :past + m], cache[1][:, :past + m]
+
+
+def _use(impl, monkeypatch):
+    if impl == "sdpa":
+        monkeypatch.setattr(attention, "supports", lambda *a: False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m", [1, 9, MAX_ROWS + 3])
+def test_bf16_rowwise_attention_is_causal_attention_over_the_cache(impl, m, monkeypatch):
+    _use(impl, monkeypatch)
+    past = 37
+    q, k, v = _bf16_attn_inputs(m, past)
+    causal = torch.ones(m, m + past, dtype=torch.bool).tril(past)
+    out = attend(q, k, v, past, visible_rows(None, m), scale=0.125)
+    ref = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k.float().repeat_interleave(7, 0)[None],
+                                         v.float().repeat_interleave(7, 0)[None], attn_mask=causal,
+                                         scale=0.125)[0].transpose(0, 1)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_bf16_attention_row_has_the_bits_it_has_alone(impl, monkeypatch):
+    """A verify row (chain or tree) equals the decoding step it stands for: the row alone, over the
+    keys its branch would have cached, bit for bit."""
+    _use(impl, monkeypatch)
+    past, parents = 29, [0, 0, 1, 1, 2, 3, 5, 5]
+    m = len(parents) + 1
+    q, k, v = _bf16_attn_inputs(m, past, seed=1)
+    chain = attend(q, k, v, past, visible_rows(None, m), scale=0.125)
+    tree = attend(q, k, v, past, visible_rows(parents, m), scale=0.125)
+    block = tree_mask(parents)
+    for i in range(m):
+        alone = attend(q[i:i + 1], k[:, :past + i + 1], v[:, :past + i + 1], past + i, None, scale=0.125)
+        assert torch.equal(alone[0], chain[i])
+        branch = torch.cat([torch.arange(past), past + block[i].nonzero().flatten()])
+        kb, vb = k[:, branch].contiguous(), v[:, branch].contiguous()
+        n = branch.numel()
+        alone = attend(q[i:i + 1], kb, vb, n - 1, None, scale=0.125)
+        assert torch.equal(alone[0], tree[i])
 
 
 def test_a_tree_too_large_to_verify_row_by_row_is_refused():

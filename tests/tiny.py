@@ -12,12 +12,14 @@ from domino_backend.target import Target
 HIDDEN = 32
 
 
-def tiny_target(family: str = "qwen3", vocab: int = 64, layers: int = 4, seed: int = 0, peak: float = 1.0) -> Target:
-    """A random causal LM. `peak` scales the LM head: larger = more confident, more repetitive text."""
+def tiny_target(family: str = "qwen3", vocab: int = 64, layers: int = 4, seed: int = 0, peak: float = 1.0,
+                head_dim: int = 8) -> Target:
+    """A random causal LM. `peak` scales the LM head: larger = more confident, more repetitive text.
+    head_dim 16 or more lets bf16 attention run the CPU kernel (kernels.attention)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
         eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
     )
     if family == "qwen3":

@@ -1,0 +1,47 @@
+"""Row-wise attention on the CPU: every non-prefill query row of one sequence's forward, in one
+call, each with the bits decoding it alone gives (kernels/cpu/attention.c states the invariant).
+
+`domino_backend.batch_invariant.attend` runs its rows here when `supports` says so, else one SDPA
+call per row; both give each row its bits independently of the others, but not the same bits as
+each other, so a process uses one of them throughout (the choice depends on the CPU and
+DOMINO_ATTENTION_KERNEL=torch only).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import native
+
+
+@functools.cache
+def kernel():
+    """The compiled kernel, or None (no AVX512, no compiler, or DOMINO_ATTENTION_KERNEL=torch)."""
+    if os.environ.get("DOMINO_ATTENTION_KERNEL", "").lower() == "torch":
+        return None
+    return native.library()
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """bf16 CPU tensors with the cache's layout ([KV, capacity, D] with rows of D contiguous)."""
+    return (kernel() is not None and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype
+            == torch.bfloat16 and key.stride() == value.stride() and key.stride(2) == 1
+            and key.stride(1) == key.shape[2] and query.shape[2] % 16 == 0)
+
+
+def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
+                mask: torch.Tensor | None, rows: list[int], scale: float, out: torch.Tensor) -> None:
+    """Fill out[i] for i in rows. query, out: [M, H, D]; key, value: [KV, >= past + M, D] views of a
+    cache whose rows past .. past + M - 1 are this pass's; mask: [M, M] (draft tree) or None (chain)."""
+    m, h, d = query.shape
+    query = query.contiguous()
+    mask = None if mask is None else mask.to(torch.uint8).contiguous()
+    idx = torch.tensor(rows, dtype=torch.int32)
+    rc = kernel().attend_rows(query.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h,
+                              key.shape[0], d, scale, None if mask is None else mask.data_ptr(), idx.data_ptr(),
+                              len(rows), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"attention kernel: unsupported shape (heads {h}, kv heads {key.shape[0]}, head dim {d})")

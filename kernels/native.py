@@ -1,0 +1,63 @@
+"""The compiled CPU kernels (`kernels/cpu/*.c`): built once per source version with the system C
+compiler into the Domino cache (`$DOMINO_CACHE/kernels`, about a second) and loaded with ctypes.
+Their OpenMP loops share torch's libgomp runtime. `library()` is None on CPUs without AVX512 or
+without a C compiler; callers then run their PyTorch references (same contracts, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from domino_backend.cpu import cpu_flags
+
+SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.c"))
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
+          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {  # name: (argtypes, restype)
+    "w8a8_linear": ([_p, _i32, _i64, _i64, _p, _p, _p, _p, _i64, _p, _i32, _i32, _i32], None),
+    "w8a8_amx_init": ([], _i32),
+    "attend_rows": ([_p, _p, _p, _i64, _i64, _i64, _i32, _i32, _i32, ctypes.c_float, _p, _p, _i64, _p, _i32], _i32),
+}
+
+
+def cpu_has_avx512() -> bool:
+    return {"avx512f", "avx512bw"} <= cpu_flags()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no AVX512, no C compiler, or the build failed: said on stderr)."""
+    if not cpu_has_avx512():
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("[domino] no C compiler found: the CPU kernels fall back to slower PyTorch references", file=sys.stderr)
+        return None
+    from domino_backend.models import cache_dir
+
+    tag = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode())
+    lib = cache_dir() / "kernels" / f"domino-cpu-{tag.hexdigest()[:16]}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            res = subprocess.run([cc, *CFLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
+            if res.returncode:
+                print(f"[domino] compiling the CPU kernels failed (they fall back to slower PyTorch references):\n"
+                      f"{res.stderr[-2000:]}", file=sys.stderr)
+                return None
+            os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
+    dll = ctypes.CDLL(str(lib))
+    for name, (args, res) in SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.argtypes, fn.restype = args, res
+    return dll
