@@ -9,7 +9,9 @@ per-sequence, so a sequence's logits and features have the same bits alone or in
 (tests/test_batched_rounds.py); a single request is a batch of one through the same code.
 
 The layers are the Hugging Face model's own modules, called on 2-D row tensors (never their
-weights directly, so a packed or quantized Linear plugs in). Supported: the Llama-style decoder
+Linear weights directly, so a packed or quantized Linear plugs in). On bf16 CPU rows the norms,
+rotary products and MLP activation run as compiled kernels instead (`kernels.rowops`: same
+arithmetic, one rounding each, row-wise too). Supported: the Llama-style decoder
 families (`SUPPORTED`: pre-norm attention + gated MLP, RoPE, optional q/k norms).
 """
 
@@ -19,8 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import rowops
+
 from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
+from .quant import Int8Linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -72,6 +77,28 @@ class PackedForward:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.qk_norm = hasattr(attn, "q_norm")
+        # Per layer, q/k/v and gate/up as one int8 call each where the target is quantized (None: separate calls).
+        self.qkv = [Int8Linear.fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+        self.gate_up = [Int8Linear.fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+
+    @staticmethod
+    def _add_norm(fast: bool, h: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, norm(h + delta)); h itself when delta is None."""
+        if fast:
+            return rowops.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon)
+        if delta is not None:
+            h = h + delta
+        return h, norm(h)
+
+    @staticmethod
+    def _mlp(fast: bool, mlp, gate_up, x: torch.Tensor) -> torch.Tensor:
+        if not fast:
+            return mlp(x)
+        if gate_up is not None:
+            g, u = gate_up(x).chunk(2, 1)
+        else:
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+        return mlp.down_proj(rowops.silu_mul(g, u))
 
     @torch.inference_mode()
     def __call__(self, passes: list[Pass]) -> list[ForwardOut]:
@@ -92,17 +119,30 @@ class PackedForward:
         n, nh, nkv, d = offset, self.heads, self.kv_heads, self.head_dim
         h = self.embed(torch.cat([p.ids for p in passes]).to(dev))
         cos, sin = self.rotary(h[None], torch.cat(positions)[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, D]: one row's angles for all its heads
+        cos, sin = cos[0], sin[0]  # [N, D]
         wanted = {i for p in passes for i in (p.layer_ids or [])}
         last = len(self.layers) - 1
         captured: dict[int, torch.Tensor] = {}
+        fast = rowops.supports(h)
+        delta = None  # the previous layer's MLP output, added to h by the next norm
         for li, layer in enumerate(self.layers):
             a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = a.q_proj(x).view(n, nh, d), a.k_proj(x).view(n, nkv, d), a.v_proj(x).view(n, nkv, d)
+            h, x = self._add_norm(fast, h, delta, layer.input_layernorm)
+            if li - 1 in wanted:
+                captured[li - 1] = h
+            if self.qkv[li] is not None:
+                q, k, v = self.qkv[li](x).split([nh * d, nkv * d, nkv * d], 1)
+                q, k, v = q.view(n, nh, d), k.view(n, nkv, d), v.view(n, nkv, d)
+            else:
+                q, k, v = a.q_proj(x).view(n, nh, d), a.k_proj(x).view(n, nkv, d), a.v_proj(x).view(n, nkv, d)
             if self.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+                q = self._add_norm(fast, q.reshape(n * nh, d), None, a.q_norm)[1].view(n, nh, d)
+                k = self._add_norm(fast, k.reshape(n * nkv, d), None, a.k_norm)[1].view(n, nkv, d)
+            if fast:
+                q, k = rowops.rope_(q, cos, sin), rowops.rope_(k, cos, sin)
+            else:
+                cs, sn = cos[:, None], sin[:, None]  # [N, 1, D]: one row's angles for all its heads
+                q, k = q * cs + _rotate_half(q) * sn, k * cs + _rotate_half(k) * sn
             out = q.new_empty(n, nh, d)
             for p, (o, t, start, rows, blocks) in zip(passes, plans):
                 keys, values = p.session.keys[li], p.session.values[li]
@@ -110,11 +150,9 @@ class PackedForward:
                 values[:, start:start + t] = v[o:o + t].transpose(0, 1)
                 out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,
                                       blocks)
-            h = h + a.o_proj(out.view(n, nh * d))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            if li in wanted and li != last:
-                captured[li] = h
-        h = self.norm(h)
+            h, x = self._add_norm(fast, h, a.o_proj(out.view(n, nh * d)), layer.post_attention_layernorm)
+            delta = self._mlp(fast, layer.mlp, self.gate_up[li], x)
+        _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention
         keep = []
         for p, (o, t, *_) in zip(passes, plans):

@@ -60,6 +60,25 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
+    @classmethod
+    def fused(cls, parts: list[nn.Module]) -> "Int8Linear | None":
+        """One Int8Linear computing `parts` (Int8Linears of the same input) side by side, or None
+        when they are not all int8 or not fusable. Output channels are independent, so each part's
+        slice of the result has the bits the part gives alone; the parts keep working, on views
+        into the fused weight (no extra memory)."""
+        if not all(isinstance(p, cls) for p in parts) or len({p.bias is None for p in parts}) > 1:
+            return None
+        try:
+            weight = int8.concat([p.qweight for p in parts])
+        except ValueError:
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = parts[0].in_features, int(weight.q.shape[0])
+        fused.qweight = weight
+        fused.bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        return fused
+
 
 def resolve_quant(mode: str) -> str:
     """The meaning of `auto`: int8 where the compiled kernel runs, else none."""

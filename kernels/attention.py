@@ -4,7 +4,7 @@ call, each with the bits decoding it alone gives (kernels/cpu/attention.c states
 `domino_backend.batch_invariant.attend` runs its rows here when `supports` says so, else one SDPA
 call per row; both give each row its bits independently of the others, but not the same bits as
 each other, so a process uses one of them throughout (the choice depends on the CPU and
-DOMINO_ATTENTION_KERNEL=torch only).
+DOMINO_CPU_KERNELS=torch only; `kernels.rowops` follows the same choice).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from . import native
 
 @functools.cache
 def kernel():
-    """The compiled kernel, or None (no AVX512, no compiler, or DOMINO_ATTENTION_KERNEL=torch)."""
-    if os.environ.get("DOMINO_ATTENTION_KERNEL", "").lower() == "torch":
+    """The compiled kernels, or None (no AVX512, no compiler, or DOMINO_CPU_KERNELS=torch)."""
+    if os.environ.get("DOMINO_CPU_KERNELS", "").lower() == "torch":
         return None
     return native.library()
 

@@ -81,6 +81,23 @@ def pack(w: QuantWeight) -> QuantWeight:
     return w
 
 
+def concat(weights: list[QuantWeight]) -> QuantWeight:
+    """One weight whose output channels are `weights`' in order, packed; each of `weights` then
+    holds views into it (no copy kept). Their channel counts must be multiples of BLOCK, so that
+    the packed blocks of the whole are the parts' blocks end to end."""
+    if any(w.q.shape[0] % BLOCK or w.q.shape[1] != weights[0].q.shape[1] for w in weights):
+        raise ValueError(f"concat needs equal in_features and out_features divisible by {BLOCK}")
+    whole = pack(QuantWeight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights])))
+    row = 0
+    for w in weights:
+        n, k = w.q.shape
+        w.q, w.scale = whole.q[row:row + n], whole.scale[row:row + n]
+        w.packed, w.colsum = whole.packed[row * k:(row + n) * k], whole.colsum[row:row + n]
+        w.scale_pad = whole.scale_pad[row:row + n]
+        row += n
+    return whole
+
+
 def cpu_has_vnni() -> bool:
     return "avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from domino_backend.cpu import cpu_flags
 
 SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.c"))
+HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
           "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -26,6 +27,9 @@ SIGNATURES = {  # name: (argtypes, restype)
     "w8a8_linear": ([_p, _i32, _i64, _i64, _p, _p, _p, _p, _i64, _p, _i32, _i32, _i32], None),
     "w8a8_amx_init": ([], _i32),
     "attend_rows": ([_p, _p, _p, _i64, _i64, _i64, _i32, _i32, _i32, ctypes.c_float, _p, _p, _i64, _p, _i32], _i32),
+    "add_rms_norm": ([_p, _i64, _p, _i64, _p, _i64, _i64, _p, ctypes.c_float, _p, _i32], None),
+    "rope": ([_p, _i64, _i64, _i32, _i64, _p, _p, _i32], None),
+    "silu_mul": ([_p, _i64, _p, _i64, _i64, _i64, _p, _i64, _i32], None),
 }
 
 
@@ -44,7 +48,7 @@ def library() -> ctypes.CDLL | None:
         return None
     from domino_backend.models import cache_dir
 
-    tag = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES) + " ".join(CFLAGS).encode())
+    tag = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode())
     lib = cache_dir() / "kernels" / f"domino-cpu-{tag.hexdigest()[:16]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)

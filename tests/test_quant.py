@@ -130,17 +130,20 @@ def test_smoothing_skips_models_without_the_decoder_layout():
     assert smooth(torch.nn.Sequential(torch.nn.Linear(4, 4)), ByteTokenizer(8)) == 0
 
 
-def _int8_engine(family: str) -> Engine:
-    model = tiny_target(family, peak=3.0, seed=1).model
+def _int8_engine(family: str, dtype: torch.dtype = torch.float32) -> Engine:
+    """bf16 runs with head_dim 16: q/k/v and gate/up fuse into one int8 call each, and the norms,
+    rotary products and attention run as CPU kernels (kernels.rowops, kernels.attention)."""
+    model = tiny_target(family, peak=3.0, seed=1, head_dim=8 if dtype == torch.float32 else 16).model.to(dtype)
     quantize_target(model, ByteTokenizer(64))  # before Target(): it keeps a handle on the LM head
     target = Target(model, tokenizer=None)
     return Engine(target, tiny_draft(target, seed=1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("method", ["ngram", "dflash", "domino", "domino+ngram"])
-def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method):
-    engine = _int8_engine(family)
+def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method, dtype):
+    engine = _int8_engine(family, dtype)
     assert weight_format(engine.target.model) == "int8"
     prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
     for ids in prompts:
@@ -152,7 +155,7 @@ def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method
 def test_switching_threads_between_rounds_changes_no_token():
     """The server gives a voice reply's first rounds more threads than the rest (app/scheduler.py):
     a generation whose rounds alternate 1 and 2 threads equals plain decoding on 1 thread."""
-    engine = _int8_engine("qwen3")
+    engine = _int8_engine("qwen3", torch.bfloat16)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -17,44 +17,10 @@
  *    for, and a tree row equals decoding its branch.
  * Compiled with -ffp-contract=off; the explicit _mm512_fmadd_ps below are part of the fixed sequence.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-static inline __m512 load_bf16x16(const uint16_t *p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* fp32 -> bf16, round to nearest even (torch's .to(bfloat16)); NaN -> 0x7fc0. */
-static inline __m256i round_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-/* exp(x) for x <= 0 (softmax after the max is taken out): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2],
- * p a degree-7 Taylor polynomial (relative error ~1e-7); below -87 the result is 0. */
-static inline __m512 exp_neg(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-}
+#include "simd.h"
 
 #define MAX_G 16 /* query heads per kv head */
 #define MAX_D 256
@@ -86,14 +52,14 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     for (int t = 0; t < KEYS; t++)
       for (int c = 0; c < dv; c++)
         _mm512_storeu_ps(kf + t * d + 16 * c,
-                         j0 + t < n ? load_bf16x16(k + (int64_t)idx[j0 + t] * d + 16 * c) : _mm512_setzero_ps());
+                         j0 + t < n ? bf16x16(k + (int64_t)idx[j0 + t] * d + 16 * c, 0xffff) : _mm512_setzero_ps());
     for (int h = 0; h < g; h++) {
       const uint16_t *qh = q + (int64_t)h * d;
       __m512 acc[KEYS];
-      __m512 qc = load_bf16x16(qh);
+      __m512 qc = bf16x16(qh, 0xffff);
       for (int t = 0; t < KEYS; t++) acc[t] = _mm512_mul_ps(qc, _mm512_loadu_ps(kf + t * d));
       for (int c = 1; c < dv; c++) {
-        qc = load_bf16x16(qh + 16 * c);
+        qc = bf16x16(qh + 16 * c, 0xffff);
         for (int t = 0; t < KEYS; t++) acc[t] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kf + t * d + 16 * c), acc[t]);
       }
       _mm512_storeu_ps(scores + h * n16 + j0, _mm512_mul_ps(sum_lanes16(acc), vscale));
@@ -103,14 +69,14 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     float *s = scores + h * n16;
     __m512 vmx = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n16; j += KEYS) {
-      const __mmask16 live = n - j >= KEYS ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+      const __mmask16 live = lanes(n - j);
       vmx = _mm512_mask_max_ps(vmx, live, vmx, _mm512_loadu_ps(s + j));
     }
     vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n16; j += KEYS) {
-      const __mmask16 live = n - j >= KEYS ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-      const __m512 p = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
+      const __mmask16 live = lanes(n - j);
+      const __m512 p = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
       _mm512_storeu_ps(s + j, p);
       vsum = _mm512_add_ps(vsum, p);
     }
@@ -126,7 +92,7 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
       for (int64_t j = 0; j < n; j++) {
         const uint16_t *vj = v + (int64_t)idx[j] * d + 16 * c0;
         __m512 vc[4];
-        for (int c = 0; c < cs; c++) vc[c] = load_bf16x16(vj + 16 * c);
+        for (int c = 0; c < cs; c++) vc[c] = bf16x16(vj + 16 * c, 0xffff);
         for (int a = 0; a < hs; a++) {
           const __m512 p = _mm512_set1_ps(scores[(h0 + a) * n16 + j]);
           for (int c = 0; c < cs; c++) acc[a][c] = _mm512_fmadd_ps(p, vc[c], acc[a][c]);
@@ -136,7 +102,7 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
         const __m512 inv = _mm512_set1_ps(scores[-1 - (h0 + a)]);
         for (int c = 0; c < cs; c++)
           _mm256_storeu_si256((__m256i *)(out + (int64_t)(h0 + a) * d + 16 * (c0 + c)),
-                              round_bf16(_mm512_mul_ps(acc[a][c], inv)));
+                              to_bf16(_mm512_mul_ps(acc[a][c], inv)));
       }
     }
   }

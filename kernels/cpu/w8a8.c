@@ -22,6 +22,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "simd.h"
+
 #define ROWS 12 /* rows per register tile: 2 x ROWS int32 accumulators in zmm registers */
 #define PREFETCH 4096 /* bytes ahead in the weight stream the AMX loop asks for (tile loads alone stall on DRAM) */
 
@@ -33,19 +35,17 @@ static inline __m512 load16(const void *x, int x_bf16, int64_t i, __mmask16 mask
   return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
 }
 
-static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
-
 /* Per-row absmax quantization of one row of k values (fp32 or bf16):
  * q = clamp(round_half_even(x / scale), -127, 127), scale = max(absmax, 1e-8) / 127, stored as q + 128. */
 static void quantize_row(const void *x, int x_bf16, int64_t k, uint8_t *xu, float *scale) {
   __m512 vmax = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, x_bf16, i, tail_mask(k - i))));
+  for (int64_t i = 0; i < k; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x, x_bf16, i, lanes(k - i))));
   const float s = fmaxf(_mm512_reduce_max_ps(vmax), 1e-8f) / 127.f;
   *scale = s;
   const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   const __m512i off = _mm512_set1_epi32(128);
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 mask = tail_mask(k - i);
+    const __mmask16 mask = lanes(k - i);
     __m512 q = _mm512_div_ps(load16(x, x_bf16, i, mask), vs);
     q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
@@ -53,20 +53,11 @@ static void quantize_row(const void *x, int x_bf16, int64_t k, uint8_t *xu, floa
   }
 }
 
-/* fp32 -> bf16, round to nearest even (torch's .to(bfloat16)); NaN -> 0x7fc0. */
-static inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 /* acc (int32, 16 channels from c) -> y row: ((float(acc - 128 colsum) * xs) * wscale) + bias. */
 static inline void epilogue16(__m512i acc, int64_t c, int64_t n, const int32_t *colsum, const float *wscale,
                               const float *bias, float xs, void *yrow, int y_bf16) {
   if (c >= n) return;
-  const __mmask16 mask = tail_mask(n - c);
+  const __mmask16 mask = lanes(n - c);
   acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + c)), 7));
   __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs));
   v = _mm512_mul_ps(v, _mm512_loadu_ps(wscale + c));

@@ -1,0 +1,59 @@
+"""The decoder's per-row operations on bf16 CPU rows as compiled kernels (kernels/cpu/rowops.c):
+residual add + RMSNorm, rotary embedding, SiLU(gate) * up. Each rounds once to bf16 and gives a
+row the same bits in any batch, like the PyTorch ops they replace (which round after every op, so
+the two give different bits: a process uses one of them throughout, the kernels where
+`kernels.attention.kernel()` runs).
+
+One forward of the default target calls ~50 norms, 48 rotary products and 24 MLP activations, each
+several small PyTorch ops; on a 2-core CPU their dispatch costs more than their arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import kernel
+
+
+def supports(x: torch.Tensor) -> bool:
+    return kernel() is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, RMSNorm(h + delta) * weight) for [N, D] rows (h itself when delta is None)."""
+    h, n, d = _rows(h), h.shape[0], h.shape[1]
+    out = torch.empty(n, d, dtype=h.dtype)
+    total = None
+    if delta is not None:
+        delta = _rows(delta)
+        total = torch.empty(n, d, dtype=h.dtype)
+    kernel().add_rms_norm(h.data_ptr(), h.stride(0), None if delta is None else delta.data_ptr(),
+                          0 if delta is None else delta.stride(0), None if total is None else total.data_ptr(), n, d,
+                          weight.contiguous().data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+    return (h if total is None else total), out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place: x [N, heads, D] (rows at any stride, heads contiguous) times the rotary angles of
+    each row (cos, sin [N, D]); returns x."""
+    n, heads, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d:
+        raise ValueError("rope_ needs each row's heads contiguous")
+    cos, sin = cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous()
+    kernel().rope(x.data_ptr(), x.stride(0), n, heads, d, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+    return x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for [N, I] rows (each at any row stride)."""
+    gate, up = _rows(gate), _rows(up)
+    n, d = gate.shape
+    out = torch.empty(n, d, dtype=gate.dtype)
+    kernel().silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), n, d, out.data_ptr(), d,
+                      torch.get_num_threads())
+    return out
