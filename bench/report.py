@@ -265,6 +265,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("engine_thread", ("engine_thread.json",), "python bench/engine_thread.py", thread_table),
     Table("voice_latency", ("voice_latency.json",), "python bench/voice_latency.py", rows_table),
     Table("cpu_linear", ("cpu_linear.json",), "python bench/cpu_linear.py", rows_table),
+    Table("cpu_forward", ("cpu_forward.json",), "python bench/cpu_forward.py", rows_table),
     Table("quant_quality", ("quant_quality.json",), "python bench/quant_quality.py", rows_table),
 )}
 

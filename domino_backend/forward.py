@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import rowops
+from kernels import int8, rowops
 
 from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
@@ -80,6 +80,15 @@ class PackedForward:
         # Per layer, q/k/v and gate/up as one int8 call each where the target is quantized (None: separate calls).
         self.qkv = [Int8Linear.fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [Int8Linear.fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        # Per layer, the descriptors of its four int8 GEMMs (q/k/v, o, gate/up, down) when the whole
+        # layer around attention can run as two kernel calls (rowops.layer_attn_in / layer_mlp).
+        self.fused_layers = [self._fuse(l, qkv, gu) for l, qkv, gu in zip(self.layers, self.qkv, self.gate_up)]
+
+    def _fuse(self, layer, qkv, gate_up) -> tuple[torch.Tensor, ...] | None:
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        if self.qk_norm or qkv is None or gate_up is None or not all(isinstance(m, Int8Linear) for m in (o, down)):
+            return None
+        return tuple(int8.descriptor(m.qweight, m.bias) for m in (qkv, o, gate_up, down))
 
     @staticmethod
     def _add_norm(fast: bool, h: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,15 +99,44 @@ class PackedForward:
             h = h + delta
         return h, norm(h)
 
-    @staticmethod
-    def _mlp(fast: bool, mlp, gate_up, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, li: int, h, delta, cos, sin, fast: bool, whole: bool):
+        """Layer li up to attention: (h + delta, q [N, H, D], k and v [N, KV, D]) with rotary applied.
+        fast: the row-op kernels; whole: the layer's int8 GEMMs too, in one kernel call."""
+        layer, a = self.layers[li], self.layers[li].self_attn
+        n, nh, nkv, d = h.shape[0], self.heads, self.kv_heads, self.head_dim
+        plan = self.fused_layers[li] if whole else None
+        if plan is not None:
+            h, qkv = rowops.layer_attn_in(h, delta, layer.input_layernorm, plan[0], cos, sin, nh, nkv, d)
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], 1)
+            return h, q.view(n, nh, d), k.view(n, nkv, d), v.view(n, nkv, d)
+        h, x = self._add_norm(fast, h, delta, layer.input_layernorm)
+        if self.qkv[li] is not None:
+            q, k, v = self.qkv[li](x).split([nh * d, nkv * d, nkv * d], 1)
+        else:
+            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        q, k, v = q.view(n, nh, d), k.view(n, nkv, d), v.view(n, nkv, d)
+        if self.qk_norm:
+            q = self._add_norm(fast, q.reshape(n * nh, d), None, a.q_norm)[1].view(n, nh, d)
+            k = self._add_norm(fast, k.reshape(n * nkv, d), None, a.k_norm)[1].view(n, nkv, d)
+        if fast:
+            return h, rowops.rope_(q, cos, sin), rowops.rope_(k, cos, sin), v
+        cs, sn = cos[:, None], sin[:, None]  # [N, 1, D]: one row's angles for all its heads
+        return h, q * cs + _rotate_half(q) * sn, k * cs + _rotate_half(k) * sn, v
+
+    def _mlp(self, li: int, h, attn, fast: bool, whole: bool):
+        """The rest of layer li: (h + o_proj(attn), the MLP's output on its norm)."""
+        layer, mlp = self.layers[li], self.layers[li].mlp
+        plan = self.fused_layers[li] if whole else None
+        if plan is not None:
+            return rowops.layer_mlp(h, attn, plan[1], layer.post_attention_layernorm, plan[2], plan[3])
+        h, x = self._add_norm(fast, h, layer.self_attn.o_proj(attn), layer.post_attention_layernorm)
         if not fast:
-            return mlp(x)
-        if gate_up is not None:
-            g, u = gate_up(x).chunk(2, 1)
+            return h, mlp(x)
+        if self.gate_up[li] is not None:
+            g, u = self.gate_up[li](x).chunk(2, 1)
         else:
             g, u = mlp.gate_proj(x), mlp.up_proj(x)
-        return mlp.down_proj(rowops.silu_mul(g, u))
+        return h, mlp.down_proj(rowops.silu_mul(g, u))
 
     @torch.inference_mode()
     def __call__(self, passes: list[Pass]) -> list[ForwardOut]:
@@ -124,25 +162,12 @@ class PackedForward:
         last = len(self.layers) - 1
         captured: dict[int, torch.Tensor] = {}
         fast = rowops.supports(h)
+        whole = fast and int8.kernel() is not None
         delta = None  # the previous layer's MLP output, added to h by the next norm
         for li, layer in enumerate(self.layers):
-            a = layer.self_attn
-            h, x = self._add_norm(fast, h, delta, layer.input_layernorm)
+            h, q, k, v = self._qkv(li, h, delta, cos, sin, fast, whole)
             if li - 1 in wanted:
                 captured[li - 1] = h
-            if self.qkv[li] is not None:
-                q, k, v = self.qkv[li](x).split([nh * d, nkv * d, nkv * d], 1)
-                q, k, v = q.view(n, nh, d), k.view(n, nkv, d), v.view(n, nkv, d)
-            else:
-                q, k, v = a.q_proj(x).view(n, nh, d), a.k_proj(x).view(n, nkv, d), a.v_proj(x).view(n, nkv, d)
-            if self.qk_norm:
-                q = self._add_norm(fast, q.reshape(n * nh, d), None, a.q_norm)[1].view(n, nh, d)
-                k = self._add_norm(fast, k.reshape(n * nkv, d), None, a.k_norm)[1].view(n, nkv, d)
-            if fast:
-                q, k = rowops.rope_(q, cos, sin), rowops.rope_(k, cos, sin)
-            else:
-                cs, sn = cos[:, None], sin[:, None]  # [N, 1, D]: one row's angles for all its heads
-                q, k = q * cs + _rotate_half(q) * sn, k * cs + _rotate_half(k) * sn
             out = q.new_empty(n, nh, d)
             for p, (o, t, start, rows, blocks) in zip(passes, plans):
                 keys, values = p.session.keys[li], p.session.values[li]
@@ -150,8 +175,7 @@ class PackedForward:
                 values[:, start:start + t] = v[o:o + t].transpose(0, 1)
                 out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,
                                       blocks)
-            h, x = self._add_norm(fast, h, a.o_proj(out.view(n, nh * d)), layer.post_attention_layernorm)
-            delta = self._mlp(fast, layer.mlp, self.gate_up[li], x)
+            h, delta = self._mlp(li, h, out.view(n, nh * d), fast, whole)
         _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention
         keep = []

@@ -98,6 +98,15 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
     return whole
 
 
+def descriptor(w: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The six int64 values kernels/cpu/layer.c reads a Linear from (addresses of the packed
+    weights, column sums, scales and bias or 0, then out and in features). The tensors must stay
+    alive as long as the descriptor is used."""
+    n, k = w.q.shape
+    return torch.tensor([w.packed.data_ptr(), w.colsum.data_ptr(), w.scale_pad.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), n, k], dtype=torch.int64)
+
+
 def cpu_has_vnni() -> bool:
     return "avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags()
 

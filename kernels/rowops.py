@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import int8
 from .attention import kernel
 
 
@@ -57,3 +58,33 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     kernel().silu_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), n, d, out.data_ptr(), d,
                       torch.get_num_threads())
     return out
+
+
+def layer_attn_in(h: torch.Tensor, delta: torch.Tensor | None, norm, qkv: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer up to attention in one call (kernels/cpu/layer.c): h + delta, its RMSNorm,
+    the fused int8 q/k/v projection (`qkv`: `int8.descriptor`) and rotary on q and k. Returns
+    (h + delta, [N, (heads + 2 kv_heads) * head_dim] q/k/v rows); the same bits as the
+    step-by-step ops."""
+    n, hidden = h.shape
+    cos, sin = cos.to(h.dtype).contiguous(), sin.to(h.dtype).contiguous()
+    h_sum = h if delta is None else torch.empty_like(h)
+    out = torch.empty(n, (heads + 2 * kv_heads) * head_dim, dtype=h.dtype)
+    kernel().layer_attn_in(h.data_ptr(), None if delta is None else delta.data_ptr(), h_sum.data_ptr(), n, hidden,
+                           norm.weight.data_ptr(), norm.variance_epsilon, qkv.data_ptr(), cos.data_ptr(),
+                           sin.data_ptr(), heads, kv_heads, head_dim, out.data_ptr(), torch.get_num_threads(),
+                           int(int8.kernel().amx))
+    return h_sum, out
+
+
+def layer_mlp(h: torch.Tensor, attn: torch.Tensor, o_proj: torch.Tensor, norm, gate_up: torch.Tensor,
+              down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a decoder layer in one call: h + o_proj(attn), its RMSNorm, the fused int8
+    gate/up, SiLU(gate) * up and down_proj (each Linear an `int8.descriptor`). Returns
+    (h + o_proj(attn), the MLP's output)."""
+    n, hidden = h.shape
+    h_sum, delta = torch.empty_like(h), torch.empty_like(h)
+    kernel().layer_mlp(h.data_ptr(), attn.data_ptr(), h_sum.data_ptr(), n, hidden, o_proj.data_ptr(),
+                       norm.weight.data_ptr(), norm.variance_epsilon, gate_up.data_ptr(), down.data_ptr(),
+                       delta.data_ptr(), torch.get_num_threads(), int(int8.kernel().amx))
+    return h_sum, delta

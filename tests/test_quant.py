@@ -170,3 +170,24 @@ def test_switching_threads_between_rounds_changes_no_token():
             assert gen.token_ids == ref.token_ids, method
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_layer_in_two_kernel_calls_gives_the_step_by_step_bits(family):
+    """kernels/cpu/layer.c runs a layer's int8 GEMMs and row ops in two calls; logits and features
+    equal those of the same ops called one by one, for a prefill and a verify."""
+    engine = _int8_engine(family, torch.bfloat16)
+    fwd = engine.target.forward_batch
+    fused = fwd.fused_layers
+    assert all(p is not None for p in fused) == (family == "llama")  # qwen3's q/k norms: step by step
+    layers = [0, 1, engine.target.num_layers - 1]
+    outs = []
+    for plans in (fused, [None] * len(fused)):
+        fwd.fused_layers = plans
+        s = engine.target.session()
+        first = s.forward(torch.arange(3, 40), layer_ids=layers, keep_last=1, prefill=True)
+        second = s.forward(torch.tensor([5, 9, 13, 2]), layer_ids=layers)
+        outs.append([first.logits, first.feats, second.logits, second.feats])
+    fwd.fused_layers = fused
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
