@@ -38,7 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved passes over every variant")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over every variant")
     p.add_argument("--json", default=str(RESULTS))
     a = p.parse_args()
     torch.manual_seed(0)
