@@ -95,7 +95,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     if not rows:
         return out
     if attention.supports(query, key, value):
-        attention.attend_rows(query, key, value, past, mask, rows, scale, out)
+        attention.attend_rows(query, key, value, past, mask, rows if fused else None, scale, out)
         return out
     scratch = None
     for i in rows:

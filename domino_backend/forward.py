@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import int8, rowops
+from kernels import attention, int8, rowops
 
 from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
@@ -171,6 +171,10 @@ class PackedForward:
             out = q.new_empty(n, nh, d)
             for p, (o, t, start, rows, blocks) in zip(passes, plans):
                 keys, values = p.session.keys[li], p.session.values[li]
+                if not blocks and attention.supports(q, keys, values):  # cache write + attention in one call
+                    attention.attend_rows(q[o:o + t], keys, values, start, rows, None, self.scale, out[o:o + t],
+                                          new=(k[o:o + t], v[o:o + t]))
+                    continue
                 keys[:, start:start + t] = k[o:o + t].transpose(0, 1)
                 values[:, start:start + t] = v[o:o + t].transpose(0, 1)
                 out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,

@@ -33,15 +33,25 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
 
 
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
-                mask: torch.Tensor | None, rows: list[int], scale: float, out: torch.Tensor) -> None:
-    """Fill out[i] for i in rows. query, out: [M, H, D]; key, value: [KV, >= past + M, D] views of a
-    cache whose rows past .. past + M - 1 are this pass's; mask: [M, M] (draft tree) or None (chain)."""
+                mask: torch.Tensor | None, rows: list[int] | None, scale: float, out: torch.Tensor,
+                new: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Fill out[i] for i in rows (None: all M). query: [M, H, D] (rows at any stride); out: [M, H, D]
+    contiguous; key, value: views of a cache [KV, capacity, D] whose rows past .. past + M - 1 are
+    this pass's, or are written first from `new` (keys, values [M, KV, D], rows at any stride);
+    mask: [M, M] (draft tree) or None (chain)."""
     m, h, d = query.shape
-    query = query.contiguous()
+    if query.stride(2) != 1 or query.stride(1) != d:
+        query = query.contiguous()
+    if new is not None:
+        k_new, v_new = new
+        if k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or k_new.stride(1) != d:
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
     mask = None if mask is None else mask.to(torch.uint8).contiguous()
-    idx = torch.tensor(rows, dtype=torch.int32)
-    rc = kernel().attend_rows(query.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h,
-                              key.shape[0], d, scale, None if mask is None else mask.data_ptr(), idx.data_ptr(),
-                              len(rows), out.data_ptr(), torch.get_num_threads())
+    idx = None if rows is None else torch.tensor(rows, dtype=torch.int32)
+    rc = kernel().attend_rows(query.data_ptr(), query.stride(0), None if new is None else k_new.data_ptr(),
+                              None if new is None else v_new.data_ptr(), 0 if new is None else k_new.stride(0),
+                              key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h, key.shape[0], d, scale,
+                              None if mask is None else mask.data_ptr(), None if idx is None else idx.data_ptr(),
+                              0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads())
     if rc:
         raise ValueError(f"attention kernel: unsupported shape (heads {h}, kv heads {key.shape[0]}, head dim {d})")

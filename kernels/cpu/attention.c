@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -108,18 +109,27 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
   }
 }
 
-/* q, out: [M, H, D] bf16, contiguous. k, v: [KV, cap, D] bf16, this sequence's cache with the call's
- * own rows already written at past .. past + M - 1. mask: [M, M] uint8 or NULL (causal). rows: the
- * r row indices to compute (others are left untouched). Returns 0, or -1 for a shape it does not take. */
-int attend_rows(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t cap, int64_t past, int64_t m,
-                int h, int kv, int d, float scale, const uint8_t *mask, const int32_t *rows, int64_t r,
-                uint16_t *out, int threads) {
+/* q: [M, H, D] bf16 at row stride q_stride (elements); out: [M, H, D] contiguous. k, v: [KV, cap, D]
+ * bf16, this sequence's cache. k_new, v_new (or NULL): the call's own rows, [M, KV, D] at row
+ * stride new_stride, first written to the cache at past .. past + M - 1 (else already there).
+ * mask: [M, M] uint8 or NULL (causal). rows: the r row indices to compute, or NULL for all M (r
+ * ignored); others are left untouched. Returns 0, or -1 for a shape it does not take. */
+int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, const uint16_t *v_new, int64_t new_stride,
+                uint16_t *k, uint16_t *v, int64_t cap, int64_t past, int64_t m, int h, int kv, int d, float scale,
+                const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads) {
   const int g = h / kv;
   if (d % 16 || d > MAX_D || g > MAX_G || g * kv != h) return -1;
+  if (k_new)
+    for (int64_t i = 0; i < m; i++)
+      for (int hk = 0; hk < kv; hk++) {
+        memcpy(k + (hk * cap + past + i) * d, k_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
+        memcpy(v + (hk * cap + past + i) * d, v_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
+      }
+  if (!rows) r = m;
   const int64_t tasks = r * kv;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tasks; t++) {
-    const int64_t i = rows[t / kv];
+    const int64_t i = rows ? rows[t / kv] : t / kv;
     const int hk = (int)(t % kv);
     const int64_t n_max = past + i + 1;
     const int64_t n16 = (n_max + KEYS - 1) / KEYS * KEYS;
@@ -129,7 +139,7 @@ int attend_rows(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t
     for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
     for (int64_t j = 0; j <= i; j++)
       if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
-    attend_task(q + (i * h + (int64_t)hk * g) * d, k + hk * cap * d, v + hk * cap * d, idx, n, g, d, scale,
+    attend_task(q + i * q_stride + (int64_t)hk * g * d, k + hk * cap * d, v + hk * cap * d, idx, n, g, d, scale,
                 buf + MAX_G, buf + MAX_G + g * n16, out + (i * h + (int64_t)hk * g) * d);
     free(idx);
     free(buf);
