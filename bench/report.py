@@ -59,6 +59,8 @@ def num(x, nd: int = 2) -> str:
     if isinstance(x, int):
         return f"{x:,}" if abs(x) >= 10_000 else str(x)
     if isinstance(x, float):
+        if 0 < abs(x) < 0.5 * 10 ** -nd:  # rather than 0.00 (a KL divergence): 3 significant digits
+            return f"{x:.3g}"
         return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{nd}f}"
     return str(x)
 

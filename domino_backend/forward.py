@@ -80,15 +80,16 @@ class PackedForward:
         # Per layer, q/k/v and gate/up as one int8 call each where the target is quantized (None: separate calls).
         self.qkv = [Int8Linear.fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
         self.gate_up = [Int8Linear.fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
-        # Per layer, the descriptors of its four int8 GEMMs (q/k/v, o, gate/up, down) when the whole
-        # layer around attention can run as two kernel calls (rowops.layer_attn_in / layer_mlp).
+        # Per layer, the descriptors of its four int8 GEMMs (q/k/v, o, gate/up, down) and whether
+        # down_proj rotates its input, when the whole layer around attention can run as two kernel
+        # calls (rowops.layer_attn_in / layer_mlp).
         self.fused_layers = [self._fuse(l, qkv, gu) for l, qkv, gu in zip(self.layers, self.qkv, self.gate_up)]
 
-    def _fuse(self, layer, qkv, gate_up) -> tuple[torch.Tensor, ...] | None:
+    def _fuse(self, layer, qkv, gate_up) -> tuple | None:
         o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         if self.qk_norm or qkv is None or gate_up is None or not all(isinstance(m, Int8Linear) for m in (o, down)):
             return None
-        return tuple(int8.descriptor(m.qweight, m.bias) for m in (qkv, o, gate_up, down))
+        return (*(int8.descriptor(m.qweight, m.bias) for m in (qkv, o, gate_up, down)), down.hadamard)
 
     @staticmethod
     def _add_norm(fast: bool, h: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +129,7 @@ class PackedForward:
         layer, mlp = self.layers[li], self.layers[li].mlp
         plan = self.fused_layers[li] if whole else None
         if plan is not None:
-            return rowops.layer_mlp(h, attn, plan[1], layer.post_attention_layernorm, plan[2], plan[3])
+            return rowops.layer_mlp(h, attn, plan[1], layer.post_attention_layernorm, plan[2], plan[3], plan[4])
         h, x = self._add_norm(fast, h, layer.self_attn.o_proj(attn), layer.post_attention_layernorm)
         if not fast:
             return h, mlp(x)

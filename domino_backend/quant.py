@@ -13,6 +13,12 @@ moves that range from the activations into the weights (SmoothQuant, alpha = 0.5
 channel j, x_j / s_j and W[:, j] * s_j, an exact rewrite folded into the RMSNorm weight before
 q/k/v and gate/up, and into up_proj's rows before down_proj. The scales come from one bf16 forward
 over a fixed calibration text shipped with the package (`quant_calibration.txt`, as a chat).
+down_proj's input (SiLU(gate) * up) stays heavy-tailed after that, so down_proj also rotates it:
+an orthonormal 16-point Hadamard transform H per block of 16 channels at run time
+(`kernels.rowops.hadamard16`, a handful of vector ops per row), and W H in place of W, another
+exact rewrite (x W^T = (x H)(W H)^T). A block's outliers spread over its 16 channels, so the row's
+int8 scale no longer flattens the rest: on held-out chat text this removes most of int8's
+perplexity increase (bench/quant_quality.py).
 
 `--quant int8` is lossless with respect to the quantized target: every method's output equals
 plain decoding of the same int8 model. It is a different model from the bf16 one, slightly:
@@ -28,28 +34,46 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels import int8
+from kernels import int8, rowops
 
 QUANT_MODES = ("auto", "int8", "none")
 CALIBRATION = Path(__file__).with_name("quant_calibration.txt")
 CALIBRATION_TOKENS = 2048
 ALPHA = 0.5  # share of the activation range moved into the weights
+HADAMARD = 16  # down_proj's input rotation: block size (kernels.rowops.hadamard16)
+
+
+def rotate_weight(w: torch.Tensor) -> torch.Tensor:
+    """W H for a [N, K] weight: each block of 16 input channels times the 16-point Hadamard matrix
+    (symmetric, orthonormal), in fp64 -> fp32."""
+    n, k = w.shape
+    h = rowops.hadamard16_reference(torch.eye(16, dtype=torch.float64))
+    return (w.detach().double().reshape(n, k // 16, 16) @ h).reshape(n, k).float()
 
 
 class Int8Linear(nn.Module):
     """Drop-in for an inference-only `nn.Linear`: int8 weight (one scale per output channel), fp32
-    bias, activations quantized per row when it runs. Output in the input's dtype."""
+    bias, activations quantized per row when it runs. Output in the input's dtype.
 
-    def __init__(self, linear: nn.Linear):
+    hadamard: the layer computes the same function from a rotated weight (W H, quantized) and
+    rotates each input row (x H, `kernels.rowops.hadamard16`) before quantizing it."""
+
+    def __init__(self, linear: nn.Linear, hadamard: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.qweight = int8.pack(int8.quantize_weight(linear.weight))
+        if hadamard and self.in_features % HADAMARD:
+            raise ValueError(f"a Hadamard-rotated Linear needs in_features divisible by {HADAMARD}")
+        self.hadamard = hadamard
+        w = rotate_weight(linear.weight) if hadamard else linear.weight
+        self.qweight = int8.pack(int8.quantize_weight(w))
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Int8Linear is inference-only (no gradients through a quantized target)")
         rows = x.reshape(-1, self.in_features)
+        if self.hadamard:
+            rows = rowops.hadamard16(rows)
         lib = int8.kernel()
         if lib is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             y = int8.kernel_linear(lib, rows, self.qweight, self.bias)
@@ -58,7 +82,7 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8" + ", hadamard" * self.hadamard
 
     @classmethod
     def fused(cls, parts: list[nn.Module]) -> "Int8Linear | None":
@@ -66,7 +90,8 @@ class Int8Linear(nn.Module):
         when they are not all int8 or not fusable. Output channels are independent, so each part's
         slice of the result has the bits the part gives alone; the parts keep working, on views
         into the fused weight (no extra memory)."""
-        if not all(isinstance(p, cls) for p in parts) or len({p.bias is None for p in parts}) > 1:
+        if (not all(isinstance(p, cls) and not p.hadamard for p in parts)
+                or len({p.bias is None for p in parts}) > 1):
             return None
         try:
             weight = int8.concat([p.qweight for p in parts])
@@ -75,7 +100,7 @@ class Int8Linear(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.in_features, fused.out_features = parts[0].in_features, int(weight.q.shape[0])
-        fused.qweight = weight
+        fused.qweight, fused.hadamard = weight, False
         fused.bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
         return fused
 
@@ -156,9 +181,15 @@ def smooth(model: nn.Module, tokenizer) -> int:
 
 
 def quantize_target(model: nn.Module, tokenizer) -> int:
-    """`smooth` then `quantize_linears`: the int8 target. Returns how many Linears were swapped."""
-    smooth(model, tokenizer)
-    return quantize_linears(model)
+    """`smooth`, then the Hadamard-rotated int8 down_proj of each layer where smoothing applied,
+    then `quantize_linears` for the rest: the int8 target. Returns how many Linears were swapped."""
+    rotated = 0
+    if smooth(model, tokenizer):
+        for layer in model.model.layers:
+            if layer.mlp.down_proj.in_features % HADAMARD == 0:
+                layer.mlp.down_proj = Int8Linear(layer.mlp.down_proj, hadamard=True)
+                rotated += 1
+    return rotated + quantize_linears(model)
 
 
 def quantize_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:

@@ -32,7 +32,8 @@ SIGNATURES = {  # name: (argtypes, restype)
     "rope": ([_p, _i64, _i64, _i32, _i64, _p, _p, _i32], None),
     "silu_mul": ([_p, _i64, _p, _i64, _i64, _i64, _p, _i64, _i32], None),
     "layer_attn_in": ([_p, _p, _p, _i64, _i64, _p, ctypes.c_float, _p, _p, _p, _i32, _i32, _i32, _p, _i32, _i32], None),
-    "layer_mlp": ([_p, _p, _p, _i64, _i64, _p, _p, ctypes.c_float, _p, _p, _p, _i32, _i32], None),
+    "layer_mlp": ([_p, _p, _p, _i64, _i64, _p, _p, ctypes.c_float, _p, _p, _i32, _p, _i32, _i32], None),
+    "hadamard16": ([_p, _i64, _i64, _i64, _p, _i64, _i32], None),
 }
 
 

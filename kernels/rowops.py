@@ -1,5 +1,6 @@
 """The decoder's per-row operations on bf16 CPU rows as compiled kernels (kernels/cpu/rowops.c):
-residual add + RMSNorm, rotary embedding, SiLU(gate) * up. Each rounds once to bf16 and gives a
+residual add + RMSNorm, rotary embedding, SiLU(gate) * up, and the 16-point Hadamard rotation of
+an int8 Linear's input (`hadamard16`). Each rounds once to bf16 and gives a
 row the same bits in any batch, like the PyTorch ops they replace (which round after every op, so
 the two give different bits: a process uses one of them throughout, the kernels where
 `kernels.attention.kernel()` runs).
@@ -60,6 +61,31 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def hadamard16_reference(x: torch.Tensor) -> torch.Tensor:
+    """The orthonormal 16-point Hadamard transform of each block of 16 channels of x [..., K] (K a
+    multiple of 16), computed in fp32 and returned in x's dtype. Butterfly stages h = 1, 2, 4, 8:
+    channels i and i + h of each 2h-group become (a + b, a - b), then * 1/4 (exact). For bf16 rows
+    the kernel (`hadamard16`) gives the same bits: the same operations in the same order."""
+    k = x.shape[-1]
+    y = x.float().reshape(-1, k // 16, 16)
+    for h in (1, 2, 4, 8):
+        pairs = y.reshape(-1, k // 16, 16 // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), -2)
+    return (y.reshape(x.shape) * 0.25).to(x.dtype)
+
+
+def hadamard16(x: torch.Tensor) -> torch.Tensor:
+    """`hadamard16_reference` of [N, K] rows; the kernel for bf16 CPU rows where it runs."""
+    if not supports(x) or x.dim() != 2:
+        return hadamard16_reference(x)
+    x = _rows(x)
+    n, k = x.shape
+    out = torch.empty(n, k, dtype=x.dtype)
+    kernel().hadamard16(x.data_ptr(), x.stride(0), n, k, out.data_ptr(), k, torch.get_num_threads())
+    return out
+
+
 def layer_attn_in(h: torch.Tensor, delta: torch.Tensor | None, norm, qkv: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder layer up to attention in one call (kernels/cpu/layer.c): h + delta, its RMSNorm,
@@ -78,13 +104,13 @@ def layer_attn_in(h: torch.Tensor, delta: torch.Tensor | None, norm, qkv: torch.
 
 
 def layer_mlp(h: torch.Tensor, attn: torch.Tensor, o_proj: torch.Tensor, norm, gate_up: torch.Tensor,
-              down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              down: torch.Tensor, down_hadamard: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The rest of a decoder layer in one call: h + o_proj(attn), its RMSNorm, the fused int8
-    gate/up, SiLU(gate) * up and down_proj (each Linear an `int8.descriptor`). Returns
-    (h + o_proj(attn), the MLP's output)."""
+    gate/up, SiLU(gate) * up (then `hadamard16` when down_hadamard) and down_proj (each Linear an
+    `int8.descriptor`). Returns (h + o_proj(attn), the MLP's output)."""
     n, hidden = h.shape
     h_sum, delta = torch.empty_like(h), torch.empty_like(h)
     kernel().layer_mlp(h.data_ptr(), attn.data_ptr(), h_sum.data_ptr(), n, hidden, o_proj.data_ptr(),
                        norm.weight.data_ptr(), norm.variance_epsilon, gate_up.data_ptr(), down.data_ptr(),
-                       delta.data_ptr(), torch.get_num_threads(), int(int8.kernel().amx))
+                       int(down_hadamard), delta.data_ptr(), torch.get_num_threads(), int(int8.kernel().amx))
     return h_sum, delta

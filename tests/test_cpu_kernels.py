@@ -76,6 +76,21 @@ def test_silu_mul_is_silu_of_gate_times_up_and_rowwise(rows):
     _rows_are_independent(lambda x: rowops.silu_mul(*x.chunk(2, 1)), list(gate_up))
 
 
+@pytest.mark.parametrize("rows", [1, 17, 40])  # 40 x 4864: threads split rows
+def test_hadamard16_is_the_orthonormal_block_transform_with_the_reference_bits_and_rowwise(rows):
+    x = _bf16(rows, 4864, seed=9) * torch.rand(4864, generator=torch.Generator().manual_seed(10)).pow(8).mul(50).bfloat16()
+    out = rowops.hadamard16(x)
+    assert torch.equal(out, rowops.hadamard16_reference(x))  # the same butterflies, the same roundings
+    h = torch.tensor([[(-1.0) ** bin(i & j).count("1") for j in range(16)] for i in range(16)]) / 4
+    torch.testing.assert_close(out.float(), (x.float().view(rows, -1, 16) @ h).view(rows, -1), atol=2e-2, rtol=1e-2)
+    back = rowops.hadamard16(out).float()  # H H = I, up to two bf16 roundings
+    assert (back - x.float()).norm() < 1e-2 * x.float().norm()
+    assert out.float().abs().amax() < x.float().abs().amax()  # a loud channel spreads over its block
+    wide = torch.cat([x, _bf16(rows, 16, seed=11)], 1)[:, :4864]  # rows at a stride
+    assert torch.equal(rowops.hadamard16(wide), out)
+    _rows_are_independent(rowops.hadamard16, list(x))
+
+
 @pytest.mark.skipif(int8.kernel() is None, reason="no AVX512-VNNI CPU")
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_int8_projections_give_each_part_its_own_bits(bias):

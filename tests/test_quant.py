@@ -126,6 +126,33 @@ def test_smoothing_keeps_the_float_model_and_shrinks_the_activation_range(family
     assert spread[1] < spread[0] / 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_hadamard_rotated_int8_linear_keeps_the_function_and_quantizes_outlier_channels_better(dtype):
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(256, 64, bias=True)
+    x = torch.randn(9, 256, generator=g)
+    x[:, 3] *= 60  # one loud input channel: per-row int8 flattens the others
+    want = lin(x).detach()
+    errors = []
+    for hadamard in (False, True):
+        q = Int8Linear(lin, hadamard=hadamard)
+        assert q.hadamard == hadamard and ("hadamard" in repr(q)) == hadamard
+        errors.append((q(x.to(dtype)).float() - want).pow(2).mean().item() / want.pow(2).mean().item())
+    assert errors[1] < errors[0] / 4, errors
+    assert errors[1] < 1e-3
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Int8Linear(torch.nn.Linear(24, 8), hadamard=True)
+
+
+def test_the_int8_target_rotates_every_down_projection_and_fuses_only_unrotated_parts():
+    model = tiny_target("llama", seed=1).model
+    quantize_target(model, ByteTokenizer(64))
+    layers = model.model.layers
+    assert all(l.mlp.down_proj.hadamard and not l.mlp.up_proj.hadamard for l in layers)
+    assert Int8Linear.fused([layers[0].mlp.gate_proj, layers[0].mlp.up_proj]) is not None
+    assert Int8Linear.fused([layers[0].mlp.down_proj, layers[0].mlp.down_proj]) is None
+
+
 def test_smoothing_skips_models_without_the_decoder_layout():
     assert smooth(torch.nn.Sequential(torch.nn.Linear(4, 4)), ByteTokenizer(8)) == 0
 

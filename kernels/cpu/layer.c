@@ -21,6 +21,8 @@ void rope(uint16_t *x, int64_t x_stride, int64_t rows, int heads, int64_t d, con
           int threads);
 void silu_mul(const uint16_t *g, int64_t g_stride, const uint16_t *u, int64_t u_stride, int64_t rows, int64_t d,
               uint16_t *out, int64_t out_stride, int threads);
+void hadamard16(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t d, uint16_t *out, int64_t out_stride,
+                int threads);
 
 static void linear(const int64_t *w, const uint16_t *x, int64_t m, uint16_t *y, int threads, int amx) {
   const int64_t n = w[4], k = w[5];
@@ -43,11 +45,12 @@ void layer_attn_in(const uint16_t *h, const uint16_t *delta, uint16_t *h_sum, in
   free(x);
 }
 
-/* h_sum = h + attn @ Wo, x = RMSNorm(h_sum) * norm_w, delta = (SiLU(x @ Wg) * (x @ Wu)) @ Wd.
+/* h_sum = h + attn @ Wo, x = RMSNorm(h_sum) * norm_w, delta = (SiLU(x @ Wg) * (x @ Wu)) @ Wd, with
+ * down_hadamard: the SiLU product goes through `hadamard16` first (Wd then holds the rotated weight).
  * h, h_sum, delta: [m, hidden]; attn: [m, o_w's in features]; gate_up_w: gate's channels, then up's. */
 void layer_mlp(const uint16_t *h, const uint16_t *attn, uint16_t *h_sum, int64_t m, int64_t hidden, const int64_t *o_w,
-               const uint16_t *norm_w, float eps, const int64_t *gate_up_w, const int64_t *down_w, uint16_t *delta,
-               int threads, int amx) {
+               const uint16_t *norm_w, float eps, const int64_t *gate_up_w, const int64_t *down_w, int down_hadamard,
+               uint16_t *delta, int threads, int amx) {
   const int64_t inter = gate_up_w[4] / 2;
   uint16_t *o = malloc((size_t)(m * hidden) * 2), *x = malloc((size_t)(m * hidden) * 2);
   uint16_t *gu = malloc((size_t)(m * 2 * inter) * 2), *a = malloc((size_t)(m * inter) * 2);
@@ -55,6 +58,8 @@ void layer_mlp(const uint16_t *h, const uint16_t *attn, uint16_t *h_sum, int64_t
   add_rms_norm(h, hidden, o, hidden, h_sum, m, hidden, norm_w, eps, x, threads);
   linear(gate_up_w, x, m, gu, threads, amx);
   silu_mul(gu, 2 * inter, gu + inter, 2 * inter, m, inter, a, inter, threads);
+  if (down_hadamard)
+    hadamard16(a, inter, m, inter, a, inter, threads);
   linear(down_w, a, m, delta, threads, amx);
   free(o);
   free(x);

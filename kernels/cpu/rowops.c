@@ -1,5 +1,6 @@
 /* The decoder's per-row operations for bf16 rows on CPUs with AVX512: RMSNorm (with the residual
- * add before it), rotary embedding, and the gated MLP's SiLU(gate) * up.
+ * add before it), rotary embedding, the gated MLP's SiLU(gate) * up, and the 16-point Hadamard
+ * rotation an int8 Linear may apply to its input (domino_backend/quant.py).
  *
  * Each computes in fp32 from bf16 inputs and rounds once to bf16 (nearest even). A row's result
  * depends on that row alone: reductions run over the row's own values in a fixed order, threads
@@ -75,6 +76,36 @@ void silu_mul(const uint16_t *g, int64_t g_stride, const uint16_t *u, int64_t u_
       const __m512 x = bf16x16(g + r * g_stride + i, m);
       const __m512 sig = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
       store_bf16x16(out + r * out_stride + i, _mm512_mul_ps(sig, bf16x16(u + r * u_stride + i, m)), m);
+    }
+  }
+}
+
+/* out[r] = bf16(H16 x[r] / 4) in blocks of 16 channels: the orthonormal 16-point Hadamard transform
+ * of each block (d a multiple of 16; out may be x). Four butterfly stages h = 1, 2, 4, 8, in that
+ * order: the lanes i and i ^ h become (a + b, a - b), one rounding each (the explicit multiply-add
+ * by +-1 is exact); then * 1/4, exact. kernels/rowops.py `hadamard16_reference` does the same. */
+void hadamard16(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t d, uint16_t *out, int64_t out_stride,
+                int threads) {
+  static const int shift[4] = {1, 2, 4, 8};
+  __m512i partner[4];
+  __m512 sign[4];
+  for (int s = 0; s < 4; s++) {
+    int idx[16];
+    float sg[16];
+    for (int i = 0; i < 16; i++) {
+      idx[i] = i ^ shift[s];
+      sg[i] = (i & shift[s]) ? -1.f : 1.f;
+    }
+    partner[s] = _mm512_loadu_si512(idx);
+    sign[s] = _mm512_loadu_ps(sg);
+  }
+#pragma omp parallel for schedule(static) num_threads(rows * d >= PARALLEL_MIN ? threads : 1)
+  for (int64_t r = 0; r < rows; r++) {
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 v = bf16x16(x + r * x_stride + i, 0xFFFF);
+      for (int s = 0; s < 4; s++)  /* lane i: v[i ^ h] + (+-1) v[i], i.e. a + b or a - b */
+        v = _mm512_fmadd_ps(sign[s], v, _mm512_permutexvar_ps(partner[s], v));
+      store_bf16x16(out + r * out_stride + i, _mm512_mul_ps(v, _mm512_set1_ps(0.25f)), 0xFFFF);
     }
   }
 }
