@@ -68,13 +68,29 @@ def prefill_blocks(start: int, m: int) -> list[int]:
     return [b - start for b in range(first, (start + m) // BLOCK * BLOCK, BLOCK)]
 
 
+def block_mask(end: int, g: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:
+    """The additive mask of the prefill block ending at `end`: [g * BLOCK, end], 0 where the row may
+    look (every key before the block, the block's rows up to itself), -inf elsewhere; the block's
+    BLOCK rows repeated for the g query heads of a kv head. Additive rather than boolean: SDPA
+    then skips converting it (same result bits), and `cache` (one forward's dict) builds each once
+    for all layers."""
+    if cache is not None and (end, g) in cache:
+        return cache[end, g]
+    hidden = torch.ones(BLOCK, end, dtype=torch.bool, device=device).triu(end - BLOCK + 1)
+    out = torch.zeros(BLOCK, end, dtype=dtype, device=device).masked_fill_(hidden, float("-inf")).repeat(g, 1)
+    if cache is not None:
+        cache[end, g] = out
+    return out
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int, mask: torch.Tensor | None,
-           scale: float, blocks: list[int] = ()) -> torch.Tensor:
+           scale: float, blocks: list[int] = (), block_masks: dict | None = None) -> torch.Tensor:
     """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D] (views of the cache:
     its first rows, the pass's own rows last) -> [M, H, D].
 
     blocks (a prefill's, from `prefill_blocks`): these BLOCK-row blocks run as one causal SDPA call
-    each, their G x BLOCK queries per KV head over the keys up to the block's end. Every other row
+    each, their G x BLOCK queries per KV head over the keys up to the block's end (`block_mask`;
+    block_masks: a dict to share the masks across a forward's layers). Every other row
     runs alone, over the keys decoding its branch token by token would have cached (mask, from
     `visible_rows`: None = all earlier rows of the pass), through `kernels.attention` when it runs
     here (all rows in one call) or else one SDPA call per row."""
@@ -86,8 +102,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     for b in blocks:
         end = past + b + BLOCK
         q = query[b:b + BLOCK].reshape(BLOCK, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * BLOCK, d)
-        allowed = torch.ones(BLOCK, end, dtype=torch.bool, device=query.device).tril(end - BLOCK).repeat(g, 1)
-        o = F.scaled_dot_product_attention(q, key[None, :, :end], value[None, :, :end], attn_mask=allowed,
+        o = F.scaled_dot_product_attention(q, key[None, :, :end], value[None, :, :end],
+                                           attn_mask=block_mask(end, g, query.dtype, query.device, block_masks),
                                            scale=scale)
         out[b:b + BLOCK] = o.reshape(kv, g, BLOCK, d).permute(2, 0, 1, 3).reshape(BLOCK, h, d)
         fused.update(range(b, b + BLOCK))

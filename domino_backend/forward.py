@@ -165,6 +165,7 @@ class PackedForward:
         fast = rowops.supports(h)
         whole = fast and int8.kernel() is not None
         delta = None  # the previous layer's MLP output, added to h by the next norm
+        masks: dict = {}  # prefill blocks' attention masks, the same in every layer
         for li, layer in enumerate(self.layers):
             h, q, k, v = self._qkv(li, h, delta, cos, sin, fast, whole)
             if li - 1 in wanted:
@@ -179,7 +180,7 @@ class PackedForward:
                 keys[:, start:start + t] = k[o:o + t].transpose(0, 1)
                 values[:, start:start + t] = v[o:o + t].transpose(0, 1)
                 out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,
-                                      blocks)
+                                      blocks, masks)
             h, delta = self._mlp(li, h, out.view(n, nh * d), fast, whole)
         _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention

@@ -25,6 +25,7 @@
 #include "simd.h"
 
 #define ROWS 12 /* rows per register tile: 2 x ROWS int32 accumulators in zmm registers */
+#define QUANTIZE_PARALLEL_MIN 32768 /* activation values below which one thread quantizes them all */
 #define PREFETCH 4096 /* bytes ahead in the weight stream the AMX loop asks for (tile loads alone stall on DRAM) */
 
 static inline __m512 load16(const void *x, int x_bf16, int64_t i, __mmask16 mask) {
@@ -166,6 +167,7 @@ void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *
   uint8_t *xu = malloc((size_t)(m * k));
   float *xs = malloc((size_t)m * sizeof(float));
   const int64_t xrow = k * (x_bf16 ? 2 : 4);
+#pragma omp parallel for schedule(static) num_threads(m * k >= QUANTIZE_PARALLEL_MIN ? threads : 1)
   for (int64_t r = 0; r < m; r++) quantize_row((const char *)x + r * xrow, x_bf16, k, xu + r * k, xs + r);
   const int64_t blocks = (n + 31) / 32;
   const size_t ybytes = y_bf16 ? 2 : 4;
