@@ -10,7 +10,9 @@
  *
  * Invariants the engine relies on (bitwise-lossless verification):
  *  - a task's arithmetic is a fixed sequence of fp32 operations over its own key list: the dot
- *    product sums D lanes in a fixed tree, the softmax and the weighted sum run over keys in order,
+ *    product sums the D channels in order (keys transposed once per call, one key per lane, so a
+ *    key's score does not depend on its neighbours), the softmax and the weighted sum run over
+ *    keys in order,
  *    so the result depends on the row's query and visible keys only, not on M, the mask of other
  *    rows, or which thread runs it (threads split tasks, never keys);
  *  - decoding a token (M = 1) runs the same code, so a verify row equals the decode step it stands
@@ -27,45 +29,82 @@
 #define MAX_D 256
 #define KEYS 16 /* keys per block: one score per lane */
 
-/* Lane t of the result = the sum of a[t]'s 16 lanes, summed in a fixed tree. */
-static inline __m512 sum_lanes16(const __m512 *a) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; i++)
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; i++)
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  /* c[i]'s 128-bit lane L: lane-L partial sums of a[4i .. 4i+3] */
-  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
-  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
-}
-
-/* One (row, kv head) task over n keys: idx[j] is key j's position in the cache (k/v rows of stride d
- * for this kv head). q, out: g heads x d (bf16). scores: g x (n rounded up to KEYS) floats; kf:
- * KEYS x d floats of scratch. A block's keys past n are zero (score 0, then masked out of the
- * softmax), so the tail runs the same code. */
-static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int32_t *idx, int64_t n,
-                        int g, int d, float scale, float *scores, float *kf, uint16_t *out) {
-  const int dv = d / 16;
-  const int64_t n16 = (n + KEYS - 1) / KEYS * KEYS;
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < n16; j0 += KEYS) {
-    for (int t = 0; t < KEYS; t++)
-      for (int c = 0; c < dv; c++)
-        _mm512_storeu_ps(kf + t * d + 16 * c,
-                         j0 + t < n ? bf16x16(k + (int64_t)idx[j0 + t] * d + 16 * c, 0xffff) : _mm512_setzero_ps());
-    for (int h = 0; h < g; h++) {
-      const uint16_t *qh = q + (int64_t)h * d;
-      __m512 acc[KEYS];
-      __m512 qc = bf16x16(qh, 0xffff);
-      for (int t = 0; t < KEYS; t++) acc[t] = _mm512_mul_ps(qc, _mm512_loadu_ps(kf + t * d));
-      for (int c = 1; c < dv; c++) {
-        qc = bf16x16(qh + 16 * c, 0xffff);
-        for (int t = 0; t < KEYS; t++) acc[t] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kf + t * d + 16 * c), acc[t]);
-      }
-      _mm512_storeu_ps(scores + h * n16 + j0, _mm512_mul_ps(sum_lanes16(acc), vscale));
+/* The keys 0 .. n - 1 of every kv head, transposed once per call so that a block of KEYS keys
+ * gives one score per lane: kt[((hk * nb + b) * d + c) * KEYS + t] = k[hk][b * KEYS + t][c], bf16
+ * (nb = n / KEYS rounded up; keys past n are 0). Every row and query head of the call reads it. */
+static void transpose_keys(const uint16_t *k, int64_t cap, int kv, int d, int64_t n, uint16_t *kt, int threads) {
+  const int64_t nb = (n + KEYS - 1) / KEYS;
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(2 * d));
+#pragma omp parallel for schedule(static) num_threads(kv * nb * d >= 8192 ? threads : 1)
+  for (int64_t task = 0; task < kv * nb; task++) {
+    const int64_t hk = task / nb, b = task % nb;
+    const uint16_t *src = k + (hk * cap + b * KEYS) * d;
+    uint16_t *dst = kt + task * d * KEYS;
+    const __mmask16 live = lanes(n - b * KEYS);
+    for (int c = 0; c < d; c += 2) { /* channels c, c + 1 of the block's keys: one dword each */
+      const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, src + c, 1);
+      _mm256_storeu_si256((__m256i *)(dst + c * KEYS), _mm512_cvtepi32_epi16(pair));
+      _mm256_storeu_si256((__m256i *)(dst + (c + 1) * KEYS), _mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16)));
     }
   }
+}
+
+/* Scores of the g query heads (qt: d x g fp32, channel-major) against key blocks 0 .. nb - 1 (kt:
+ * one kv head's transposed blocks): scores[h * stride + b * KEYS + t] = (sum_c q_h[c] * k_t[c], c = 0, 1, ..)
+ * * scale, a sequential fp32 sum per key. Inlined with a constant g (see `scores_g`): the g
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) void scores_block(const float *qt, const uint16_t *kt, int64_t nb, int g,
+                                                              int d, float scale, float *scores, int64_t stride) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t b = 0; b < nb; b++) {
+    const uint16_t *kb = kt + b * d * KEYS;
+    __m512 acc[MAX_G];
+    const __m512 k0 = bf16x16(kb, 0xffff);
+#pragma GCC unroll 16
+    for (int h = 0; h < g; h++) acc[h] = _mm512_mul_ps(_mm512_set1_ps(qt[h]), k0);
+    for (int c = 1; c < d; c++) {
+      const __m512 kc = bf16x16(kb + c * KEYS, 0xffff);
+      const float *qc = qt + c * g;
+#pragma GCC unroll 16
+      for (int h = 0; h < g; h++) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(qc[h]), kc, acc[h]);
+    }
+#pragma GCC unroll 16
+    for (int h = 0; h < g; h++) _mm512_storeu_ps(scores + h * stride + b * KEYS, _mm512_mul_ps(acc[h], vscale));
+  }
+}
+
+static void scores_g(const float *qt, const uint16_t *kt, int64_t nb, int g, int d, float scale, float *scores,
+                     int64_t stride) {
+  switch (g) {
+#define G(N) \
+  case N: scores_block(qt, kt, nb, N, d, scale, scores, stride); break;
+    G(1) G(2) G(3) G(4) G(5) G(6) G(7) G(8) G(9) G(10) G(11) G(12) G(13) G(14) G(15) G(16)
+#undef G
+  }
+}
+
+/* One (row, kv head) task over its n visible keys: idx[j] is key j's position in the cache, in
+ * increasing order, the last one at n_full - 1 (a chain sees every key below n_full, a tree row
+ * skips the rows off its branch). q, out: g heads x d (bf16); kt: this kv head's transposed keys
+ * (`transpose_keys`); v: its value rows (stride d). scores: g x (n_full rounded up to KEYS) floats.
+ * Scores are computed for all keys below n_full, then the visible ones are moved to the front in
+ * order, so the softmax and the weighted sum see exactly the key list decoding the branch alone
+ * would (a key's score does not depend on its block), and lanes past n are masked out. */
+static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v, const int32_t *idx, int64_t n,
+                        int64_t n_full, int g, int d, float scale, float *scores, uint16_t *out) {
+  const int dv = d / 16;
+  const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS;
+  float qt[MAX_D * MAX_G];
+  for (int h = 0; h < g; h++)
+    for (int c = 0; c < d; c++) {
+      const uint32_t bits = (uint32_t)q[(int64_t)h * d + c] << 16;
+      memcpy(qt + c * g + h, &bits, 4);
+    }
+  scores_g(qt, kt, n16 / KEYS, g, d, scale, scores, n16);
+  if (n < n_full)
+    for (int h = 0; h < g; h++)
+      for (int64_t j = 0; j < n; j++) scores[h * n16 + j] = scores[h * n16 + idx[j]]; /* idx[j] >= j */
   for (int h = 0; h < g; h++) { /* softmax weights, unnormalized, in place; lanes past n -> 0 */
     float *s = scores + h * n16;
     __m512 vmx = _mm512_set1_ps(-INFINITY);
@@ -83,25 +122,28 @@ static void attend_task(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     }
     scores[-1 - h] = 1.f / _mm512_reduce_add_ps(vsum); /* stashed in front of the scores */
   }
-  for (int h0 = 0; h0 < g; h0 += 4) { /* out = sum_j p_j v_j, four heads per pass over the values */
+  for (int h0 = 0; h0 < g; h0 += 4) { /* out = sum_j p_j v_j, a 4 heads x 64 channels register tile per pass */
     const int hs = g - h0 < 4 ? g - h0 : 4;
+    const float *sc[4];
+    for (int a = 0; a < 4; a++) sc[a] = scores + (int64_t)(a < hs ? h0 + a : h0) * n16; /* heads past g: unused */
     for (int c0 = 0; c0 < dv; c0 += 4) {
-      const int cs = dv - c0 < 4 ? dv - c0 : 4;
+      __mmask16 cm[4]; /* channel chunks past d: loads masked to 0, never stored */
+      for (int c = 0; c < 4; c++) cm[c] = c0 + c < dv ? 0xffff : 0;
       __m512 acc[4][4];
       for (int a = 0; a < 4; a++)
         for (int c = 0; c < 4; c++) acc[a][c] = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; j++) {
         const uint16_t *vj = v + (int64_t)idx[j] * d + 16 * c0;
         __m512 vc[4];
-        for (int c = 0; c < cs; c++) vc[c] = bf16x16(vj + 16 * c, 0xffff);
-        for (int a = 0; a < hs; a++) {
-          const __m512 p = _mm512_set1_ps(scores[(h0 + a) * n16 + j]);
-          for (int c = 0; c < cs; c++) acc[a][c] = _mm512_fmadd_ps(p, vc[c], acc[a][c]);
+        for (int c = 0; c < 4; c++) vc[c] = bf16x16(vj + 16 * c, cm[c]);
+        for (int a = 0; a < 4; a++) {
+          const __m512 p = _mm512_set1_ps(sc[a][j]);
+          for (int c = 0; c < 4; c++) acc[a][c] = _mm512_fmadd_ps(p, vc[c], acc[a][c]);
         }
       }
       for (int a = 0; a < hs; a++) {
         const __m512 inv = _mm512_set1_ps(scores[-1 - (h0 + a)]);
-        for (int c = 0; c < cs; c++)
+        for (int c = 0; c < 4 && c0 + c < dv; c++)
           _mm256_storeu_si256((__m256i *)(out + (int64_t)(h0 + a) * d + 16 * (c0 + c)),
                               to_bf16(_mm512_mul_ps(acc[a][c], inv)));
       }
@@ -126,6 +168,9 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
         memcpy(v + (hk * cap + past + i) * d, v_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
       }
   if (!rows) r = m;
+  const int64_t n_all = past + m, nb = (n_all + KEYS - 1) / KEYS;
+  uint16_t *kt = malloc(sizeof(uint16_t) * (size_t)(kv * nb * KEYS * d));
+  transpose_keys(k, cap, kv, d, n_all, kt, threads);
   const int64_t tasks = r * kv;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tasks; t++) {
@@ -134,15 +179,16 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
     const int64_t n_max = past + i + 1;
     const int64_t n16 = (n_max + KEYS - 1) / KEYS * KEYS;
     int32_t *idx = malloc(sizeof(int32_t) * n_max);
-    float *buf = malloc(sizeof(float) * (MAX_G + g * n16 + KEYS * d));
+    float *buf = malloc(sizeof(float) * (MAX_G + g * n16));
     int64_t n = 0;
     for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
     for (int64_t j = 0; j <= i; j++)
       if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
-    attend_task(q + i * q_stride + (int64_t)hk * g * d, k + hk * cap * d, v + hk * cap * d, idx, n, g, d, scale,
-                buf + MAX_G, buf + MAX_G + g * n16, out + (i * h + (int64_t)hk * g) * d);
+    attend_task(q + i * q_stride + (int64_t)hk * g * d, kt + hk * nb * KEYS * d, v + hk * cap * d, idx, n, n_max, g,
+                d, scale, buf + MAX_G, out + (i * h + (int64_t)hk * g) * d);
     free(idx);
     free(buf);
   }
+  free(kt);
   return 0;
 }
