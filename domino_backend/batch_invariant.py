@@ -20,10 +20,12 @@ The fix has two halves, both exact computations with no approximation:
 * Prefill (here too): a prompt row's attention must not depend on how the prompt was cut into
   chunks either (prefix reuse starts a prompt mid-way, a batch's row budget schedules chunks), or
   a restored prefix would change the output. Rows run in `BLOCK`-row blocks at absolute positions
-  (0, BLOCK, 2 BLOCK, ...): a block that lies wholly inside the pass runs as one fused call over
-  the keys up to its end, any other row (a prompt's tail) row by row as decoding would. Which path
-  a row takes then depends on its position and the prompt's length alone, provided chunks and
-  restored prefixes end on block boundaries (the engine cuts them so).
+  (0, BLOCK, 2 BLOCK, ...): a block that starts inside the pass runs as one fused call over the
+  keys up to its end (the pass's last block may be shorter: the prompt's tail or a chunk's end),
+  rows before the pass's first aligned position row by row as decoding would. Which path a row
+  takes, and which rows share its call, then depends on its position, the prompt's length and the
+  chunk boundaries (fixed positions) alone, provided restored prefixes end on block boundaries
+  (the engine cuts them so).
 
 tests/test_batch_invariant.py checks the bitwise property end to end.
 """
@@ -62,24 +64,26 @@ def visible_rows(parents: list[int] | None, m: int) -> torch.Tensor | None:
 
 
 def prefill_blocks(start: int, m: int) -> list[int]:
-    """The rows (relative to the pass) where the aligned BLOCK-row blocks lying wholly inside a
-    prefill pass of m rows at position `start` begin; every other row runs row by row."""
+    """The rows (relative to the pass) where the BLOCK-row blocks at aligned positions inside a
+    prefill pass of m rows at position `start` begin; the last one may be cut short by the pass's
+    end (which is the prompt's end or a chunk boundary: fixed positions for a given prompt). Rows
+    before the first aligned position run row by row."""
     first = -(-start // BLOCK) * BLOCK
-    return [b - start for b in range(first, (start + m) // BLOCK * BLOCK, BLOCK)]
+    return [b - start for b in range(first, start + m, BLOCK)]
 
 
-def block_mask(end: int, g: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:
-    """The additive mask of the prefill block ending at `end`: [g * BLOCK, end], 0 where the row may
-    look (every key before the block, the block's rows up to itself), -inf elsewhere; the block's
-    BLOCK rows repeated for the g query heads of a kv head. Additive rather than boolean: SDPA
-    then skips converting it (same result bits), and `cache` (one forward's dict) builds each once
-    for all layers."""
-    if cache is not None and (end, g) in cache:
-        return cache[end, g]
-    hidden = torch.ones(BLOCK, end, dtype=torch.bool, device=device).triu(end - BLOCK + 1)
-    out = torch.zeros(BLOCK, end, dtype=dtype, device=device).masked_fill_(hidden, float("-inf")).repeat(g, 1)
+def block_mask(end: int, rows: int, g: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:
+    """The additive mask of the prefill block of `rows` rows ending at `end`: [g * rows, end], 0
+    where a row may look (every key before the block, the block's rows up to itself), -inf
+    elsewhere; repeated for the g query heads of a kv head. Additive rather than boolean: SDPA then
+    skips converting it (same result bits), and `cache` (one forward's dict) builds each once for
+    all layers."""
+    if cache is not None and (end, rows, g) in cache:
+        return cache[end, rows, g]
+    hidden = torch.ones(rows, end, dtype=torch.bool, device=device).triu(end - rows + 1)
+    out = torch.zeros(rows, end, dtype=dtype, device=device).masked_fill_(hidden, float("-inf")).repeat(g, 1)
     if cache is not None:
-        cache[end, g] = out
+        cache[end, rows, g] = out
     return out
 
 
@@ -88,9 +92,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D] (views of the cache:
     its first rows, the pass's own rows last) -> [M, H, D].
 
-    blocks (a prefill's, from `prefill_blocks`): these BLOCK-row blocks run as one causal SDPA call
-    each, their G x BLOCK queries per KV head over the keys up to the block's end (`block_mask`;
-    block_masks: a dict to share the masks across a forward's layers). Every other row
+    blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
+    end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
+    the block's end (`block_mask`; block_masks: a dict to share the masks across a forward's layers). Every other row
     runs alone, over the keys decoding its branch token by token would have cached (mask, from
     `visible_rows`: None = all earlier rows of the pass), through `kernels.attention` when it runs
     here (all rows in one call) or else one SDPA call per row."""
@@ -100,13 +104,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     out = query.new_empty(m, h, d)
     fused = set()
     for b in blocks:
-        end = past + b + BLOCK
-        q = query[b:b + BLOCK].reshape(BLOCK, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * BLOCK, d)
+        n = min(BLOCK, m - b)
+        end = past + b + n
+        q = query[b:b + n].reshape(n, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * n, d)
         o = F.scaled_dot_product_attention(q, key[None, :, :end], value[None, :, :end],
-                                           attn_mask=block_mask(end, g, query.dtype, query.device, block_masks),
+                                           attn_mask=block_mask(end, n, g, query.dtype, query.device, block_masks),
                                            scale=scale)
-        out[b:b + BLOCK] = o.reshape(kv, g, BLOCK, d).permute(2, 0, 1, 3).reshape(BLOCK, h, d)
-        fused.update(range(b, b + BLOCK))
+        out[b:b + n] = o.reshape(kv, g, n, d).permute(2, 0, 1, 3).reshape(n, h, d)
+        fused.update(range(b, b + n))
     rows = [i for i in range(m) if i not in fused]
     if not rows:
         return out

@@ -83,8 +83,9 @@ def test_rowwise_attention_is_causal_attention_over_the_cache(m):
 
 
 def test_prefill_attention_runs_its_aligned_blocks_fused_and_is_causal_attention():
-    past, m = 20, 3 * BLOCK + 5  # positions 20..120: blocks at 32 and 64 lie inside, the rest row by row
-    assert prefill_blocks(past, m) == [32 - past, 64 - past] and prefill_blocks(0, BLOCK - 1) == []
+    past, m = 20, 3 * BLOCK + 5  # positions 20..120: blocks at 32, 64 and 96 (cut short), 20..31 row by row
+    assert prefill_blocks(past, m) == [32 - past, 64 - past, 96 - past] and prefill_blocks(0, BLOCK - 1) == [0]
+    assert prefill_blocks(past, 5) == []
     q, k, v = _attn_inputs(m=m, n_keys=m + past)
     causal = torch.ones(m, m + past, dtype=torch.bool).tril(past)
     out = attend(q, k, v, past, visible_rows(None, m), scale=0.3, blocks=prefill_blocks(past, m))
