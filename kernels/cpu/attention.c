@@ -105,16 +105,17 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
   if (n < n_full)
     for (int h = 0; h < g; h++)
       for (int64_t j = 0; j < n; j++) scores[h * n16 + j] = scores[h * n16 + idx[j]]; /* idx[j] >= j */
+  const int64_t live16 = (n + KEYS - 1) / KEYS * KEYS; /* the softmax's blocks: the n visible keys' */
   for (int h = 0; h < g; h++) { /* softmax weights, unnormalized, in place; lanes past n -> 0 */
     float *s = scores + h * n16;
     __m512 vmx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n16; j += KEYS) {
+    for (int64_t j = 0; j < live16; j += KEYS) {
       const __mmask16 live = lanes(n - j);
       vmx = _mm512_mask_max_ps(vmx, live, vmx, _mm512_loadu_ps(s + j));
     }
     vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
     __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n16; j += KEYS) {
+    for (int64_t j = 0; j < live16; j += KEYS) {
       const __mmask16 live = lanes(n - j);
       const __m512 p = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx)));
       _mm512_storeu_ps(s + j, p);

@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 /* Lanes 0 .. left - 1 of a 16-lane mask. */
-static inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+static inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
 
 /* 16 bf16 values (masked lanes read as 0) -> fp32, exactly. */
 static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) {
