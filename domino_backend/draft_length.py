@@ -10,7 +10,10 @@ verified a few tokens at a time, or not at all (K = 0 is plain decoding).
 The policy keeps exponentially decayed estimates (recent rounds weigh most, so a request that
 turns from prose to boilerplate is followed within a few rounds) of a_j, of the draft time and of
 the verify time per K (interpolated between measured K's), and picks the K with the most tokens
-per second. Probe rounds verify the full cap so the estimates for long drafts stay fresh even while
+per second. Verify time is kept per `context`: a round alone in its forward (0) pays the whole
+forward, one sharing it with other requests' rows (1) pays its rows' share, which is far less per
+row on a CPU. One table for both would carry a burst of batched rounds' cheap verifies into the
+next request served alone (and the reverse); acceptance is a property of the drafts, shared. Probe rounds verify the full cap so the estimates for long drafts stay fresh even while
 short ones are chosen: every `probe_every` rounds while drafting pays, and, while plain decoding
 (K = 0) keeps winning, at a doubling interval up to `max_probe_every` (each failed probe costs a
 full verify). Measurements behind these choices: docs/design.md, "Adaptive draft length".
@@ -37,7 +40,8 @@ class AdaptiveDraftLength:
     rounds: int = 0
     tried: list[float] = field(default_factory=list)  # decayed rounds that verified draft j with 1..j-1 accepted
     accepted: list[float] = field(default_factory=list)  # decayed rounds that accepted draft j
-    verify: dict[int, list[float]] = field(default_factory=dict)  # K -> [decayed weight, decayed sum of seconds]
+    # context -> K -> [decayed weight, decayed sum of seconds]
+    verify: dict[int, dict[int, list[float]]] = field(default_factory=dict)
     # Draft time: the median of recent drafting rounds, not a decayed mean. The first draft of a
     # process pays one-off kernel set-up (about 10x a warm draft); a mean remembers it for dozens
     # of rounds, during which drafting looks too dear to try.
@@ -63,12 +67,12 @@ class AdaptiveDraftLength:
     def draft_s(self) -> float | None:
         return median(self.draft_samples) if self.draft_samples else None
 
-    def verify_seconds(self, k: int) -> float | None:
+    def verify_seconds(self, k: int, context: int = 0) -> float | None:
         """Measured mean verify time at K, else linear interpolation between the measured K's
         around it (extrapolated from the last two beyond them); None before any round. Not one
         global line: CPU verify cost jumps from K = 0 (a matrix-vector product) to K >= 1 and then
         grows slowly, so a line through K = 0 and K = 8 underprices short drafts."""
-        pts = sorted((kk, s / w) for kk, (w, s) in self.verify.items() if w > 1e-3)
+        pts = sorted((kk, s / w) for kk, (w, s) in self.verify.get(context, {}).items() if w > 1e-3)
         if not pts:
             return None
         below = [p for p in pts if p[0] <= k]
@@ -92,8 +96,9 @@ class AdaptiveDraftLength:
             out.append(out[-1] + run)
         return out
 
-    def choose(self, cap: int) -> int:
-        """Drafts to verify this round, at most `cap` (the budget / context / request limit)."""
+    def choose(self, cap: int, context: int = 0) -> int:
+        """Drafts to verify this round, at most `cap` (the budget / context window / request
+        limit); context: whether the round is expected to share its forward (module docstring)."""
         cap = min(cap, self.max_k)
         self.rounds += 1
         if cap <= 0:
@@ -106,13 +111,14 @@ class AdaptiveDraftLength:
             self.next_probe = self.rounds + self.interval
             self.interval = min(2 * self.interval, self.max_probe_every)  # reset below once drafting pays
             return cap
-        if len(self.verify) < 2:
-            return 0 if 0 not in self.verify else cap
+        measured = self.verify.get(context, {})
+        if len(measured) < 2:
+            return 0 if 0 not in measured else cap
 
         expected, draft_s = self._expected_by_k(), self.draft_s
 
         def rate(k: int) -> float:
-            return expected[k] / (self.verify_seconds(k) + (draft_s if k else 0.0))
+            return expected[k] / (self.verify_seconds(k, context) + (draft_s if k else 0.0))
 
         best = max(range(cap + 1), key=rate)
         if best:
@@ -120,8 +126,9 @@ class AdaptiveDraftLength:
             self.next_probe = min(self.next_probe, self.rounds + self.probe_every)
         return best
 
-    def update(self, k: int, a: int, draft_s: float, verify_s: float) -> None:
-        """Record a round that verified k drafts, accepted a of them, and took these times."""
+    def update(self, k: int, a: int, draft_s: float, verify_s: float, context: int = 0) -> None:
+        """Record a round that verified k drafts, accepted a of them, and took these times (its
+        share of the forward, in `context`)."""
         d = self.decay
         if k:  # acceptance evidence only ages when new evidence arrives (K = 0 rounds bring none)
             for j in range(self.max_k):
@@ -131,10 +138,11 @@ class AdaptiveDraftLength:
             self.tried[j] += 1.0
         for j in range(a):
             self.accepted[j] += 1.0
-        for stat in self.verify.values():
+        table = self.verify.setdefault(context, {})
+        for stat in table.values():
             stat[0] *= d
             stat[1] *= d
-        w, s = self.verify.setdefault(k, [0.0, 0.0])
-        self.verify[k] = [w + 1.0, s + verify_s]
+        w, s = table.setdefault(k, [0.0, 0.0])
+        table[k] = [w + 1.0, s + verify_s]
         if k:
             self.draft_samples.append(draft_s)

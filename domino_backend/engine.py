@@ -179,6 +179,7 @@ class Engine:
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
         rows, chunks = 0, 0
+        shared = sum(g.finish_reason is None for g in gens) > 1  # expected: others' rows in this forward
         for i, g in enumerate(gens):
             # Prefill chunks keep their boundaries (a row's bits would depend on them); one that
             # does not fit this forward's rows waits a round, unless it would be the forward's first.
@@ -186,7 +187,7 @@ class Engine:
             if chunk and chunks and rows + chunk > self.settings.batch_rows:
                 continue
             try:
-                p = g.plan()
+                p = g.plan(shared)
             except Exception as e:
                 results[i] = g.fail(e)
                 continue
@@ -205,7 +206,7 @@ class Engine:
             try:
                 # Each request is charged its rows' share of the forward: the marginal cost of a
                 # verified row, which the adaptive draft length weighs against acceptance.
-                results[i] = g.absorb(out, forward_s * p.ids.shape[0] / rows)
+                results[i] = g.absorb(out, forward_s * p.ids.shape[0] / rows, len(planned) > 1)
             except Exception as e:
                 results[i] = g.fail(e)
         return results
@@ -255,16 +256,16 @@ class Generation:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def plan(self) -> Pass | None:
+    def plan(self, shared: bool = False) -> Pass | None:
         """The target rows of this generation's next round, or None when it has ended (a cancel
-        seen now ends it)."""
+        seen now ends it); shared: other requests' rows are expected in the same forward."""
         if self.finish_reason is None and self._cancel.is_set():
             self._end("cancelled")
         if self.finish_reason is not None or self._rounds is None:
             return None
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        return self._rounds.plan()
+        return self._rounds.plan(shared)
 
     def cap_drafts(self, n: int | None) -> None:
         """Verify at most n drafts per round from now on (None: the request's own cap). Any draft
@@ -277,10 +278,10 @@ class Generation:
         """Rows of the prefill chunk the next round would run; 0 once the prompt is in."""
         return self._rounds.prefill_rows() if self._rounds is not None and self.finish_reason is None else 0
 
-    def absorb(self, out: ForwardOut, forward_s: float) -> str:
+    def absorb(self, out: ForwardOut, forward_s: float, shared: bool = False) -> str:
         """Finish the round with the forward's output: the text delta it makes visible (possibly
         empty: a prefill chunk, or text held back until it cannot become a stop string)."""
-        for tid in self._rounds.absorb(out, forward_s):
+        for tid in self._rounds.absorb(out, forward_s, shared):
             if tid in self._eos:
                 self.finish_reason = "stop"
                 break

@@ -51,14 +51,16 @@ class Rounds:
         return min(len(self.prompt_ids), (self.prefilled // chunk + 1) * chunk) - self.prefilled
 
     @torch.inference_mode()
-    def plan(self) -> Pass:
+    def plan(self, shared: bool = False) -> Pass:
+        """shared: whether the forward is expected to carry other requests' rows too (the
+        adaptive draft length prices verify rows by that, draft_length.py)."""
         t0 = time.perf_counter()
         try:
-            return self._plan()
+            return self._plan(int(shared))
         finally:
             self._plan_s = time.perf_counter() - t0
 
-    def _plan(self) -> Pass:
+    def _plan(self, context: int) -> Pass:
         t, e, proposer = self.engine.target, self.engine, self.proposer
         if self.sess is None:
             self._restore()
@@ -77,7 +79,7 @@ class Rounds:
             source, max_k = proposer.route(self.anchor)
             key = f"{req.method}/{source}" if source else req.method
             policy = e.draft_length.setdefault(key, AdaptiveDraftLength(max_k))
-            k = policy.choose(k)
+            k = policy.choose(k, context)
         draft = proposer.propose(self.anchor, pos, k, self.params, self.rng)  # a chain or a tree (drafts.py)
         self._round = (draft, pos, policy)
         return Pass(self.sess, draft.verify_input(self.anchor, t.device), proposer.layer_ids, parents=draft.parents)
@@ -97,9 +99,10 @@ class Rounds:
         proposer.commit(self.prompt_ids[:reused], self.feats[0] if self.feats else None)
 
     @torch.inference_mode()
-    def absorb(self, out: ForwardOut, forward_s: float) -> list[int]:
+    def absorb(self, out: ForwardOut, forward_s: float, shared: bool = False) -> list[int]:
         """Finish the planned step with its forward's output; forward_s: this request's share of
-        the forward's time. Returns the tokens committed (none for a prefill chunk but the last)."""
+        the forward's time, shared: whether other requests' rows were in it. Returns the tokens
+        committed (none for a prefill chunk but the last)."""
         t0 = time.perf_counter()
         if self.anchor is None:
             new = self._absorb_prefill(out)
@@ -116,7 +119,7 @@ class Rounds:
         self.stats.verify_s += verify_s
         self.stats.record(draft.depth, a)  # per-position statistics of a tree are per depth
         if policy is not None:
-            policy.update(draft.priced_k, a, self._plan_s, verify_s)
+            policy.update(draft.priced_k, a, self._plan_s, verify_s, int(shared))
         self.anchor = bonus
         new.append(bonus)
         self.produced += len(new)

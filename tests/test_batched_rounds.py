@@ -123,7 +123,7 @@ def test_a_request_failing_mid_batch_ends_only_itself():
             drafting._rounds.proposer.propose = lambda *a: 1 / 0
             # and another one's rows break the shared forward (a token outside the vocabulary)
             plan = forward.plan
-            forward.plan = lambda: Pass(**{**vars(plan()), "ids": torch.tensor([10 ** 6])})
+            forward.plan = lambda shared: Pass(**{**vars(plan(shared)), "ids": torch.tensor([10 ** 6])})
 
     drive(engine, gens, each_round=break_two)
     assert drafting.finish_reason == forward.finish_reason == "error"

@@ -122,3 +122,23 @@ def test_a_cost_jump_after_plain_decoding_is_learnt_not_averaged_away():
     assert p.verify_seconds(0) == pytest.approx(0.13) and p.verify_seconds(4) == pytest.approx(0.235)
     p.update(2, 0, 0.03, 0.36)  # trying K = 2 reveals the jump; interpolation now prices K = 1..7 high
     assert p.verify_seconds(1) == pytest.approx(0.245) and p.verify_seconds(5) == pytest.approx(0.35)
+
+
+def test_verify_cost_learned_in_shared_forwards_does_not_price_a_round_alone():
+    """A burst of batched rounds (each paying a small share of a big forward) must not make a
+    request that then runs alone draft as if its verifies were that cheap."""
+    p = AdaptiveDraftLength(max_k=7, probe_every=10**6, max_probe_every=10**6)
+    rng = random.Random(1)
+    for _ in range(200):  # shared forwards: verify rows nearly free, so long drafts win
+        k = p.choose(7, context=1)
+        a = 0
+        while a < k and rng.random() < 0.6:
+            a += 1
+        p.update(k, a, 0.005, 0.05 + 0.001 * k, context=1)
+    shared_k = p.choose(7, context=1)
+    assert shared_k >= 4
+    for _ in range(3):  # alone: verify time steep in K, as measured on a 2-core CPU
+        k = p.choose(7, context=0)
+        p.update(k, 0, 0.005, 1.0 + 0.5 * k, context=0)
+    assert p.verify_seconds(0, context=0) == pytest.approx(1.0) and p.verify_seconds(0, context=1) < 0.1
+    assert p.choose(7, context=0) < 3  # at that price only a short draft pays (acceptance is shared)
