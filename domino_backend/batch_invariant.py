@@ -94,8 +94,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
 
     blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
     end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
-    the block's end (`block_mask`; block_masks: a dict to share the masks across a forward's layers). Every other row
-    runs alone, over the keys decoding its branch token by token would have cached (mask, from
+    the block's end (`block_mask`; block_masks: a dict sharing the masks across a forward's layers).
+    Every other row runs alone, over the keys decoding its branch token by token would have cached (mask, from
     `visible_rows`: None = all earlier rows of the pass), through `kernels.attention` when it runs
     here (all rows in one call) or else one SDPA call per row."""
     m, h, d = query.shape
