@@ -88,9 +88,12 @@ def block_mask(end: int, rows: int, g: int, dtype: torch.dtype, device, cache: d
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int, mask: torch.Tensor | None,
-           scale: float, blocks: list[int] = (), block_masks: dict | None = None) -> torch.Tensor:
+           scale: float, blocks: list[int] = (), block_masks: dict | None = None,
+           new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D] (views of the cache:
-    its first rows, the pass's own rows last) -> [M, H, D].
+    its first rows, the pass's own rows last) -> [M, H, D]. new: the pass's own keys and values
+    ([M, KV, D] each), written into the cache here first (by the kernel's call itself where it
+    runs); None when they are there already.
 
     blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
     end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
@@ -102,6 +105,11 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     kv = key.shape[0]
     g = h // kv
     out = query.new_empty(m, h, d)
+    kernel = attention.supports(query, key, value)
+    if new is not None and (blocks or not kernel):
+        key[:, past:past + m] = new[0].transpose(0, 1)
+        value[:, past:past + m] = new[1].transpose(0, 1)
+        new = None
     fused = set()
     for b in blocks:
         n = min(BLOCK, m - b)
@@ -115,8 +123,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     rows = [i for i in range(m) if i not in fused]
     if not rows:
         return out
-    if attention.supports(query, key, value):
-        attention.attend_rows(query, key, value, past, mask, rows if fused else None, scale, out)
+    if kernel:
+        attention.attend_rows(query, key, value, past, mask, rows if fused else None, scale, out, new=new)
         return out
     scratch = None
     for i in rows:

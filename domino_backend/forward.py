@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import attention, int8, rowops
+from kernels import int8, rowops
 
 from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
@@ -172,15 +172,9 @@ class PackedForward:
                 captured[li - 1] = h
             out = q.new_empty(n, nh, d)
             for p, (o, t, start, rows, blocks) in zip(passes, plans):
-                keys, values = p.session.keys[li], p.session.values[li]
-                if not blocks and attention.supports(q, keys, values):  # cache write + attention in one call
-                    attention.attend_rows(q[o:o + t], keys, values, start, rows, None, self.scale, out[o:o + t],
-                                          new=(k[o:o + t], v[o:o + t]))
-                    continue
-                keys[:, start:start + t] = k[o:o + t].transpose(0, 1)
-                values[:, start:start + t] = v[o:o + t].transpose(0, 1)
-                out[o:o + t] = attend(q[o:o + t], keys[:, :start + t], values[:, :start + t], start, rows, self.scale,
-                                      blocks, masks)
+                keys, values = p.session.keys[li][:, :start + t], p.session.values[li][:, :start + t]
+                out[o:o + t] = attend(q[o:o + t], keys, values, start, rows, self.scale, blocks, masks,
+                                      new=(k[o:o + t], v[o:o + t]))
             h, delta = self._mlp(li, h, out.view(n, nh * d), fast, whole)
         _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention

@@ -44,11 +44,11 @@ HADAMARD = 16  # down_proj's input rotation: block size (kernels.rowops.hadamard
 
 
 def rotate_weight(w: torch.Tensor) -> torch.Tensor:
-    """W H for a [N, K] weight: each block of 16 input channels times the 16-point Hadamard matrix
+    """W H for a [N, K] weight: each block of HADAMARD input channels times the Hadamard matrix
     (symmetric, orthonormal), in fp64 -> fp32."""
     n, k = w.shape
-    h = rowops.hadamard16_reference(torch.eye(16, dtype=torch.float64))
-    return (w.detach().double().reshape(n, k // 16, 16) @ h).reshape(n, k).float()
+    h = rowops.hadamard16_reference(torch.eye(HADAMARD, dtype=torch.float64))
+    return (w.detach().double().reshape(n, k // HADAMARD, HADAMARD) @ h).reshape(n, k).float()
 
 
 class Int8Linear(nn.Module):
