@@ -183,10 +183,10 @@ class Engine:
         for i, g in enumerate(gens):
             # Prefill chunks keep their boundaries (a row's bits would depend on them); one that
             # does not fit this forward's rows waits a round, unless it would be the forward's first.
-            chunk = g.prefill_rows()
-            if chunk and chunks and rows + chunk > self.settings.batch_rows:
-                continue
             try:
+                chunk = g.prefill_rows()  # its first call restores a cached prefix: the true chunk
+                if chunk and chunks and rows + chunk > self.settings.batch_rows:
+                    continue
                 p = g.plan(shared)
             except Exception as e:
                 results[i] = g.fail(e)
@@ -275,7 +275,8 @@ class Generation:
             self._rounds.draft_cap = n
 
     def prefill_rows(self) -> int:
-        """Rows of the prefill chunk the next round would run; 0 once the prompt is in."""
+        """Rows of the prefill chunk the next round would run (the first call restores a cached
+        prefix, so this is the true chunk); 0 once the prompt is in."""
         return self._rounds.prefill_rows() if self._rounds is not None and self.finish_reason is None else 0
 
     def absorb(self, out: ForwardOut, forward_s: float, shared: bool = False) -> str:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .batch_invariant import BLOCK
 from .draft_length import AdaptiveDraftLength
 from .forward import ForwardOut, Pass
 from .sampling import SamplingParams, select
@@ -42,13 +43,18 @@ class Rounds:
         self._plan_s = 0.0
 
     def prefill_rows(self) -> int:
-        """Rows of the next prefill chunk (before a prefix cache lookup: at most that); 0 when done.
-        Chunks end on multiples of `prefill_chunk`, wherever the prefill started, so that a
-        prompt row's attention does not depend on a restored prefix (batch_invariant.py)."""
+        """Rows of the next prefill chunk (after the prefix cache lookup, done here on first call);
+        0 when done. A chunk boundary never changes a prompt row's bits (batch_invariant.py): with
+        `prefill_chunk` a multiple of BLOCK, chunks run `prefill_chunk` rows from wherever the
+        prefill starts (a restored prefix ends on a block boundary, so every boundary does);
+        otherwise they end on multiples of `prefill_chunk`, fixed positions whatever was restored."""
         if self.anchor is not None:
             return 0
+        if self.sess is None:
+            self._restore()
         chunk = self.engine.settings.prefill_chunk
-        return min(len(self.prompt_ids), (self.prefilled // chunk + 1) * chunk) - self.prefilled
+        step = BLOCK if chunk % BLOCK == 0 else chunk
+        return min(len(self.prompt_ids), (self.prefilled + chunk) // step * step) - self.prefilled
 
     @torch.inference_mode()
     def plan(self, shared: bool = False) -> Pass:
@@ -62,8 +68,6 @@ class Rounds:
 
     def _plan(self, context: int) -> Pass:
         t, e, proposer = self.engine.target, self.engine, self.proposer
-        if self.sess is None:
-            self._restore()
         if self.anchor is None:  # prefill, one chunk per round: other requests' rounds go on meanwhile
             piece = self.prompt_ids[self.prefilled:self.prefilled + self.prefill_rows()]
             last = self.prefilled + len(piece) >= len(self.prompt_ids)

@@ -176,6 +176,22 @@ def test_prefill_chunks_beyond_the_forward_budget_wait_the_most_urgent_first():
         assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=10, method="ar")
 
 
+def test_requests_that_restore_a_cached_prefix_are_budgeted_by_the_rows_they_still_prefill():
+    """Keystrokes in three files: each new prompt restores most of itself, so all three prefill
+    in the same forward (budgeted by the chunk before the lookup, only one could go per forward)."""
+    engine = make_engine(prefix_cache=3, prefill_chunk=64, batch_rows=48)
+    files = [[(k * 7 + i) % 60 for i in range(70)] for k in range(3)]
+    for f in files:
+        engine.generate(f[:64] + [61] + f[64:68], GenerationRequest(max_new_tokens=2, method="ar"))
+    gens = [engine.stream(f[:66] + [61] + f[66:70], GenerationRequest(max_new_tokens=4, method="ar")) for f in files]
+    assert [g.prefill_rows() for g in gens] == [71 - 64] * 3  # 64 restored: whole attention blocks
+    engine.step(gens)
+    assert all(g.token_ids for g in gens)  # every prompt is in and has its first token
+    for g in gens:
+        assert g.stats.reused_tokens == 64
+        assert g.token_ids[:1] == alone(engine, g.prompt_ids, max_new_tokens=1, method="ar")
+
+
 def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
     """Many clients typing in their own files: each keeps one snapshot, so none evicts another's."""
     engine = make_engine(prefix_cache=3, prefill_chunk=64)
