@@ -11,8 +11,10 @@ its KV cache and goes on when a slot frees. A voice reply runs alone until its f
 spoken (the first chunk for text-to-speech: the latency a listener waits through); after that,
 speech plays far slower than rounds go, so requests already decoding go on beside it without drafts
 while other prompts wait to be prefilled (prefill chunks and drafts are the rows that slow a round
-down on a CPU). A cancel (a completion superseded by a newer
-keystroke) or a deadline takes effect at the next round.
+down on a CPU). While a voice conversation is live (a turn arrived in the last `VOICE_LIVE_S`),
+forwards carry at most `VOICE_ROWS` rows of prefill chunks, so its next turn never waits behind a
+long one. A cancel (a completion superseded by a newer keystroke) or a deadline takes effect at
+the next round.
 
 Threads: the engine decodes on `threads` (by default every core), and on `shared_threads` (one
 core fewer) while other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight: OpenMP
@@ -44,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from domino_backend.batch_invariant import BLOCK
 from domino_backend.engine import GenerationRequest
 
 from agents.code.postprocess import Postprocessor
@@ -54,6 +57,13 @@ from .backend import PRIORITIES, RequestError, Result, StreamJob
 log = logging.getLogger("domino.server")
 FIRST_CHUNK = VoiceConfig().first_chunker  # the voice agent's first chunk (agents/voice/reply.py)
 SIDE_WORK_POLL_S = 0.002  # how often a voice reply paused for speech synthesis looks again
+# A voice conversation counts as live for this long after its last turn arrived: the next turn is
+# likely soon, and it must not wait behind a long forward.
+VOICE_LIVE_S = 20.0
+# Rows of a forward while a voice conversation is live: others' prompts prefill one attention
+# block per forward (cut at a block boundary, no bits change), so a turn that arrives waits for a
+# short forward, never for a batch of keystrokes' prefills.
+VOICE_ROWS = BLOCK
 
 
 class SideWork:
@@ -160,6 +170,7 @@ class Scheduler:
         self._running: list[Task] = []  # started: holding a Generation (and its KV cache)
         self._order = itertools.count()
         self._steps = {"rounds": 0, "batched": 0, "max_batch": 0}  # engine steps, requests stepped, largest batch
+        self._voice_at = -math.inf  # scheduler clock when the last voice turn arrived
         self._stop = False
         self._engine_thread = engine_thread or EngineThread()
         self._worker: Future | None = None
@@ -182,6 +193,8 @@ class Scheduler:
             if self.max_tokens is not None and admitted and in_flight + task.tokens > self.max_tokens:
                 raise RequestError("overloaded", f"{busy}, {in_flight} tokens in flight; retry later", 429)
             task.order = next(self._order)
+            if task.priority == "voice":
+                self._voice_at = self.clock()
             self._waiting.append(task)
             self._cv.notify()
 
@@ -271,8 +284,9 @@ class Scheduler:
             st = self._steps
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
                                                             max(st["max_batch"], len(ready)))
+        live = self.clock() - self._voice_at < VOICE_LIVE_S
         try:
-            results = self.engine.step([t.gen for t in ready])
+            results = self.engine.step([t.gen for t in ready], VOICE_ROWS if live else None)
         except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on
             log.exception("engine step failed")
             results = [e] * len(ready)

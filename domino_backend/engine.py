@@ -170,24 +170,30 @@ class Engine:
             pass
         return gen
 
-    def step(self, gens: list["Generation"]) -> list[str | Exception]:
+    def step(self, gens: list["Generation"], max_rows: int | None = None) -> list[str | Exception]:
         """One round of each generation, all of their target rows in one forward; returns each
-        one's text delta, or the exception that ended it. `gens` come most urgent first: prefill
-        chunks beyond `settings.batch_rows` wait, the most urgent one's never. A generation that
-        fails (drafting, verify, or its rows in the forward) is finished with `error` and the
-        others go on; waiting, finished or cancelled ones get "" (`finish_reason` says which)."""
+        one's text delta, or the exception that ended it. `gens` come most urgent first: every
+        round's rows go, then prefill chunks as far as the forward's `max_rows` (None:
+        `settings.batch_rows`) allows: cut to whole attention blocks where that changes no bits,
+        else waiting a round; the most urgent one's chunk always goes, a block of it at least. A
+        generation that fails (drafting, verify, or its rows in the forward) is finished with
+        `error` and the others go on; waiting, finished or cancelled ones get "" (`finish_reason`
+        says which)."""
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
         rows, chunks = 0, 0
+        budget = self.settings.batch_rows if max_rows is None else max_rows
         shared = sum(g.finish_reason is None for g in gens) > 1  # expected: others' rows in this forward
         for i, g in enumerate(gens):
-            # Prefill chunks keep their boundaries (a row's bits would depend on them); one that
-            # does not fit this forward's rows waits a round, unless it would be the forward's first.
             try:
                 chunk = g.prefill_rows()  # its first call restores a cached prefix: the true chunk
-                if chunk and chunks and rows + chunk > self.settings.batch_rows:
-                    continue
-                p = g.plan(shared)
+                if chunk and rows + chunk > budget:
+                    chunk = g.prefill_rows(max(budget - rows, 0))
+                    if not chunk:
+                        if chunks:  # no room left: waits a round
+                            continue
+                        chunk = g.prefill_rows(BLOCK) or g.prefill_rows()  # the forward's first chunk goes
+                p = g.plan(shared, chunk or None)
             except Exception as e:
                 results[i] = g.fail(e)
                 continue
@@ -256,16 +262,17 @@ class Generation:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def plan(self, shared: bool = False) -> Pass | None:
+    def plan(self, shared: bool = False, prefill: int | None = None) -> Pass | None:
         """The target rows of this generation's next round, or None when it has ended (a cancel
-        seen now ends it); shared: other requests' rows are expected in the same forward."""
+        seen now ends it); shared: other requests' rows are expected in the same forward;
+        prefill: the rows of the next prompt chunk to run (a `prefill_rows` answer; None: all)."""
         if self.finish_reason is None and self._cancel.is_set():
             self._end("cancelled")
         if self.finish_reason is not None or self._rounds is None:
             return None
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        return self._rounds.plan(shared)
+        return self._rounds.plan(shared, prefill)
 
     def cap_drafts(self, n: int | None) -> None:
         """Verify at most n drafts per round from now on (None: the request's own cap). Any draft
@@ -274,10 +281,13 @@ class Generation:
         if self._rounds is not None:
             self._rounds.draft_cap = n
 
-    def prefill_rows(self) -> int:
-        """Rows of the prefill chunk the next round would run (the first call restores a cached
-        prefix, so this is the true chunk); 0 once the prompt is in."""
-        return self._rounds.prefill_rows() if self._rounds is not None and self.finish_reason is None else 0
+    def prefill_rows(self, room: int | None = None) -> int:
+        """Rows of the prefill chunk the next round would run, within `room` rows if given (the
+        first call restores a cached prefix, so this is the true chunk); 0 once the prompt is in
+        or when no chunk fits the room."""
+        if self._rounds is None or self.finish_reason is not None:
+            return 0
+        return self._rounds.prefill_rows(room)
 
     def absorb(self, out: ForwardOut, forward_s: float, shared: bool = False) -> str:
         """Finish the round with the forward's output: the text delta it makes visible (possibly

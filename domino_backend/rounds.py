@@ -42,34 +42,41 @@ class Rounds:
         self._round = None  # what plan() decided, for absorb()
         self._plan_s = 0.0
 
-    def prefill_rows(self) -> int:
-        """Rows of the next prefill chunk (after the prefix cache lookup, done here on first call);
-        0 when done. A chunk boundary never changes a prompt row's bits (batch_invariant.py): with
-        `prefill_chunk` a multiple of BLOCK, chunks run `prefill_chunk` rows from wherever the
-        prefill starts (a restored prefix ends on a block boundary, so every boundary does);
-        otherwise they end on multiples of `prefill_chunk`, fixed positions whatever was restored."""
+    def prefill_rows(self, room: int | None = None) -> int:
+        """Rows of the next prefill chunk that fits in `room` rows (None: any size), after the
+        prefix cache lookup (done here on first call); 0 when done or when none fits.
+
+        A boundary between whole attention blocks changes no prompt row's bits (batch_invariant.py),
+        and prefills start on one (a restored prefix ends on a block boundary). So with
+        `prefill_chunk` a multiple of BLOCK, a chunk is `prefill_chunk` rows, or whole blocks of
+        it to fit the room, from wherever the prefill stands; otherwise chunks end on multiples of
+        `prefill_chunk`, fixed positions whatever was restored, and are never cut."""
         if self.anchor is not None:
             return 0
         if self.sess is None:
             self._restore()
         chunk = self.engine.settings.prefill_chunk
-        step = BLOCK if chunk % BLOCK == 0 else chunk
-        return min(len(self.prompt_ids), (self.prefilled + chunk) // step * step) - self.prefilled
+        if chunk % BLOCK:
+            n = min(len(self.prompt_ids), (self.prefilled // chunk + 1) * chunk) - self.prefilled
+            return n if room is None or n <= room else 0
+        n = min(len(self.prompt_ids) - self.prefilled, chunk)
+        return n if room is None or n <= room else room // BLOCK * BLOCK
 
     @torch.inference_mode()
-    def plan(self, shared: bool = False) -> Pass:
+    def plan(self, shared: bool = False, prefill: int | None = None) -> Pass:
         """shared: whether the forward is expected to carry other requests' rows too (the
-        adaptive draft length prices verify rows by that, draft_length.py)."""
+        adaptive draft length prices verify rows by that, draft_length.py); prefill: the rows of
+        the prompt's next chunk to run, a `prefill_rows` answer (None: the whole chunk)."""
         t0 = time.perf_counter()
         try:
-            return self._plan(int(shared))
+            return self._plan(int(shared), prefill)
         finally:
             self._plan_s = time.perf_counter() - t0
 
-    def _plan(self, context: int) -> Pass:
+    def _plan(self, context: int, prefill: int | None) -> Pass:
         t, e, proposer = self.engine.target, self.engine, self.proposer
         if self.anchor is None:  # prefill, one chunk per round: other requests' rounds go on meanwhile
-            piece = self.prompt_ids[self.prefilled:self.prefilled + self.prefill_rows()]
+            piece = self.prompt_ids[self.prefilled:self.prefilled + (prefill or self.prefill_rows())]
             last = self.prefilled + len(piece) >= len(self.prompt_ids)
             self._round = piece
             return Pass(self.sess, torch.tensor(piece, dtype=torch.long), proposer.layer_ids,

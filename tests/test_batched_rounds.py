@@ -123,7 +123,7 @@ def test_a_request_failing_mid_batch_ends_only_itself():
             drafting._rounds.proposer.propose = lambda *a: 1 / 0
             # and another one's rows break the shared forward (a token outside the vocabulary)
             plan = forward.plan
-            forward.plan = lambda shared: Pass(**{**vars(plan(shared)), "ids": torch.tensor([10 ** 6])})
+            forward.plan = lambda *a: Pass(**{**vars(plan(*a)), "ids": torch.tensor([10 ** 6])})
 
     drive(engine, gens, each_round=break_two)
     assert drafting.finish_reason == forward.finish_reason == "error"
@@ -174,6 +174,20 @@ def test_prefill_chunks_beyond_the_forward_budget_wait_the_most_urgent_first():
     drive(engine, gens)
     for g in gens:
         assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=10, method="ar")
+
+
+def test_prefill_chunks_are_cut_to_whole_blocks_to_fit_a_forward_and_keep_their_bits():
+    engine = make_engine(prefill_chunk=64, batch_rows=96)
+    prompts = [[(7 * i + k) % 60 for i in range(100 + k)] for k in range(3)]
+    gens = [engine.stream(p, GenerationRequest(max_new_tokens=6, method="ar")) for p in prompts]
+    engine.step(gens)
+    assert [g._rounds.prefilled for g in gens] == [64, 32, 0]  # 64 + a block of 64 fit; no room after
+    engine.step(gens[::-1], max_rows=8)  # a smaller forward: the most urgent one's chunk, a block of it
+    assert [g._rounds.prefilled for g in gens] == [64, 32, 32]
+    drive(engine, gens)
+    for g in gens:
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=6, method="ar")
+        assert g.token_ids == alone(make_engine(prefill_chunk=512), g.prompt_ids, max_new_tokens=6, method="ar")
 
 
 def test_requests_that_restore_a_cached_prefix_are_budgeted_by_the_rows_they_still_prefill():

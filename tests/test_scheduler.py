@@ -49,6 +49,7 @@ class RecordingEngine:
 
     def __init__(self):
         self.rounds: list[list[str]] = []
+        self.budgets: list[int | None] = []  # each round's max_rows
         self.started: list[str] = []
 
     def stream(self, prompt_ids, req):
@@ -56,7 +57,8 @@ class RecordingEngine:
         self.started.append(name)
         return Gen(name, req, prefill=len(prompt_ids) // 512)
 
-    def step(self, gens):
+    def step(self, gens, max_rows=None):
+        self.budgets.append(max_rows)
         self.rounds.append([g.name for g in gens])
         out = []
         for g in gens:
@@ -151,9 +153,9 @@ def test_rounds_take_every_core_except_while_speech_work_runs_when_speaking_repl
     from app.scheduler import SideWork
 
     class ThreadsSeen(RecordingEngine):
-        def step(self, gens):
+        def step(self, gens, max_rows=None):
             self.threads = getattr(self, "threads", []) + [torch.get_num_threads()]
-            return super().step(gens)
+            return super().step(gens, max_rows)
 
     loop, clock, side = asyncio.new_event_loop(), Clock(), SideWork()
     before = torch.get_num_threads()
@@ -249,3 +251,20 @@ def test_requests_get_their_class_from_their_kind_unless_they_name_one():
     assert GenRequest(kind="text").priority_class == "interactive"
     assert GenRequest(kind="chat").priority_class == "chat"
     assert GenRequest(kind="chat", priority="voice").priority_class == "voice"
+
+
+def test_while_a_voice_conversation_is_live_forwards_stay_short(sched):
+    from app.scheduler import VOICE_LIVE_S, VOICE_ROWS
+
+    add(sched, "fim", "interactive", tokens=1)
+    run(sched)
+    add(sched, "voice", "voice", tokens=1)
+    run(sched)
+    sched.clk.now += VOICE_LIVE_S / 2  # the next keystrokes while the conversation goes on
+    add(sched, "fim2", "interactive", tokens=1)
+    run(sched)
+    sched.clk.now += VOICE_LIVE_S  # it went quiet
+    add(sched, "fim3", "interactive", tokens=1)
+    run(sched)
+    assert sched.engine.rounds == [["fim"], ["voice"], ["fim2"], ["fim3"]]
+    assert sched.engine.budgets == [None, VOICE_ROWS, VOICE_ROWS, None]
