@@ -40,6 +40,16 @@ class Proposer:
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
         pass
 
+    def context(self) -> object | None:
+        """What the prefix cache keeps of this proposer's state with a prompt's snapshot, taken
+        right after the prompt's prefill (None: nothing beyond the tokens)."""
+        return None
+
+    def restore(self, tokens: list[int], context: object | None) -> None:
+        """Start from a cached prompt prefix: `tokens`, and the `context()` of a proposer of this
+        engine that had committed at least those tokens."""
+        self.commit(tokens, None)
+
     def route(self, anchor: int) -> tuple[str, int]:
         """(source that drafts the next round, its most drafts); "" = the method's only source."""
         return "", self.max_k
@@ -129,6 +139,18 @@ class BlockProposer(Proposer):
         # to the draft length policy, which would then keep choosing K = 0.
         self.model.extend_context(feats[None], self.cache)
 
+    def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # The cache's tensors are replaced on every append, never written: keeping them is a snapshot.
+        return list(zip(self.cache.k, self.cache.v))
+
+    def restore(self, tokens: list[int], context: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        # The drafter's context K/V of the restored tokens as computed when they were committed:
+        # recomputing them from the target features would cost a projection of the whole prefix.
+        n = len(tokens)
+        for i, (k, v) in enumerate(context):
+            self.cache.k[i], self.cache.v[i] = k[:, :, :n], v[:, :, :n]
+        self.cache.length = n
+
     @torch.inference_mode()
     def draft_slots(self, anchor: int, pos: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One block pass over [anchor, MASK...] at `pos`: the first k draft slots' hiddens z
@@ -168,6 +190,13 @@ class HybridProposer(Proposer):
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
         self.block.commit(tokens, feats)
         self.ngram.commit(tokens, feats)
+
+    def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.block.context()
+
+    def restore(self, tokens: list[int], context) -> None:
+        self.block.restore(tokens, context)
+        self.ngram.commit(tokens, None)
 
     def _by_lookup(self, anchor: int) -> bool:
         cont, n = self.ngram.round_lookup(anchor)

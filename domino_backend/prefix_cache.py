@@ -1,6 +1,6 @@
 """Prompt-prefix reuse across requests: an IDE sends a new completion on (almost) every keystroke,
 and consecutive prompts share all but their last few tokens. After each prefill the engine keeps a
-snapshot of the prompt's target KV cache (and the captured drafter features); a later prompt with
+snapshot of the prompt's target KV cache (and the drafter's context K/V); a later prompt with
 a common prefix restores it and prefills only the rest. Output is unchanged: the restored K/V are
 exactly what a fresh prefill of those tokens would hold, and restoring whole attention blocks
 (`align`) keeps the rest of the prefill bit for bit a fresh one's (batch_invariant.py).
@@ -18,8 +18,8 @@ import torch
 class PrefixEntry:
     ids: list[int]
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
-    feats: torch.Tensor | None  # [T, L*H] drafter input features, or None when none were captured
-    layer_ids: tuple[int, ...] | None  # which target layers `feats` holds
+    draft: object | None  # the proposer's state for these tokens (drafters.Proposer.context), or None
+    layer_ids: tuple[int, ...] | None  # the target layers the drafter that made `draft` reads (None: no drafter)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -46,7 +46,8 @@ class PrefixCache:
 
     def lookup(self, ids: list[int], layer_ids: list[int] | None) -> tuple[PrefixEntry, int] | None:
         """The entry sharing the longest prefix with `ids` (at most len(ids) - 1 tokens: the last
-        prompt token must run to produce logits; a multiple of `align`). Entries without the needed features don't count."""
+        prompt token must run to produce logits; a multiple of `align`). Entries of another drafter
+        (or none) don't count for a request with a drafter (`layer_ids`)."""
         need = tuple(layer_ids) if layer_ids is not None else None
         best, best_n = None, 0
         with self._lock:
@@ -63,11 +64,11 @@ class PrefixCache:
             self._entries.append(best)
         return best, best_n
 
-    def store(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], feats: torch.Tensor | None,
+    def store(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], draft: object | None,
               layer_ids: list[int] | None) -> None:
-        """kv: a snapshot of the prompt's keys and values (copies: `TargetSession.snapshot`)."""
-        entry = PrefixEntry(list(ids), kv, None if feats is None else feats[: len(ids)].clone(),
-                            tuple(layer_ids) if layer_ids is not None else None)
+        """kv: a snapshot of the prompt's keys and values (copies: `TargetSession.snapshot`);
+        draft: the proposer's `context()` right after the prompt's prefill (never written later)."""
+        entry = PrefixEntry(list(ids), kv, draft, tuple(layer_ids) if layer_ids is not None else None)
         with self._lock:
             # A prompt sharing at least 3/4 of an older one replaces it: the next keystroke in the
             # same file (prefix grown, suffix shifted), the next turn of a conversation. It offers

@@ -35,7 +35,6 @@ class Rounds:
         self.rng = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         self.sess = None
         self.prefilled = 0  # prompt tokens in the cache
-        self.feats: list[torch.Tensor] = []  # the prompt's captured features (for the prefix cache)
         self.anchor: int | None = None
         self.produced = 0
         self.draft_cap: int | None = None  # most drafts per round, set by a scheduler (None: the request's own)
@@ -105,9 +104,7 @@ class Rounds:
         entry, reused = hit
         self.sess = e.target.session(entry.kv, reused)
         self.prefilled = self.stats.reused_tokens = reused
-        if proposer.layer_ids is not None:
-            self.feats = [entry.feats[:reused]]
-        proposer.commit(self.prompt_ids[:reused], self.feats[0] if self.feats else None)
+        proposer.restore(self.prompt_ids[:reused], entry.draft)
 
     @torch.inference_mode()
     def absorb(self, out: ForwardOut, forward_s: float, shared: bool = False) -> list[int]:
@@ -139,14 +136,12 @@ class Rounds:
     def _absorb_prefill(self, out: ForwardOut) -> list[int]:
         piece, e = self._round, self.engine
         self.proposer.commit(piece, out.feats)
-        if out.feats is not None:
-            self.feats.append(out.feats)
         self.prefilled += len(piece)
         if self.prefilled < len(self.prompt_ids):
             return []
         self.anchor = int(select(out.logits[-1], self.params, self.rng)[0])
         if e.prefix_cache:
             e.prefix_cache.store(self.prompt_ids, self.sess.snapshot(len(self.prompt_ids)),
-                                 torch.cat(self.feats) if self.feats else None, self.proposer.layer_ids)
+                                 self.proposer.context(), self.proposer.layer_ids)
         self.produced = 1
         return [self.anchor]

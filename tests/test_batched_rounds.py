@@ -217,6 +217,24 @@ def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
     assert g.stats.reused_tokens == 32  # 41 shared, restored in whole attention blocks
 
 
+def test_a_restored_prefix_brings_the_drafters_context_so_drafts_match_a_fresh_prefill():
+    g = torch.Generator().manual_seed(3)
+    first = torch.randint(0, 60, (120,), generator=g).tolist()
+    prompt = first[:100] + [61, 62] + first[100:110]
+    req = GenerationRequest(max_new_tokens=24, method="domino", adaptive_drafts=False, draft_tree=False)
+    fresh = make_engine(prefill_chunk=64).generate(prompt, req)
+    cached = make_engine(prefill_chunk=64, prefix_cache=2)
+    cached.generate(first, req)
+    extended = []
+    model = cached.draft
+    extend = model.extend_context
+    model.extend_context = lambda feats, cache: (extended.append(feats.shape[1]), extend(feats, cache))
+    again = cached.generate(prompt, req)
+    assert again.stats.reused_tokens == 96
+    assert sum(extended) == len(prompt) - 96 + again.stats.new_tokens - 1  # the prefix's context came along
+    assert again.token_ids == fresh.token_ids and again.stats.accept_hist == fresh.stats.accept_hist
+
+
 def _prefilled(engine: Engine, prompt: list[int]) -> tuple[list[torch.Tensor], int]:
     """The target's keys after the prompt's prefill, and the first token."""
     gen = engine.stream(prompt, GenerationRequest(max_new_tokens=5, method="ar"))
