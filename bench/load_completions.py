@@ -329,13 +329,16 @@ def main(argv=None) -> int:
                 cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, sent, args))}
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
-            if args.voice_turns:
-                mixed.append({"method": name, **asyncio.run(mixed_cell(url, headers, texts, sent, args))})
-                print(json.dumps(mixed[-1]), file=sys.stderr, flush=True)
-            counts = engine_counts(url, headers)
             if args.spawn and args.speed_runs:
                 speed.append({"method": name, "sent": sent or resolved,
                               **asyncio.run(served_speed(url, headers, texts, sent, args))})
+        # Mixed cells last: after a voice turn the scheduler keeps forwards short for a while
+        # (app/scheduler.py, VOICE_LIVE_S), which would slow the cells above.
+        for name, (_, sent) in zip(names, methods):
+            if args.voice_turns:
+                mixed.append({"method": name, **asyncio.run(mixed_cell(url, headers, texts, sent, args))})
+                print(json.dumps(mixed[-1]), file=sys.stderr, flush=True)
+        counts = engine_counts(url, headers)
     finally:
         if proc is not None:
             proc.terminate()
