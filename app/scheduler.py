@@ -12,9 +12,9 @@ spoken (the first chunk for text-to-speech: the latency a listener waits through
 speech plays far slower than rounds go, so requests already decoding go on beside it without drafts
 while other prompts wait to be prefilled (prefill chunks and drafts are the rows that slow a round
 down on a CPU). While a voice conversation is live (a turn arrived in the last `VOICE_LIVE_S`),
-forwards carry at most `VOICE_ROWS` rows of prefill chunks, so its next turn never waits behind a
-long one. A cancel (a completion superseded by a newer keystroke) or a deadline takes effect at
-the next round.
+forwards carry at most `VOICE_ROWS` rows of prefill chunks and other requests go without drafts,
+so its next turn never waits behind a long forward. A cancel (a completion superseded by a newer
+keystroke) or a deadline takes effect at the next round.
 
 Threads: the engine decodes on `threads` (by default every core), and on `shared_threads` (one
 core fewer) while other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight: OpenMP
@@ -274,9 +274,13 @@ class Scheduler:
             # the cores are better spent on the chunk the listener is about to hear.
             time.sleep(SIDE_WORK_POLL_S)
             return []
+        # While a voice conversation is live, forwards stay short: others' prompts prefill a block
+        # per forward and their rounds go without drafts, so a turn waits little for the forward
+        # in flight when it arrives.
+        live = self.clock() - self._voice_at < VOICE_LIVE_S
         ready = [t for t in batch if self._guard(t, self._begin)]
         for t in ready:
-            t.gen.cap_drafts(0 if voice and t.priority != "voice" else None)
+            t.gen.cap_drafts(0 if (voice or live) and t.priority != "voice" else None)
         if not ready or self._stop:
             return []
         self._use_threads(self.shared_threads if self.side_work.busy else self.threads)
@@ -284,7 +288,6 @@ class Scheduler:
             st = self._steps
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
                                                             max(st["max_batch"], len(ready)))
-        live = self.clock() - self._voice_at < VOICE_LIVE_S
         try:
             results = self.engine.step([t.gen for t in ready], VOICE_ROWS if live else None)
         except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on

@@ -12,5 +12,5 @@ PLOT=docs/img/load.png
 [ "$PROFILE" = coder ] || PLOT="docs/img/load_${PROFILE}.png"
 mkdir -p bench/results
 python bench/load_completions.py --spawn --profile "$PROFILE" --dtype "${DTYPE:-auto}" ${THREADS:+--threads "$THREADS"} \
-  --clients 1,4,16 --methods default,ar --requests "${REQUESTS:-4}" --max-tokens 24 --voice-turns "${VOICE_TURNS:-6}" \
+  --clients 1,4,16 --methods default,ar --requests "${REQUESTS:-4}" --max-tokens 24 --voice-turns "${VOICE_TURNS:-10}" \
   --json "bench/results/load_${PROFILE}.json" --plot "$PLOT" "$@"

@@ -50,12 +50,14 @@ class RecordingEngine:
     def __init__(self):
         self.rounds: list[list[str]] = []
         self.budgets: list[int | None] = []  # each round's max_rows
+        self.gens: dict[str, Gen] = {}
         self.started: list[str] = []
 
     def stream(self, prompt_ids, req):
         name = req.stop[0]
         self.started.append(name)
-        return Gen(name, req, prefill=len(prompt_ids) // 512)
+        self.gens[name] = Gen(name, req, prefill=len(prompt_ids) // 512)
+        return self.gens[name]
 
     def step(self, gens, max_rows=None):
         self.budgets.append(max_rows)
@@ -144,7 +146,7 @@ def test_a_voice_reply_runs_alone_to_its_first_words_then_beside_decoding_reques
                       ["fim", "chat"], ["fim", "chat"], ["fim", "chat"]]
     assert voice.job.result.text == "voice. voice. voice. "
     assert fim.job.result.text == "fim " * 6
-    assert fim_gen.caps == [None, 0, 0, None, None, None]  # no drafts beside the reply being spoken
+    assert fim_gen.caps == [None, 0, 0, 0, 0, 0]  # no drafts beside the reply, nor while the conversation is live
 
 
 def test_rounds_take_every_core_except_while_speech_work_runs_when_speaking_replies_wait():
@@ -261,10 +263,13 @@ def test_while_a_voice_conversation_is_live_forwards_stay_short(sched):
     add(sched, "voice", "voice", tokens=1)
     run(sched)
     sched.clk.now += VOICE_LIVE_S / 2  # the next keystrokes while the conversation goes on
-    add(sched, "fim2", "interactive", tokens=1)
+    fim2 = add(sched, "fim2", "interactive", tokens=1)
+    sched.run_round()
+    caps_live = list(sched.engine.gens["fim2"].caps)
     run(sched)
     sched.clk.now += VOICE_LIVE_S  # it went quiet
     add(sched, "fim3", "interactive", tokens=1)
     run(sched)
     assert sched.engine.rounds == [["fim"], ["voice"], ["fim2"], ["fim3"]]
-    assert sched.engine.budgets == [None, VOICE_ROWS, VOICE_ROWS, None]
+    assert sched.engine.budgets == [None, VOICE_ROWS, VOICE_ROWS, None]  # prefill a block per forward
+    assert caps_live == [0] and sched.engine.gens["fim3"].caps == [None]  # and no drafts
