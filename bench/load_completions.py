@@ -15,9 +15,10 @@ Cells, per method (`default` = the server's default method, resolved through /he
   mixed        a voice-like stream (chat turns with priority `voice`, one short spoken-style answer
                each) alone, then while 8 completion clients run: time to first sentence p50/p95
                (the first chunk the voice agent would hand to text-to-speech)
-  speed        one request at a time (no stop rules, fixed length) served over /v1/ws, against
-               the same prompt decoded by the engine on the main thread of a fresh process after
-               the server stopped (`python -m domino_backend bench`'s way): tokens/s and the ratio
+  speed        one request at a time (no stop rules: up to --speed-tokens or the model's end
+               token), four prompts, served over /v1/ws, against the same prompts decoded by the
+               engine on the main thread of a fresh process after the server stopped (`python -m
+               domino_backend bench`'s way): tokens over seconds of every run, and the ratio
 
     python bench/load_completions.py --spawn --profile tiny --clients 1,4 --requests 2 --plot docs/img/load.png
     python bench/load_completions.py --url ws://127.0.0.1:8000/v1/ws --clients 4 --methods ar   # no speed cell
@@ -182,27 +183,33 @@ async def mixed_cell(url, headers, texts, method, args) -> dict:
             "completion_ttft_p50_ms": percentile([r["ttft"] * 1000 for r in completions], 0.5)}
 
 
-SPEED_PROMPT = 0  # the first source file, cursor at context_chars
+SPEED_PROMPTS = range(4)  # the first source files, cursor at context_chars: tokens/s over all of them
 
 
 async def served_speed(url, headers, texts, method, args) -> dict:
+    """Each speed prompt alone, `speed_runs` times after a warm-up (its prefix then cached):
+    tokens over seconds, summed over every run, at the client and as the engine accounts it."""
     from websockets.asyncio.client import connect
 
-    msg = {"type": "complete", **completion(texts, SPEED_PROMPT, 0, args), "max_tokens": args.speed_tokens,
-           **({"method": method} if method else {})}
+    rows = []
     async with connect(url, additional_headers=headers, max_size=None) as ws:
-        await ws_request(ws, msg)  # warm-up: the prompt is in the prefix cache for every run after it
-        rows = [await ws_request(ws, msg) for _ in range(args.speed_runs)]
-    return {"served_tok_s": statistics.median(r["tokens"] / r["total"] for r in rows),
-            "served_engine_tok_s": statistics.median(r["engine_tok_s"] for r in rows),
-            "tokens": statistics.median(r["tokens"] for r in rows)}
+        for c in SPEED_PROMPTS:
+            msg = {"type": "complete", **completion(texts, c, 0, args), "max_tokens": args.speed_tokens,
+                   **({"method": method} if method else {})}
+            await ws_request(ws, msg)
+            rows += [await ws_request(ws, msg) for _ in range(args.speed_runs)]
+    tokens = sum(r["tokens"] for r in rows)
+    return {"served_tok_s": tokens / sum(r["total"] for r in rows),
+            "served_engine_tok_s": tokens / sum(r["tokens"] / r["engine_tok_s"] for r in rows if r["engine_tok_s"]),
+            "tokens": tokens / len(rows)}
 
 
 def engine_speed(args, method: str) -> float:
-    """Tokens/s of the same request decoded by `build_engine` on the main thread of a fresh
+    """Tokens/s of the same requests decoded by `build_engine` on the main thread of a fresh
     process, with the server's settings (a child process: the server has stopped by then)."""
+    prompts = [completion(args.texts, c, 0, args) for c in SPEED_PROMPTS]
     code = f"""
-import json, statistics, sys, time
+import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from app.backend import GenRequest
 from app.engine_backend import engine_threads
@@ -210,16 +217,16 @@ from app.prompting import build_prompt
 from domino_backend.engine import GenerationRequest
 from domino_backend.loader import build_engine
 e = build_engine({args.profile!r}, None, {args.dtype!r}, {args.threads!r} or engine_threads())
-p = {json.dumps(completion(args.texts, SPEED_PROMPT, 0, args))}
-ids = build_prompt(e.target.tokenizer, GenRequest(kind="fim", prefix=p["prefix"], suffix=p["suffix"]), 8192)
 req = GenerationRequest(max_new_tokens={args.speed_tokens}, method={method!r})
-e.generate(ids, req)
-rates = []
-for _ in range({args.speed_runs}):
-    t0 = time.perf_counter()
-    g = e.generate(ids, req)
-    rates.append(len(g.token_ids) / (time.perf_counter() - t0))
-print(json.dumps(statistics.median(rates)))
+tokens = seconds = 0
+for p in {json.dumps(prompts)}:
+    ids = build_prompt(e.target.tokenizer, GenRequest(kind="fim", prefix=p["prefix"], suffix=p["suffix"]), 8192)
+    e.generate(ids, req)
+    for _ in range({args.speed_runs}):
+        t0 = time.perf_counter()
+        tokens += len(e.generate(ids, req).token_ids)
+        seconds += time.perf_counter() - t0
+print(json.dumps(tokens / seconds))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
