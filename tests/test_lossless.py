@@ -5,6 +5,7 @@ import torch
 
 import domino_backend.engine as engine_mod
 from domino_backend.engine import Engine, GenerationRequest
+from domino_backend.drafters import Proposer
 from domino_backend.drafts import ChainDraft
 from tiny import tiny_draft, tiny_target
 
@@ -61,18 +62,14 @@ def test_hybrid_drafts_by_lookup_after_a_repeat_and_by_the_drafter_otherwise(mon
     assert all(k <= engine.draft.cfg.num_drafts for k in drafter_rounds)
 
 
-class CorruptedOracle:
+class CorruptedOracle(Proposer):
     """Proposes the target's true greedy continuation with random corruptions: forces every
     accept length 0..K to occur, so rollback of both caches is exercised."""
 
-    layer_ids = None
     max_k = 7
 
     def __init__(self, truth, seed):
         self.truth, self.g = truth, torch.Generator().manual_seed(seed)
-
-    def commit(self, tokens, feats):
-        pass
 
     def propose(self, anchor, pos, k, params, generator):
         start = pos + 1 - self.prompt_len
