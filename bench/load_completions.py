@@ -17,8 +17,9 @@ Cells, per method (`default` = the server's default method, resolved through /he
                (the first chunk the voice agent would hand to text-to-speech)
   speed        one request at a time (no stop rules: up to --speed-tokens or the model's end
                token), four prompts, served over /v1/ws, against the same prompts decoded by the
-               engine on the main thread of a fresh process after the server stopped (`python -m
-               domino_backend bench`'s way): tokens over seconds of every run, and the ratio
+               engine on the main thread of a fresh process while the server idles (`python -m
+               domino_backend bench`'s way), twice each, alternating: tokens over seconds of
+               every run, and the ratio
 
     python bench/load_completions.py --spawn --profile tiny --clients 1,4 --requests 2 --plot docs/img/load.png
     python bench/load_completions.py --url ws://127.0.0.1:8000/v1/ws --clients 4 --methods ar   # no speed cell
@@ -184,11 +185,12 @@ async def mixed_cell(url, headers, texts, method, args) -> dict:
 
 
 SPEED_PROMPTS = range(4)  # the first source files, cursor at context_chars: tokens/s over all of them
+SPEED_ROUNDS = 2  # served and engine-alone runs alternate, so the machine's drift hits both alike
 
 
-async def served_speed(url, headers, texts, method, args) -> dict:
+async def served_speed(url, headers, texts, method, args) -> tuple[int, float, float]:
     """Each speed prompt alone, `speed_runs` times after a warm-up (its prefix then cached):
-    tokens over seconds, summed over every run, at the client and as the engine accounts it."""
+    (tokens, seconds at the client, seconds the engine accounted), summed over every run."""
     from websockets.asyncio.client import connect
 
     rows = []
@@ -198,15 +200,13 @@ async def served_speed(url, headers, texts, method, args) -> dict:
                    **({"method": method} if method else {})}
             await ws_request(ws, msg)
             rows += [await ws_request(ws, msg) for _ in range(args.speed_runs)]
-    tokens = sum(r["tokens"] for r in rows)
-    return {"served_tok_s": tokens / sum(r["total"] for r in rows),
-            "served_engine_tok_s": tokens / sum(r["tokens"] / r["engine_tok_s"] for r in rows if r["engine_tok_s"]),
-            "tokens": tokens / len(rows)}
+    return (sum(r["tokens"] for r in rows), sum(r["total"] for r in rows),
+            sum(r["tokens"] / r["engine_tok_s"] for r in rows if r["engine_tok_s"]))
 
 
-def engine_speed(args, method: str) -> float:
-    """Tokens/s of the same requests decoded by `build_engine` on the main thread of a fresh
-    process, with the server's settings (a child process: the server has stopped by then)."""
+def engine_speed(args, method: str) -> tuple[int, float]:
+    """(tokens, seconds) of the same requests decoded by `build_engine` on the main thread of a
+    fresh process with the server's settings, while the server idles."""
     prompts = [completion(args.texts, c, 0, args) for c in SPEED_PROMPTS]
     code = f"""
 import json, sys, time
@@ -226,10 +226,23 @@ for p in {json.dumps(prompts)}:
         t0 = time.perf_counter()
         tokens += len(e.generate(ids, req).token_ids)
         seconds += time.perf_counter() - t0
-print(json.dumps(tokens / seconds))
+print(json.dumps([tokens, seconds]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    tokens, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+    return tokens, seconds
+
+
+def speed_cell(url, headers, texts, name: str, sent: str | None, method: str, args) -> dict:
+    """Served vs engine alone, `SPEED_ROUNDS` times each, alternating; tokens/s of the sums."""
+    served, alone = [0, 0.0, 0.0], [0, 0.0]
+    for _ in range(SPEED_ROUNDS):
+        served = [a + b for a, b in zip(served, asyncio.run(served_speed(url, headers, texts, sent, args)))]
+        alone = [a + b for a, b in zip(alone, engine_speed(args, method))]
+    return {"method": name, "sent": method, "served_tok_s": served[0] / served[1],
+            "served_engine_tok_s": served[0] / served[2], "bench_tok_s": alone[0] / alone[1],
+            "served_vs_bench": (served[0] / served[1]) / (alone[0] / alone[1]),
+            "tokens": served[0] / (SPEED_ROUNDS * len(SPEED_PROMPTS) * args.speed_runs)}
 
 
 def fmt(x, nd=0):
@@ -337,8 +350,7 @@ def main(argv=None) -> int:
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
             if args.spawn and args.speed_runs:
-                speed.append({"method": name, "sent": sent or resolved,
-                              **asyncio.run(served_speed(url, headers, texts, sent, args))})
+                speed.append(speed_cell(url, headers, texts, name, sent, sent or resolved, args))
         # Mixed cells last: after a voice turn the scheduler keeps forwards short for a while
         # (app/scheduler.py, VOICE_LIVE_S), which would slow the cells above.
         for name, (_, sent) in zip(names, methods):
@@ -350,9 +362,6 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    for s in speed:  # the server has stopped: the engine alone gets the machine
-        s["bench_tok_s"] = engine_speed(args, s["sent"])
-        s["served_vs_bench"] = s["served_tok_s"] / s["bench_tok_s"]
     print(table(cells))
     for m in mixed:
         print(f"{m['method']}: voice-like first sentence p50 {fmt(m['first_sentence_alone_p50_ms'])} ms alone, "
