@@ -289,7 +289,9 @@ class Scheduler:
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
                                                             max(st["max_batch"], len(ready)))
         try:
-            results = self.engine.step([t.gen for t in ready], VOICE_ROWS if live else None)
+            # (a voice reply's own prompt is never cut: while it is in the batch, no other prompt is)
+            short = live and not any(t.priority == "voice" for t in ready)
+            results = self.engine.step([t.gen for t in ready], VOICE_ROWS if short else None)
         except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on
             log.exception("engine step failed")
             results = [e] * len(ready)

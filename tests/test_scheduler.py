@@ -271,5 +271,6 @@ def test_while_a_voice_conversation_is_live_forwards_stay_short(sched):
     add(sched, "fim3", "interactive", tokens=1)
     run(sched)
     assert sched.engine.rounds == [["fim"], ["voice"], ["fim2"], ["fim3"]]
-    assert sched.engine.budgets == [None, VOICE_ROWS, VOICE_ROWS, None]  # prefill a block per forward
+    # others' prompts prefill a block per forward; the turn's own prompt is not cut
+    assert sched.engine.budgets == [None, None, VOICE_ROWS, None]
     assert caps_live == [0] and sched.engine.gens["fim3"].caps == [None]  # and no drafts
