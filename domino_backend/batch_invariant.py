@@ -21,11 +21,11 @@ The fix has two halves, both exact computations with no approximation:
   chunks either (prefix reuse starts a prompt mid-way, a batch's row budget schedules chunks), or
   a restored prefix would change the output. Rows run in `BLOCK`-row blocks at absolute positions
   (0, BLOCK, 2 BLOCK, ...): a block that starts inside the pass runs as one fused call over the
-  keys up to its end (the pass's last block may be shorter: the prompt's tail or a chunk's end),
-  rows before the pass's first aligned position row by row as decoding would. Which path a row
-  takes, and which rows share its call, then depends on its position, the prompt's length and the
-  chunk boundaries (fixed positions) alone, provided restored prefixes end on block boundaries
-  (the engine cuts them so).
+  keys up to its end (the pass's last block may be shorter: the prompt's tail, or a chunk's end
+  at a position fixed for the prompt), rows before the pass's first aligned position row by row
+  as decoding would. Which path a row takes, and which rows share its call, then depends on its
+  position and the prompt's length alone, provided restored prefixes and chunks end on block
+  boundaries or at such fixed positions (rounds.py cuts them so).
 
 tests/test_batch_invariant.py checks the bitwise property end to end.
 """
@@ -66,8 +66,8 @@ def visible_rows(parents: list[int] | None, m: int) -> torch.Tensor | None:
 def prefill_blocks(start: int, m: int) -> list[int]:
     """The rows (relative to the pass) where the BLOCK-row blocks at aligned positions inside a
     prefill pass of m rows at position `start` begin; the last one may be cut short by the pass's
-    end (which is the prompt's end or a chunk boundary: fixed positions for a given prompt). Rows
-    before the first aligned position run row by row."""
+    end (the prompt's end, or a chunk end at a position fixed for the prompt). Rows before the
+    first aligned position run row by row."""
     first = -(-start // BLOCK) * BLOCK
     return [b - start for b in range(first, start + m, BLOCK)]
 
@@ -98,9 +98,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
     end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
     the block's end (`block_mask`; block_masks: a dict sharing the masks across a forward's layers).
-    Every other row runs alone, over the keys decoding its branch token by token would have cached (mask, from
-    `visible_rows`: None = all earlier rows of the pass), through `kernels.attention` when it runs
-    here (all rows in one call) or else one SDPA call per row."""
+    Every other row runs alone, over the keys decoding its branch token by token would have cached
+    (mask, from `visible_rows`: None = all earlier rows of the pass), through `kernels.attention`
+    when it runs here (all rows in one call) or else one SDPA call per row."""
     m, h, d = query.shape
     kv = key.shape[0]
     g = h // kv

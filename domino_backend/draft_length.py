@@ -13,8 +13,9 @@ the verify time per K (interpolated between measured K's), and picks the K with 
 per second. Verify time is kept per `context`: a round alone in its forward (0) pays the whole
 forward, one sharing it with other requests' rows (1) pays its rows' share, which is far less per
 row on a CPU. One table for both would carry a burst of batched rounds' cheap verifies into the
-next request served alone (and the reverse); acceptance is a property of the drafts, shared. Probe rounds verify the full cap so the estimates for long drafts stay fresh even while
-short ones are chosen: every `probe_every` rounds while drafting pays, and, while plain decoding
+next request served alone (and the reverse); acceptance is a property of the drafts, shared.
+Probe rounds verify the full cap so the estimates for long drafts stay fresh even while short
+ones are chosen: every `probe_every` rounds while drafting pays, and, while plain decoding
 (K = 0) keeps winning, at a doubling interval up to `max_probe_every` (each failed probe costs a
 full verify). Measurements behind these choices: docs/design.md, "Adaptive draft length".
 """
