@@ -20,12 +20,15 @@ The fix has two halves, both exact computations with no approximation:
 * Prefill (here too): a prompt row's attention must not depend on how the prompt was cut into
   chunks either (prefix reuse starts a prompt mid-way, a batch's row budget schedules chunks), or
   a restored prefix would change the output. Rows run in `BLOCK`-row blocks at absolute positions
-  (0, BLOCK, 2 BLOCK, ...): a block that starts inside the pass runs as one fused call over the
-  keys up to its end (the pass's last block may be shorter: the prompt's tail, or a chunk's end
-  at a position fixed for the prompt), rows before the pass's first aligned position row by row
-  as decoding would. Which path a row takes, and which rows share its call, then depends on its
-  position and the prompt's length alone, provided restored prefixes and chunks end on block
-  boundaries or at such fixed positions (rounds.py cuts them so).
+  (0, BLOCK, 2 BLOCK, ...), each block as one fused call over the keys up to its end (the pass's
+  last block may be shorter: the prompt's tail, or a chunk's end at a position fixed for the
+  prompt). A pass that starts inside a block (a prefix restored mid-block) runs that block's
+  call with zero queries in place of the rows it restored: a row's bits depend on which rows
+  share its call (SDPA tiles the queries by their number) but not on the other rows' values, nor
+  on keys its mask hides. Which call computes a row, and how many rows share it, then depends on
+  its position and the prompt's length alone, provided chunks end on block boundaries or at
+  such fixed positions (rounds.py cuts them so), and a prefix is restored mid-block only where
+  the block ends at the same place in the earlier prompt (prefix_cache.py).
 
 tests/test_batch_invariant.py checks the bitwise property end to end.
 """
@@ -64,12 +67,12 @@ def visible_rows(parents: list[int] | None, m: int) -> torch.Tensor | None:
 
 
 def prefill_blocks(start: int, m: int) -> list[int]:
-    """The rows (relative to the pass) where the BLOCK-row blocks at aligned positions inside a
-    prefill pass of m rows at position `start` begin; the last one may be cut short by the pass's
-    end (the prompt's end, or a chunk end at a position fixed for the prompt). Rows before the
-    first aligned position run row by row."""
+    """The rows (relative to the pass) where the BLOCK-row blocks of a prefill pass of m rows at
+    position `start` begin: 0, then every aligned position inside the pass. The first block
+    starts before the pass when `start` is not aligned; the last may be cut short by the pass's
+    end (the prompt's end, or a chunk end at a position fixed for the prompt)."""
     first = -(-start // BLOCK) * BLOCK
-    return [b - start for b in range(first, start + m, BLOCK)]
+    return sorted({0} | {b - start for b in range(first, start + m, BLOCK)}) if m else []
 
 
 def block_mask(end: int, rows: int, g: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:
@@ -97,7 +100,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
 
     blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
     end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
-    the block's end (`block_mask`; block_masks: a dict sharing the masks across a forward's layers).
+    the block's end (`block_mask`; block_masks: a dict sharing the masks across a forward's layers);
+    a block that began before the pass gets zero queries for its rows before `past`.
     Every other row runs alone, over the keys decoding its branch token by token would have cached
     (mask, from `visible_rows`: None = all earlier rows of the pass), through `kernels.attention`
     when it runs here (all rows in one call) or else one SDPA call per row."""
@@ -112,13 +116,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
         new = None
     fused = set()
     for b in blocks:
-        n = min(BLOCK, m - b)
-        end = past + b + n
-        q = query[b:b + n].reshape(n, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * n, d)
+        lead = (past + b) % BLOCK  # the block's rows before the pass (restored): placeholders
+        n = min(BLOCK - lead, m - b)
+        end, rows = past + b + n, lead + n
+        q = query[b:b + n] if not lead else torch.cat([query.new_zeros(lead, h, d), query[b:b + n]])
+        q = q.reshape(rows, kv, g, d).permute(1, 2, 0, 3).reshape(1, kv, g * rows, d)
         o = F.scaled_dot_product_attention(q, key[None, :, :end], value[None, :, :end],
-                                           attn_mask=block_mask(end, n, g, query.dtype, query.device, block_masks),
+                                           attn_mask=block_mask(end, rows, g, query.dtype, query.device, block_masks),
                                            scale=scale)
-        out[b:b + n] = o.reshape(kv, g, n, d).permute(2, 0, 1, 3).reshape(n, h, d)
+        out[b:b + n] = o.reshape(kv, g, rows, d).permute(2, 0, 1, 3)[lead:].reshape(n, h, d)
         fused.update(range(b, b + n))
     rows = [i for i in range(m) if i not in fused]
     if not rows:

@@ -174,7 +174,7 @@ class Engine:
         """One round of each generation, all of their target rows in one forward; returns each
         one's text delta, or the exception that ended it. `gens` come most urgent first: every
         round's rows go, then prefill chunks as far as the forward's `max_rows` (None:
-        `settings.batch_rows`) allows: cut to whole attention blocks where that changes no bits,
+        `settings.batch_rows`) allows: cut at attention block boundaries where that changes no bits,
         else waiting a round; the most urgent one's chunk always goes, a block of it at least. A
         generation that fails (drafting, verify, or its rows in the forward) is finished with
         `error` and the others go on; waiting, finished or cancelled ones get "" (`finish_reason`

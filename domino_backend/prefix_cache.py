@@ -2,8 +2,12 @@
 and consecutive prompts share all but their last few tokens. After each prefill the engine keeps a
 snapshot of the prompt's target KV cache (and the drafter's context K/V); a later prompt with
 a common prefix restores it and prefills only the rest. Output is unchanged: the restored K/V are
-exactly what a fresh prefill of those tokens would hold, and restoring whole attention blocks
-(`align`) keeps the rest of the prefill bit for bit a fresh one's (batch_invariant.py).
+exactly what a fresh prefill of those tokens would hold, and the rest of the prefill is bit for
+bit a fresh one's (batch_invariant.py). A prompt row's K/V depend on the attention block holding
+it (`block` positions, aligned) and on where that block ends (its end, or the prompt's end inside
+it): whole blocks always restore; a block's first rows restore (`mid_block`) only where the block
+ends at the same place in both prompts, as it does in a keystroke's, whose change sits far ahead
+of its end.
 """
 
 from __future__ import annotations
@@ -33,10 +37,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class PrefixCache:
     """A small LRU of prompt snapshots (thread-safe; entries are immutable once stored)."""
 
-    def __init__(self, capacity: int = 4, min_reuse: int = 16, align: int = 1):
-        """align: restore a multiple of this many tokens (a prefill's attention blocks, so that the
-        rest is prefilled exactly as a fresh prompt would be)."""
-        self.capacity, self.min_reuse, self.align = capacity, min_reuse, align
+    def __init__(self, capacity: int = 4, min_reuse: int = 16, block: int = 1):
+        """block: the prefill's attention block (module docstring)."""
+        self.capacity, self.min_reuse, self.block = capacity, min_reuse, block
         self._entries: list[PrefixEntry] = []  # most recently used last
         self._lock = threading.Lock()
 
@@ -44,18 +47,26 @@ class PrefixCache:
         with self._lock:
             self._entries = []
 
-    def lookup(self, ids: list[int], layer_ids: list[int] | None) -> tuple[PrefixEntry, int] | None:
-        """The entry sharing the longest prefix with `ids` (at most len(ids) - 1 tokens: the last
-        prompt token must run to produce logits; a multiple of `align`). Entries of another drafter
-        (or none) don't count for a request with a drafter (`layer_ids`)."""
+    def restorable(self, shared: int, old: int, new: int, mid_block: bool) -> int:
+        """How many of `shared` common leading tokens of an `old`- and a `new`-token prompt
+        restore exactly: whole blocks, and with mid_block the rest too when the block holding
+        them ends at the same place in both (module docstring)."""
+        start = shared - shared % self.block
+        end = start + self.block
+        return shared if mid_block and min(end, old) == min(end, new) else start
+
+    def lookup(self, ids: list[int], layer_ids: list[int] | None,
+               mid_block: bool = True) -> tuple[PrefixEntry, int] | None:
+        """The entry sharing the longest prefix with `ids` that restores exactly (`restorable`;
+        at most len(ids) - 1 tokens: the last prompt token must run to produce logits). Entries of
+        another drafter (or none) don't count for a request with a drafter (`layer_ids`)."""
         need = tuple(layer_ids) if layer_ids is not None else None
         best, best_n = None, 0
         with self._lock:
             for e in self._entries:
                 if need is not None and e.layer_ids != need:
                     continue
-                n = min(common_prefix(e.ids, ids), len(ids) - 1)
-                n -= n % self.align
+                n = self.restorable(min(common_prefix(e.ids, ids), len(ids) - 1), len(e.ids), len(ids), mid_block)
                 if n > best_n:
                     best, best_n = e, n
             if best is None or best_n < self.min_reuse:

@@ -45,21 +45,21 @@ class Rounds:
         """Rows of the next prefill chunk that fits in `room` rows (None: any size), after the
         prefix cache lookup (done here on first call); 0 when done or when none fits.
 
-        A boundary between whole attention blocks changes no prompt row's bits (batch_invariant.py),
-        and prefills start on one (a restored prefix ends on a block boundary). So with
-        `prefill_chunk` a multiple of BLOCK, a chunk is `prefill_chunk` rows, or whole blocks of
-        it to fit the room, from wherever the prefill stands; otherwise chunks end on multiples of
-        `prefill_chunk`, fixed positions whatever was restored, and are never cut."""
+        A boundary between attention blocks changes no prompt row's bits (batch_invariant.py). So
+        with `prefill_chunk` a multiple of BLOCK, a chunk runs from wherever the prefill stands (a
+        restored prefix may end mid-block) to the block boundary `prefill_chunk` rows on from the
+        start of its block, or to an earlier boundary to fit the room; otherwise chunks end on
+        multiples of `prefill_chunk`, fixed positions whatever was restored, and are never cut."""
         if self.anchor is not None:
             return 0
         if self.sess is None:
             self._restore()
-        chunk = self.engine.settings.prefill_chunk
+        chunk, done = self.engine.settings.prefill_chunk, self.prefilled
         if chunk % BLOCK:
-            n = min(len(self.prompt_ids), (self.prefilled // chunk + 1) * chunk) - self.prefilled
+            n = min(len(self.prompt_ids), (done // chunk + 1) * chunk) - done
             return n if room is None or n <= room else 0
-        n = min(len(self.prompt_ids) - self.prefilled, chunk)
-        return n if room is None or n <= room else room // BLOCK * BLOCK
+        n = min(len(self.prompt_ids) - done, chunk - done % BLOCK)
+        return n if room is None or n <= room else max((done + room) // BLOCK * BLOCK - done, 0)
 
     @torch.inference_mode()
     def plan(self, shared: bool = False, prefill: int | None = None) -> Pass:
@@ -97,7 +97,9 @@ class Rounds:
     def _restore(self) -> None:
         """Start from the longest cached prefix of this prompt (an earlier request's snapshot)."""
         e, proposer = self.engine, self.proposer
-        hit = e.prefix_cache.lookup(self.prompt_ids, proposer.layer_ids) if e.prefix_cache else None
+        # Mid-block restores need chunks that end on block boundaries (prefill_rows).
+        mid_block = e.settings.prefill_chunk % BLOCK == 0
+        hit = e.prefix_cache.lookup(self.prompt_ids, proposer.layer_ids, mid_block) if e.prefix_cache else None
         if hit is None:
             self.sess = e.target.session()
             return

@@ -49,7 +49,7 @@ class EngineSettings:
     max_drafts: int | None = None
     # Engine-wide:
     prefill_chunk: int = 512  # prompt tokens per prefill forward; a long prompt yields between chunks
-    # Rows per batched forward: every round's rows, then prefill chunks that fit (cut to whole blocks).
+    # Rows per batched forward: every round's rows, then prefill chunks that fit (cut at block boundaries).
     batch_rows: int = 512
     prefix_cache: int = 4  # KV snapshots of recent prompts kept for prefix reuse (0: off)
     prefix_min_reuse: int = 16  # shortest shared prompt prefix worth restoring

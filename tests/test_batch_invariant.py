@@ -83,13 +83,27 @@ def test_rowwise_attention_is_causal_attention_over_the_cache(m):
 
 
 def test_prefill_attention_runs_its_aligned_blocks_fused_and_is_causal_attention():
-    past, m = 20, 3 * BLOCK + 5  # positions 20..120: blocks at 32, 64 and 96 (cut short), 20..31 row by row
-    assert prefill_blocks(past, m) == [32 - past, 64 - past, 96 - past] and prefill_blocks(0, BLOCK - 1) == [0]
-    assert prefill_blocks(past, 5) == []
+    past, m = 20, 3 * BLOCK + 5  # positions 20..120: blocks 0..31 (begun before the pass), 32, 64, 96 (cut short)
+    assert prefill_blocks(past, m) == [0, 32 - past, 64 - past, 96 - past] and prefill_blocks(0, BLOCK - 1) == [0]
+    assert prefill_blocks(past, 5) == [0] and prefill_blocks(64, 0) == []
     q, k, v = _attn_inputs(m=m, n_keys=m + past)
     causal = torch.ones(m, m + past, dtype=torch.bool).tril(past)
     out = attend(q, k, v, past, visible_rows(None, m), scale=0.3, blocks=prefill_blocks(past, m))
     torch.testing.assert_close(out, _reference(q, k, v, causal))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_prefill_pass_starting_inside_a_block_gives_its_rows_a_fresh_prefills_bits(dtype):
+    """A prefix restored mid-block: the pass's rows equal, bit for bit, the same rows of a prefill
+    from position 0, whatever the rows before the pass held in their query slots."""
+    g = torch.Generator().manual_seed(5)
+    m = 3 * BLOCK + 11
+    q = torch.randn(m, 14, 64, generator=g).to(dtype)
+    k, v = (torch.randn(2, m, 64, generator=g).to(dtype) for _ in range(2))
+    fresh = attend(q, k, v, 0, None, scale=0.125, blocks=prefill_blocks(0, m))
+    for start in (1, 7, BLOCK - 1, BLOCK, BLOCK + 20, 3 * BLOCK + 3, m - 1):
+        part = attend(q[start:], k, v, start, None, scale=0.125, blocks=prefill_blocks(start, m - start))
+        assert torch.equal(part, fresh[start:]), start
 
 
 def test_rowwise_attention_runs_a_draft_tree_mask_as_masked_attention():

@@ -206,6 +206,20 @@ def test_requests_that_restore_a_cached_prefix_are_budgeted_by_the_rows_they_sti
         assert g.token_ids[:1] == alone(engine, g.prompt_ids, max_new_tokens=1, method="ar")
 
 
+def test_a_prompt_restored_mid_block_prefills_in_chunks_that_end_on_block_boundaries():
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 60, (250,), generator=g).tolist()
+    engine = make_engine(prefill_chunk=64, prefix_cache=1)
+    engine.generate(prompt[:100] + [61] * 60, GenerationRequest(max_new_tokens=1, method="ar"))
+    gen = engine.stream(prompt, GenerationRequest(max_new_tokens=6, method="ar"))
+    assert gen.prefill_rows() == 60 and gen.stats.reused_tokens == 100  # 100 .. 160: a chunk, block-aligned end
+    assert gen.prefill_rows(30) == 28 and gen.prefill_rows(3) == 0  # cut at 128; no boundary before 103
+    engine.step([gen], max_rows=30)
+    assert gen._rounds.prefilled == 128
+    drive(engine, [gen])
+    assert gen.token_ids == alone(make_engine(prefill_chunk=512), prompt, max_new_tokens=6, method="ar")
+
+
 def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
     """Many clients typing in their own files: each keeps one snapshot, so none evicts another's."""
     engine = make_engine(prefix_cache=3, prefill_chunk=64)
@@ -214,7 +228,7 @@ def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
         for cursor in (40, 41):  # the cursor moves on; the suffix after it shifts
             engine.generate(f[:cursor] + [61] + f[cursor:cursor + 10], GenerationRequest(max_new_tokens=2, method="ar"))
     g = engine.generate(files[0][:44] + [61] + files[0][44:54], GenerationRequest(max_new_tokens=2, method="ar"))
-    assert g.stats.reused_tokens == 32  # 41 shared, restored in whole attention blocks
+    assert g.stats.reused_tokens == 32  # 41 shared; their last block ends inside both prompts, at 52 and 55
 
 
 def test_a_restored_prefix_brings_the_drafters_context_so_drafts_match_a_fresh_prefill():
@@ -254,11 +268,19 @@ def test_a_prompt_prefills_to_the_same_bits_whatever_was_restored_or_how_it_was_
     for chunk in (32, 128, 512):
         assert all(torch.equal(a, b) for a, b in zip(want[0], _prefilled(make_engine(family, prefill_chunk=chunk),
                                                                            prompt)[0]))
-    cached = make_engine(family, prefill_chunk=64, prefix_cache=2)
-    for shared in (100, 149, 37):  # an earlier prompt sharing this much, then the prompt itself
-        cached.generate(prompt[:shared] + [63] * 20, GenerationRequest(max_new_tokens=1, method="ar"))
-        keys, first = _prefilled(cached, prompt)
-        assert first == want[1] and all(torch.equal(a, b) for a, b in zip(want[0], keys)), shared
+    # An earlier prompt of `shared` + `tail` tokens sharing `shared`, then the prompt itself (150):
+    # whole blocks restore, and the rest of a block too where it ends at the same place in both.
+    cases = [(100, 20, 96), (100, 60, 100), (149, 20, 128), (37, 20, 32), (37, 40, 37), (130, 30, 128), (141, 9, 141)]
+    for chunk in (64, 32):
+        cached = make_engine(family, prefill_chunk=chunk, prefix_cache=1)  # the earlier prompt only
+        for shared, tail, restored in cases:
+            other = (prompt[shared] + 1) % 64
+            cached.generate(prompt[:shared] + [other] * tail, GenerationRequest(max_new_tokens=1, method="ar"))
+            gen = cached.stream(prompt, GenerationRequest(max_new_tokens=5, method="ar"))
+            gen.prefill_rows()
+            assert gen.stats.reused_tokens == restored, (shared, tail)
+            keys, first = _prefilled(cached, prompt)
+            assert first == want[1] and all(torch.equal(a, b) for a, b in zip(want[0], keys)), (chunk, shared, tail)
 
 
 def test_a_draft_cap_set_mid_generation_keeps_the_output_exact():
