@@ -17,9 +17,9 @@ Cells, per method (`default` = the server's default method, resolved through /he
                (the first chunk the voice agent would hand to text-to-speech)
   speed        one request at a time (no stop rules: up to --speed-tokens or the model's end
                token), four prompts, served over /v1/ws, against the same prompts decoded by the
-               engine on the main thread of a fresh process while the server idles (`python -m
-               domino_backend bench`'s way), twice each, alternating: tokens over seconds of
-               every run, and the ratio
+               engine on the main thread of another process while the server idles (`python -m
+               domino_backend bench`'s way), passes alternating: tokens over seconds of every
+               run, and the ratio
 
     python bench/load_completions.py --spawn --profile tiny --clients 1,4 --requests 2 --plot docs/img/load.png
     python bench/load_completions.py --url ws://127.0.0.1:8000/v1/ws --clients 4 --methods ar   # no speed cell
@@ -185,7 +185,9 @@ async def mixed_cell(url, headers, texts, method, args) -> dict:
 
 
 SPEED_PROMPTS = range(4)  # the first source files, cursor at context_chars: tokens/s over all of them
-SPEED_ROUNDS = 2  # served and engine-alone runs alternate, so the machine's drift hits both alike
+# Served and engine-alone passes alternate, in ABBA order, so that the machine's drift (this VM's
+# speed moves by tens of percent within a minute) hits both sides alike.
+SPEED_ROUNDS = 6
 
 
 async def served_speed(url, headers, texts, method, args) -> tuple[int, float, float]:
@@ -204,45 +206,72 @@ async def served_speed(url, headers, texts, method, args) -> tuple[int, float, f
             sum(r["tokens"] / r["engine_tok_s"] for r in rows if r["engine_tok_s"]))
 
 
-def engine_speed(args, method: str) -> tuple[int, float]:
-    """(tokens, seconds) of the same requests decoded by `build_engine` on the main thread of a
-    fresh process with the server's settings, while the server idles."""
-    prompts = [completion(args.texts, c, 0, args) for c in SPEED_PROMPTS]
-    code = f"""
+ALONE = """
 import json, sys, time
-sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {root!r})
 from app.backend import GenRequest
 from app.engine_backend import engine_threads
 from app.prompting import build_prompt
 from domino_backend.engine import GenerationRequest
 from domino_backend.loader import build_engine
-e = build_engine({args.profile!r}, None, {args.dtype!r}, {args.threads!r} or engine_threads())
-req = GenerationRequest(max_new_tokens={args.speed_tokens}, method={method!r})
-tokens = seconds = 0
-for p in {json.dumps(prompts)}:
-    ids = build_prompt(e.target.tokenizer, GenRequest(kind="fim", prefix=p["prefix"], suffix=p["suffix"]), 8192)
-    e.generate(ids, req)
-    for _ in range({args.speed_runs}):
-        t0 = time.perf_counter()
-        tokens += len(e.generate(ids, req).token_ids)
-        seconds += time.perf_counter() - t0
-print(json.dumps([tokens, seconds]))
+e = build_engine({profile!r}, None, {dtype!r}, {threads!r} or engine_threads())
+ids = [build_prompt(e.target.tokenizer, GenRequest(kind="fim", prefix=p["prefix"], suffix=p["suffix"]), 8192)
+       for p in {prompts}]
+print("ready", flush=True)
+for method in sys.stdin:  # one line per pass: the method; answers [tokens, seconds]
+    req = GenerationRequest(max_new_tokens={tokens}, method=method.strip())
+    tokens = seconds = 0
+    for prompt in ids:
+        e.generate(prompt, req)
+        for _ in range({runs}):
+            t0 = time.perf_counter()
+            tokens += len(e.generate(prompt, req).token_ids)
+            seconds += time.perf_counter() - t0
+    print(json.dumps([tokens, seconds]), flush=True)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    tokens, seconds = json.loads(out.stdout.strip().splitlines()[-1])
-    return tokens, seconds
 
 
-def speed_cell(url, headers, texts, name: str, sent: str | None, method: str, args) -> dict:
-    """Served vs engine alone, `SPEED_ROUNDS` times each, alternating; tokens/s of the sums."""
-    served, alone = [0, 0.0, 0.0], [0, 0.0]
-    for _ in range(SPEED_ROUNDS):
-        served = [a + b for a, b in zip(served, asyncio.run(served_speed(url, headers, texts, sent, args)))]
-        alone = [a + b for a, b in zip(alone, engine_speed(args, method))]
+class EngineAlone:
+    """The server's engine (same profile, dtype, threads) in a process of its own, decoding the
+    speed prompts on its main thread (`python -m domino_backend bench`'s way) when asked, idle
+    otherwise: a pass here and a served pass take turns while the other side waits."""
+
+    def __init__(self, args):
+        prompts = [completion(args.texts, c, 0, args) for c in SPEED_PROMPTS]
+        code = ALONE.format(root=str(ROOT), profile=args.profile, dtype=args.dtype, threads=args.threads,
+                            prompts=json.dumps(prompts), tokens=args.speed_tokens, runs=args.speed_runs)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
+        while (line := self.proc.stdout.readline()) and line.strip() != "ready":
+            pass
+        if not line:
+            raise RuntimeError(f"the engine-alone process exited with {self.proc.wait()}")
+
+    def speed(self, method: str) -> tuple[int, float]:
+        """(tokens, seconds) of one pass over the speed prompts, `speed_runs` runs each after a warm-up."""
+        self.proc.stdin.write(method + "\n")
+        self.proc.stdin.flush()
+        tokens, seconds = json.loads(self.proc.stdout.readline())
+        return tokens, seconds
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def speed_cell(url, headers, texts, name: str, sent: str | None, method: str, alone: EngineAlone, args) -> dict:
+    """Served vs engine alone, `SPEED_ROUNDS` passes each, alternating (ABBA); tokens/s of the sums."""
+    served, engine = [0, 0.0, 0.0], [0, 0.0]
+    for r in range(SPEED_ROUNDS):
+        for side in ("served", "alone")[::1 if r % 4 in (0, 3) else -1]:
+            if side == "served":
+                served = [a + b for a, b in zip(served, asyncio.run(served_speed(url, headers, texts, sent, args)))]
+            else:
+                engine = [a + b for a, b in zip(engine, alone.speed(method))]
     return {"method": name, "sent": method, "served_tok_s": served[0] / served[1],
-            "served_engine_tok_s": served[0] / served[2], "bench_tok_s": alone[0] / alone[1],
-            "served_vs_bench": (served[0] / served[1]) / (alone[0] / alone[1]),
-            "tokens": served[0] / (SPEED_ROUNDS * len(SPEED_PROMPTS) * args.speed_runs)}
+            "served_engine_tok_s": served[0] / served[2], "bench_tok_s": engine[0] / engine[1],
+            "served_vs_bench": (served[0] / served[1]) / (engine[0] / engine[1]),
+            "tokens": served[0] / (SPEED_ROUNDS * len(SPEED_PROMPTS) * args.speed_runs), "rounds": SPEED_ROUNDS}
 
 
 def fmt(x, nd=0):
@@ -339,7 +368,7 @@ def main(argv=None) -> int:
     if not texts:
         ap.error(f"no source file is longer than --context-chars {args.context_chars}")
     proc, url = spawn(args) if args.spawn else (None, args.url)
-    cells, mixed, speed, counts = [], [], [], {}
+    cells, mixed, speed, counts, alone = [], [], [], {}, None
     try:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
@@ -350,7 +379,8 @@ def main(argv=None) -> int:
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
             if args.spawn and args.speed_runs:
-                speed.append(speed_cell(url, headers, texts, name, sent, sent or resolved, args))
+                alone = alone or EngineAlone(args)
+                speed.append(speed_cell(url, headers, texts, name, sent, sent or resolved, alone, args))
         # Mixed cells last: after a voice turn the scheduler keeps forwards short for a while
         # (app/scheduler.py, VOICE_LIVE_S), which would slow the cells above.
         for name, (_, sent) in zip(names, methods):
@@ -359,6 +389,8 @@ def main(argv=None) -> int:
                 print(json.dumps(mixed[-1]), file=sys.stderr, flush=True)
         counts = engine_counts(url, headers)
     finally:
+        if alone is not None:
+            alone.close()
         if proc is not None:
             proc.terminate()
             proc.wait(30)
