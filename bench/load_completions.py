@@ -1,13 +1,18 @@
 """Load benchmark: concurrent IDE-like clients over `/v1/ws`, a voice-like chat stream under that
 load, and the served speed of one request against the engine's own.
 
-Completion clients: each holds one WebSocket and "types" in its own file, a source file of this
+Completion clients: each holds one WebSocket and "types" in a file, a source file of this
 repository: request i asks for a single-line completion at a cursor `context_chars` + 7 i
 characters in (about 1,000 tokens of prefix by default, and the next lines as the suffix), back
 to back (closed loop: an editor waits for a suggestion before asking for the next). Consecutive
-prompts of a client share their prefix, which the engine's prefix cache restores (the server is
-started with a cache entry per client). Latencies are measured at the client from sending: TTFT =
+prompts in a file share their prefix, which the engine's prefix cache restores (the server is
+started with a cache entry per file). Latencies are measured at the client from sending: TTFT =
 first `delta`, total = `done`.
+
+Every completions cell does the same work, so that its throughput compares with the others': as
+many files as the most clients of the run, `--requests` keystrokes in each (after a warm-up request
+per file that puts it in the prefix cache). With N clients, client j types in files j, j + N, ...
+one after the other (one client: every file in turn, like one user moving between files).
 
 Cells, per method (`default` = the server's default method, resolved through /health):
   completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau, and the
@@ -94,21 +99,23 @@ async def ws_request(ws, msg: dict) -> dict:
                     "finish": m.get("finish_reason")}
 
 
-async def completion_client(url, headers, texts, client: int, n: int | None, args, method: str | None,
+async def completion_client(url, headers, texts, files: list[int], n: int | None, args, method: str | None,
                             stop: asyncio.Event | None = None, warm: list | None = None) -> list[dict]:
-    """n requests back to back (or until `stop` is set); appends to `warm` after the first."""
+    """n requests back to back in each of `files` in turn (or, in one file, until `stop` is set);
+    appends the file to `warm` after its first request."""
     from websockets.asyncio.client import connect
 
     out = []
     async with connect(url, additional_headers=headers, max_size=None) as ws:
-        i = 0
-        while (n is None or i < n) and not (stop and stop.is_set()):
-            msg = {"type": "complete", **completion(texts, client, i, args), "max_tokens": args.max_tokens,
-                   "single_line": True, **({"method": method} if method else {})}
-            out.append(await ws_request(ws, msg))
-            if i == 0 and warm is not None:
-                warm.append(client)
-            i += 1
+        for f in files:
+            i = 0
+            while (n is None or i < n) and not (stop and stop.is_set()):
+                msg = {"type": "complete", **completion(texts, f, i, args), "max_tokens": args.max_tokens,
+                       "single_line": True, **({"method": method} if method else {})}
+                out.append(await ws_request(ws, msg))
+                if i == 0 and warm is not None:
+                    warm.append(f)
+                i += 1
     return out
 
 
@@ -150,17 +157,19 @@ def engine_counts(url: str, headers: dict) -> dict[str, float]:
             if line.startswith(name + " ")}
 
 
-async def completions_cell(url, headers, texts, clients: int, method, args) -> dict:
-    if args.warmup:  # first-call costs (and each client's first prefill) stay out of the numbers
-        await asyncio.gather(*(completion_client(url, headers, texts, c, 1, args, method) for c in range(clients)))
+async def completions_cell(url, headers, texts, clients: int, files: int, method, args) -> dict:
+    """`clients` concurrent clients sharing the keystrokes of `files` files (module docstring)."""
+    share = [list(range(j, files, clients)) for j in range(clients)]
+    if args.warmup:  # first-call costs (and each file's first prefill) stay out of the numbers
+        await asyncio.gather(*(completion_client(url, headers, texts, fs, 1, args, method) for fs in share))
     before = engine_counts(url, headers)
     t0 = time.perf_counter()
-    runs = await asyncio.gather(*(completion_client(url, headers, texts, c, args.requests, args, method)
-                                  for c in range(clients)))
+    runs = await asyncio.gather(*(completion_client(url, headers, texts, fs, args.requests, args, method)
+                                  for fs in share))
     wall, after = time.perf_counter() - t0, engine_counts(url, headers)
     rounds = after.get("domino_engine_rounds", 0) - before.get("domino_engine_rounds", 0)
     batched = after.get("domino_engine_batched_requests", 0) - before.get("domino_engine_batched_requests", 0)
-    return {"clients": clients, **summary([r for run in runs for r in run], wall),
+    return {"clients": clients, "files": files, **summary([r for run in runs for r in run], wall),
             "mean_batch": batched / rounds if rounds else None}
 
 
@@ -168,7 +177,7 @@ async def mixed_cell(url, headers, texts, method, args) -> dict:
     await voice_client(url, headers, 1, args, method)  # warm: the system prompt sits in the prefix cache
     alone = await voice_client(url, headers, args.voice_turns, args, method)
     stop, warm = asyncio.Event(), []
-    load = [asyncio.create_task(completion_client(url, headers, texts, c, None, args, method, stop, warm))
+    load = [asyncio.create_task(completion_client(url, headers, texts, [c], None, args, method, stop, warm))
             for c in range(MIXED_CLIENTS)]
     while len(warm) < MIXED_CLIENTS:  # every client's file is in the prefix cache: steady typing
         await asyncio.sleep(0.05)
@@ -260,18 +269,22 @@ class EngineAlone:
 
 
 def speed_cell(url, headers, texts, name: str, sent: str | None, method: str, alone: EngineAlone, args) -> dict:
-    """Served vs engine alone, `SPEED_ROUNDS` passes each, alternating (ABBA); tokens/s of the sums."""
-    served, engine = [0, 0.0, 0.0], [0, 0.0]
+    """Served vs engine alone, `SPEED_ROUNDS` passes each, alternating (ABBA). A round's two passes
+    run back to back, so their ratio sees one machine speed: the cell's served/bench is the median
+    of the rounds' ratios (`pair_ratios`); tok/s are over all passes."""
+    served, engine, pairs = [0, 0.0, 0.0], [0, 0.0], []
     for r in range(SPEED_ROUNDS):
+        pass_ = {}
         for side in ("served", "alone")[::1 if r % 4 in (0, 3) else -1]:
-            if side == "served":
-                served = [a + b for a, b in zip(served, asyncio.run(served_speed(url, headers, texts, sent, args)))]
-            else:
-                engine = [a + b for a, b in zip(engine, alone.speed(method))]
+            pass_[side] = (asyncio.run(served_speed(url, headers, texts, sent, args)) if side == "served"
+                           else alone.speed(method))
+        served = [a + b for a, b in zip(served, pass_["served"])]
+        engine = [a + b for a, b in zip(engine, pass_["alone"])]
+        pairs.append((pass_["served"][0] / pass_["served"][1]) / (pass_["alone"][0] / pass_["alone"][1]))
     return {"method": name, "sent": method, "served_tok_s": served[0] / served[1],
             "served_engine_tok_s": served[0] / served[2], "bench_tok_s": engine[0] / engine[1],
-            "served_vs_bench": (served[0] / served[1]) / (engine[0] / engine[1]),
-            "tokens": served[0] / (SPEED_ROUNDS * len(SPEED_PROMPTS) * args.speed_runs), "rounds": SPEED_ROUNDS}
+            "served_vs_bench": statistics.median(pairs), "pair_ratios": pairs,
+            "tokens": served[0] / (SPEED_ROUNDS * len(SPEED_PROMPTS) * args.speed_runs)}
 
 
 def fmt(x, nd=0):
@@ -353,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-active", type=int, default=16)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--methods", default="default,ar", help="`default` = the server's default method")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client per cell")
+    ap.add_argument("--requests", type=int, default=4, help="keystrokes per file per cell")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--context-chars", type=int, default=3500, help="prefix length at a client's first cursor")
     ap.add_argument("--voice-turns", type=int, default=6, help="voice-like turns alone and under load (0: no mixed run)")
@@ -373,9 +386,11 @@ def main(argv=None) -> int:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
         names = [f"{resolved} (default)" if sent is None else m for m, sent in methods]
+        counts_of_clients = [int(c) for c in args.clients.split(",")]
         for name, (_, sent) in zip(names, methods):
-            for n in (int(c) for c in args.clients.split(",")):
-                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, sent, args))}
+            for n in counts_of_clients:
+                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, max(counts_of_clients),
+                                                                       sent, args))}
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
             if args.spawn and args.speed_runs:
@@ -401,11 +416,13 @@ def main(argv=None) -> int:
               f"({fmt(100 * m['growth'] if m['growth'] is not None else None)} %)")
     for s in speed:
         print(f"{s['method']}: one request served {s['served_tok_s']:.1f} tok/s, engine alone {s['bench_tok_s']:.1f} "
-              f"tok/s, served/bench {s['served_vs_bench']:.2f}")
+              f"tok/s, served/bench {s['served_vs_bench']:.2f} (median of {len(s['pair_ratios'])} paired passes, "
+              f"{min(s['pair_ratios']):.2f}-{max(s['pair_ratios']):.2f})")
     report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
               "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
-              "requests_per_client": args.requests, "methods": names, "cells": cells, "mixed": mixed, "speed": speed,
+              "files": max(int(c) for c in args.clients.split(",")), "keystrokes_per_file": args.requests,
+              "methods": names, "cells": cells, "mixed": mixed, "speed": speed,
               "max_batch": counts.get("domino_engine_max_batch")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
