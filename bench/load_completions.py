@@ -339,7 +339,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def spawn(args) -> tuple[subprocess.Popen, str]:
-    clients = max(int(c) for c in args.clients.split(","))
+    clients = max(args.clients)
     proc, port = spawn_server(["--profile", args.profile, "--dtype", args.dtype, "--max-active", str(args.max_active),
                                "--max-queue", str(max(64, clients)), "--prefix-cache", str(max(clients, MIXED_CLIENTS) + 2)]
                               + (["--threads", str(args.threads)] if args.threads else []))
@@ -364,7 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-active", type=int, default=16)
-    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--clients", default=[1, 4, 16], type=lambda s: [int(c) for c in s.split(",")],
+                    help="concurrent completion clients per cell, comma-separated")
     ap.add_argument("--methods", default="default,ar", help="`default` = the server's default method")
     ap.add_argument("--requests", type=int, default=4, help="keystrokes per file per cell")
     ap.add_argument("--max-tokens", type=int, default=24)
@@ -386,10 +387,9 @@ def main(argv=None) -> int:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
         names = [f"{resolved} (default)" if sent is None else m for m, sent in methods]
-        counts_of_clients = [int(c) for c in args.clients.split(",")]
         for name, (_, sent) in zip(names, methods):
-            for n in counts_of_clients:
-                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, max(counts_of_clients),
+            for n in args.clients:
+                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, max(args.clients),
                                                                        sent, args))}
                 cells.append(cell)
                 print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
     report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
               "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
-              "files": max(int(c) for c in args.clients.split(",")), "keystrokes_per_file": args.requests,
+              "files": max(args.clients), "keystrokes_per_file": args.requests,
               "methods": names, "cells": cells, "mixed": mixed, "speed": speed,
               "max_batch": counts.get("domino_engine_max_batch")}
     if args.json:

@@ -71,8 +71,10 @@ def prefill_blocks(start: int, m: int) -> list[int]:
     position `start` begin: 0, then every aligned position inside the pass. The first block
     starts before the pass when `start` is not aligned; the last may be cut short by the pass's
     end (the prompt's end, or a chunk end at a position fixed for the prompt)."""
+    if not m:
+        return []
     first = -(-start // BLOCK) * BLOCK
-    return sorted({0} | {b - start for b in range(first, start + m, BLOCK)}) if m else []
+    return ([0] if first > start else []) + [b - start for b in range(first, start + m, BLOCK)]
 
 
 def block_mask(end: int, rows: int, g: int, dtype: torch.dtype, device, cache: dict | None = None) -> torch.Tensor:

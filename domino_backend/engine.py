@@ -176,10 +176,9 @@ class Engine:
         round's rows go, then prefill chunks as far as the forward's `max_rows` (None:
         `settings.batch_rows`) allows: cut at attention block boundaries where that changes no bits,
         else waiting a round; the most urgent one's chunk always goes, to the next block boundary
-        at least. A
-        generation that fails (drafting, verify, or its rows in the forward) is finished with
-        `error` and the others go on; waiting, finished or cancelled ones get "" (`finish_reason`
-        says which)."""
+        at least. A generation that fails (drafting, verify, or its rows in the forward) is
+        finished with `error` and the others go on; waiting, finished or cancelled ones get ""
+        (`finish_reason` says which)."""
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
         rows, chunks = 0, 0

@@ -263,7 +263,7 @@ def test_while_a_voice_conversation_is_live_forwards_stay_short(sched):
     add(sched, "voice", "voice", tokens=1)
     run(sched)
     sched.clk.now += VOICE_LIVE_S / 2  # the next keystrokes while the conversation goes on
-    fim2 = add(sched, "fim2", "interactive", tokens=1)
+    add(sched, "fim2", "interactive", tokens=1)
     sched.run_round()
     caps_live = list(sched.engine.gens["fim2"].caps)
     run(sched)
