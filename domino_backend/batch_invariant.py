@@ -94,7 +94,7 @@ def block_mask(end: int, rows: int, g: int, dtype: torch.dtype, device, cache: d
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int, mask: torch.Tensor | None,
            scale: float, blocks: list[int] = (), block_masks: dict | None = None,
-           new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           new: tuple[torch.Tensor, torch.Tensor] | None = None, pack: tuple | None = None) -> torch.Tensor:
     """One sequence's attention. query [M, H, D]; key/value [KV, past + M, D] (views of the cache:
     its first rows, the pass's own rows last) -> [M, H, D]. new: the pass's own keys and values
     ([M, KV, D] each), written into the cache here first (by the kernel's call itself where it
@@ -106,7 +106,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     a block that began before the pass gets zero queries for its rows before `past`.
     Every other row runs alone, over the keys decoding its branch token by token would have cached
     (mask, from `visible_rows`: None = all earlier rows of the pass), through `kernels.attention`
-    when it runs here (all rows in one call) or else one SDPA call per row."""
+    when it runs here (all rows in one call; pack: the session's packed copy of the cache for it,
+    `TargetSession.pack`) or else one SDPA call per row."""
     m, h, d = query.shape
     kv = key.shape[0]
     g = h // kv
@@ -132,7 +133,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     if not rows:
         return out
     if kernel:
-        attention.attend_rows(query, key, value, past, mask, rows if fused else None, scale, out, new=new)
+        attention.attend_rows(query, key, value, past, mask, rows if fused else None, scale, out, new=new, pack=pack)
         return out
     scratch = None
     for i in rows:

@@ -72,27 +72,6 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-PROBE_ROWS = 16
-
-
-_ONE_ROW_DIFFERS: dict[tuple, bool] = {}  # (in, out, bias?, dtype, threads) -> probe result
-
-
-def _single_row_differs(packed: torch.Tensor, bias: torch.Tensor | None, n_in: int, n_out: int,
-                        dtype: torch.dtype) -> bool:
-    """Does a one-row product take another kernel (other bits) than the same row among several?
-    oneDNN picks kernels by shape, dtype and thread count, not by values, so one probe per such key
-    serves every layer of that shape (7 probes for Qwen2.5's 169 Linears). Every row is compared:
-    in bf16 the rounded outputs of two kernels often agree on one row."""
-    key = (n_in, n_out, bias is not None, dtype, torch.get_num_threads())
-    if key not in _ONE_ROW_DIFFERS:
-        x = torch.randn(PROBE_ROWS, n_in, generator=torch.Generator().manual_seed(0)).to(dtype)
-        many = _packed_linear(x, packed, bias)
-        _ONE_ROW_DIFFERS[key] = any(not torch.equal(_packed_linear(x[i:i + 1], packed, bias), many[i:i + 1])
-                                    for i in range(PROBE_ROWS))
-    return _ONE_ROW_DIFFERS[key]
-
-
 class PackedLinear(torch.nn.Linear):
     """An `nn.Linear` (swapped in place by `pack_linears`) whose forward multiplies by a oneDNN
     pre-packed copy of its weight. The copy is remade if the weight is replaced or written in place
@@ -102,19 +81,17 @@ class PackedLinear(torch.nn.Linear):
 
     Rows are batch-invariant: row i of an M-row product has the same bits for every M (what makes
     verify reproduce plain decoding, see batch_invariant.py). oneDNN computes M >= 2 with one kernel,
-    but for some shapes (4864 -> 896, the MLP's down projection, fp32 and bf16) M = 1 takes another
-    path; there one row runs as two and the first is kept. Which shapes need it is probed once per
-    shape, dtype and thread count at pack time (the engine sets its thread count before it packs)."""
+    but M = 1 may take another path (for some shapes always, for others on some values only: a
+    probe with random rows misses those), so one row runs as two and the first is kept; a one-row
+    product is memory-bound, and the second row costs next to nothing."""
 
     _packed: torch.Tensor
     _packed_key: tuple[int, int]
-    _one_as_two: bool
 
     def _pack(self) -> None:
         w = self.weight.detach()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_HINT)
         self._packed_key = _weight_key(w)
-        self._one_as_two = _single_row_differs(self._packed, self.bias, self.in_features, self.out_features, w.dtype)
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the opaque oneDNN tensor behind and repack on first use."""
@@ -130,7 +107,7 @@ class PackedLinear(torch.nn.Linear):
             return F.linear(x, w, self.bias)
         if self._packed_key != _weight_key(w):
             self._pack()
-        if self._one_as_two and x.numel() == x.shape[-1]:
+        if x.numel() == x.shape[-1]:
             y = _packed_linear(x.reshape(1, -1).expand(2, -1), self._packed, self.bias)
             return y[:1].reshape(*x.shape[:-1], -1)
         return _packed_linear(x, self._packed, self.bias)

@@ -174,7 +174,7 @@ class PackedForward:
             for p, (o, t, start, rows, blocks) in zip(passes, plans):
                 keys, values = p.session.keys[li][:, :start + t], p.session.values[li][:, :start + t]
                 out[o:o + t] = attend(q[o:o + t], keys, values, start, rows, self.scale, blocks, masks,
-                                      new=(k[o:o + t], v[o:o + t]))
+                                      new=(k[o:o + t], v[o:o + t]), pack=p.session.pack(li))
             h, delta = self._mlp(li, h, out.view(n, nh * d), fast, whole)
         _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from kernels import attention
+
 from .config import text_config
 from .forward import ForwardOut, Pass, PackedForward
 from .prompts import END_TOKENS
@@ -64,7 +66,12 @@ class Target:
 class TargetSession:
     """One sequence's KV cache: per layer keys/values [KV, capacity, D], of which the first `length`
     positions are the sequence's; capacity doubles as it grows, and rows past `length` (rejected
-    drafts, a failed forward) are garbage that the next write overwrites."""
+    drafts, a failed forward) are garbage that the next write overwrites.
+
+    Where the attention kernel multiplies with AMX tiles, each layer also keeps the cache packed
+    as the tiles' operands (`kernels.attention.packed_cache`) so that a forward packs only its own
+    rows: `packed[layer]` positions are packed, and a write below a forward's start position
+    (`keep_path`) lowers it."""
 
     MIN_CAPACITY = 64
 
@@ -73,6 +80,8 @@ class TargetSession:
         self.length = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.packs: list = []
+        self.packed = torch.zeros(target.num_layers, dtype=torch.int64)
 
     def reserve(self, n: int) -> None:
         """Room for n positions (the stored ones kept)."""
@@ -92,6 +101,14 @@ class TargetSession:
                     cache[i] = new
                 else:
                     cache.append(new)
+        self.packs = [attention.packed_cache(f.kv_heads, cap, f.head_dim) if self.t.device.type == "cpu" else None
+                      for _ in range(self.t.num_layers)]
+        self.packed.zero_()
+
+    def pack(self, layer: int) -> tuple | None:
+        """The packed copy of `layer`'s cache and its count, for the attention kernel (None: none kept)."""
+        p = self.packs[layer] if self.packs else None
+        return None if p is None else (*p, self.packed[layer:layer + 1])
 
     def snapshot(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the first n positions' keys and values, per layer ([KV, n, D] each)."""
@@ -112,6 +129,7 @@ class TargetSession:
             for cache in (self.keys, self.values):
                 for layer in cache:
                     layer[:, start:start + n] = layer.index_select(1, idx)
+            self.packed.clamp_(max=start)
         self.rollback(start + n)
 
     def rollback(self, length: int) -> None:

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from domino_backend.cpu import cpu_flags
+
 from . import native
 
 
@@ -25,6 +27,14 @@ def kernel():
     return native.library()
 
 
+@functools.cache
+def amx() -> bool:
+    """Whether the kernel multiplies with AMX-BF16 tiles (the CPU has them and Linux granted this
+    process the tile state) rather than AVX512 fp32 FMAs: other bits, the same contract."""
+    lib = kernel()
+    return lib is not None and "amx_bf16" in cpu_flags() and lib.w8a8_amx_init() == 1
+
+
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """bf16 CPU tensors with the cache's layout ([KV, capacity, D] with rows of D contiguous)."""
     return (kernel() is not None and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype
@@ -32,13 +42,26 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
             and key.stride(1) == key.shape[2] and query.shape[2] % 16 == 0)
 
 
+def packed_cache(kv_heads: int, capacity: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Room for one layer's keys and values as the AMX path's tile operands (the kernel fills it
+    as the cache grows: `attend_rows(..., pack=)`), or None where that path does not run."""
+    if not amx() or head_dim % 32 or capacity % 32:
+        return None
+    return (torch.empty(kv_heads * capacity * head_dim, dtype=torch.bfloat16),
+            torch.empty(kv_heads * capacity * head_dim, dtype=torch.bfloat16))
+
+
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
                 mask: torch.Tensor | None, rows: list[int] | None, scale: float, out: torch.Tensor,
-                new: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                new: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Fill out[i] for i in rows (None: all M). query: [M, H, D] (rows at any stride); out: [M, H, D]
     contiguous; key, value: views of a cache [KV, capacity, D] whose rows past .. past + M - 1 are
     this pass's, or are written first from `new` (keys, values [M, KV, D], rows at any stride);
-    mask: [M, M] (draft tree) or None (chain)."""
+    mask: [M, M] (draft tree) or None (chain). pack: the cache's packed copy (`packed_cache`) and
+    a one-element int64 tensor counting its positions packed so far (the kernel repacks from
+    min(count, past) on, so positions from `past` on are always fresh, and sets it to past + M);
+    None: the call packs what it reads itself."""
     m, h, d = query.shape
     if query.stride(2) != 1 or query.stride(1) != d:
         query = query.contiguous()
@@ -52,6 +75,7 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pas
                               None if new is None else v_new.data_ptr(), 0 if new is None else k_new.stride(0),
                               key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h, key.shape[0], d, scale,
                               None if mask is None else mask.data_ptr(), None if idx is None else idx.data_ptr(),
-                              0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads())
+                              0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads(), int(amx()),
+                              *((None,) * 3 if pack is None else (t.data_ptr() for t in pack)))
     if rc:
         raise ValueError(f"attention kernel: unsupported shape (heads {h}, kv heads {key.shape[0]}, head dim {d})")

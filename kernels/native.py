@@ -20,14 +20,14 @@ from domino_backend.cpu import cpu_flags
 
 SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.c"))
 HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16",
           "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name: (argtypes, restype)
     "w8a8_linear": ([_p, _i32, _i64, _i64, _p, _p, _p, _p, _i64, _p, _i32, _i32, _i32], None),
     "w8a8_amx_init": ([], _i32),
     "attend_rows": ([_p, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i32, _i32, _i32, ctypes.c_float, _p, _p, _i64,
-                     _p, _i32], _i32),
+                     _p, _i32, _i32, _p, _p, _p], _i32),
     "add_rms_norm": ([_p, _i64, _p, _i64, _p, _i64, _i64, _p, ctypes.c_float, _p, _i32], None),
     "rope": ([_p, _i64, _i64, _i32, _i64, _p, _p, _i32], None),
     "silu_mul": ([_p, _i64, _p, _i64, _i64, _i64, _p, _i64, _i32], None),

@@ -36,7 +36,8 @@ DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("k", [1, 8, 16])
-@pytest.mark.parametrize("head_dim", [8, 16])  # 16: bf16 attention runs the CPU kernel where it builds
+# 16: bf16 attention runs the CPU kernel where it builds; 32: its AMX tile path too, where the CPU has it
+@pytest.mark.parametrize("head_dim", [8, 16, 32])
 def test_verify_logits_equal_decoding_bitwise(family, k, dtype, head_dim):
     t = tiny_target(family, vocab=96, seed=3, head_dim=head_dim)
     t.model.to(dtype)
@@ -117,7 +118,9 @@ def test_rowwise_attention_runs_a_draft_tree_mask_as_masked_attention():
 
 
 IMPLS = ["sdpa", pytest.param("kernel", marks=pytest.mark.skipif(
-    attention.kernel() is None, reason="the attention kernel needs AVX512 and a C compiler"))]
+    attention.kernel() is None, reason="the attention kernel needs AVX512 and a C compiler")),
+         pytest.param("kernel-amx", marks=pytest.mark.skipif(
+             not attention.amx(), reason="the kernel's AMX-BF16 path needs a CPU with AMX"))]
 
 
 def _bf16_attn_inputs(m, past, seed=0):
@@ -130,8 +133,10 @@ def _bf16_attn_inputs(m, past, seed=0):
 
 
 def _use(impl, monkeypatch):
+    """sdpa: one SDPA call per row; kernel: the CPU kernel's AVX512 fp32 path; kernel-amx: its tiles."""
     if impl == "sdpa":
         monkeypatch.setattr(attention, "supports", lambda *a: False)
+    monkeypatch.setattr(attention, "amx", lambda: impl == "kernel-amx")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -158,9 +158,10 @@ def test_smoothing_skips_models_without_the_decoder_layout():
 
 
 def _int8_engine(family: str, dtype: torch.dtype = torch.float32) -> Engine:
-    """bf16 runs with head_dim 16: q/k/v and gate/up fuse into one int8 call each, and the norms,
-    rotary products and attention run as CPU kernels (kernels.rowops, kernels.attention)."""
-    model = tiny_target(family, peak=3.0, seed=1, head_dim=8 if dtype == torch.float32 else 16).model.to(dtype)
+    """bf16 runs with head_dim 32: q/k/v and gate/up fuse into one int8 call each, and the norms,
+    rotary products and attention run as CPU kernels (kernels.rowops, kernels.attention; with AMX
+    tiles and the sessions' packed caches where the CPU has them)."""
+    model = tiny_target(family, peak=3.0, seed=1, head_dim=8 if dtype == torch.float32 else 32).model.to(dtype)
     quantize_target(model, ByteTokenizer(64))  # before Target(): it keeps a handle on the LM head
     target = Target(model, tokenizer=None)
     return Engine(target, tiny_draft(target, seed=1))

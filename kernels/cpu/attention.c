@@ -152,6 +152,213 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
   }
 }
 
+/* ---- AMX-BF16 path: the same contract, with tile matrix multiplies for both products ----
+ *
+ * Per (row, kv head) task, with the g query heads as the rows of a 16-row tile (rows past g are
+ * zero and ignored): S = Q K^T in 16-key tiles (tdpbf16ps: exact bf16 products, fp32 sums over
+ * the D channels), scaled; the softmax in fp32 as above over the visible keys; the weights
+ * rounded to bf16 (the normalizer sums the rounded weights) and O = P V in 32-key steps. Every
+ * output element depends on its own query head's row of Q or P and on the keys alone, and key j
+ * of the visible list always sits in slot j of the tiles (keys past the list: weight 0, and a zero
+ * value where the list ends in the same tile for a row decoded alone), so a verify or tree row gets
+ * the bits of decoding it alone. Keys are packed once per call (`amx_pack_keys`, `amx_pack_values`)
+ * into the tiles' operand layouts: B rows of 16 dwords, a dword = two consecutive K-dim values. */
+
+/* Grow-only scratch, one set per thread: a call's buffers are ~ the cache's size, and fresh
+ * allocations of that size come back from the OS as new pages to fault in on every call. */
+enum { SCRATCH_KT, SCRATCH_VN, SCRATCH_IDX, SCRATCH_SCORES, SCRATCH_P, SCRATCH_TAIL, SCRATCH_N };
+static __thread void *scratch_buf[SCRATCH_N];
+static __thread size_t scratch_size[SCRATCH_N];
+
+static void *scratch(int which, size_t bytes) {
+  if (bytes > scratch_size[which]) {
+    free(scratch_buf[which]);
+    scratch_buf[which] = malloc(bytes + bytes / 2);
+    scratch_size[which] = bytes + bytes / 2;
+  }
+  return scratch_buf[which];
+}
+
+#define VKEYS 32 /* keys per P V step: the K dimension of one bf16 tile multiply */
+
+static void amx_config16(void) { /* all eight tiles 16 rows x 64 bytes */
+  struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+/* 16 x 16 dword transpose in registers: r[i] lane j -> r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  /* u[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j */
+  for (int j = 0; j < 4; j++) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xee);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xee);
+    r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
+    r[8 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
+  }
+}
+
+/* K^T as B operands for the KEYS-key block b of one kv head (keys: its cache rows):
+ * kt[(s * 16 + p) * 16 + t] = the dword of channels 32 s + 2 p, 32 s + 2 p + 1 of key b * 16 + t
+ * (0 for keys >= n). */
+static void amx_pack_keys_block(const uint16_t *k, int d, int64_t n, int64_t b, uint32_t *kt) {
+  for (int s = 0; s < d / 32; s++) {
+    __m512i r[16];
+    for (int t = 0; t < 16; t++)
+      r[t] = _mm512_maskz_loadu_epi32(b * KEYS + t < n ? 0xffff : 0, k + (b * KEYS + t) * d + 32 * s);
+    transpose16(r);
+    for (int p = 0; p < 16; p++) _mm512_storeu_si512((void *)(kt + (s * 16 + p) * 16), r[p]);
+  }
+}
+
+/* V as B operands for the VKEYS-key block b, its key slots j filled from cache rows
+ * idx ? idx[j] : j for j < n, else 0: vn[(c * 16 + p) * 32 + 2 x + e] = channel 16 c + x of slot
+ * b * 32 + 2 p + e (one 16-row tile per 16 channels c). */
+static void amx_pack_values_block(const uint16_t *v, int d, const int32_t *idx, int64_t n, int64_t b, uint16_t *vn) {
+  static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_loadu_si512((const void *)lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int p = 0; p < 16; p++) {
+    const int64_t j0 = b * VKEYS + 2 * p, j1 = j0 + 1;
+    const uint16_t *r0 = v + (int64_t)(j0 < n ? (idx ? idx[j0] : j0) : 0) * d;
+    const uint16_t *r1 = v + (int64_t)(j1 < n ? (idx ? idx[j1] : j1) : 0) * d;
+    for (int x = 0; x < d / 32; x++) {
+      const __m512i a = _mm512_maskz_loadu_epi16(j0 < n ? ~0u : 0, r0 + 32 * x);
+      const __m512i c = _mm512_maskz_loadu_epi16(j1 < n ? ~0u : 0, r1 + 32 * x);
+      _mm512_storeu_si512((void *)(vn + ((2 * x) * 16 + p) * 32), _mm512_permutex2var_epi16(a, lo, c));
+      _mm512_storeu_si512((void *)(vn + ((2 * x + 1) * 16 + p) * 32), _mm512_permutex2var_epi16(a, hi, c));
+    }
+  }
+}
+
+/* Keys and values 0 .. n - 1 of every kv head as B operands, from VKEYS block `from` on (the
+ * blocks below are packed already): kt, vn hold `blocks` VKEYS blocks per kv head. */
+static void amx_pack(const uint16_t *k, const uint16_t *v, int64_t cap, int kv, int d, int64_t from, int64_t n,
+                     int64_t blocks, uint32_t *kt, uint16_t *vn, int threads) {
+  const int64_t nv = (n + VKEYS - 1) / VKEYS, todo = nv - from;
+  if (todo <= 0) return;
+#pragma omp parallel for schedule(static) num_threads(kv * todo * d >= 8192 ? threads : 1)
+  for (int64_t task = 0; task < kv * todo; task++) {
+    const int64_t hk = task / todo, b = from + task % todo;
+    const uint16_t *kh = k + hk * cap * d, *vh = v + hk * cap * d;
+    uint32_t *kth = kt + hk * blocks * VKEYS * d / 2;
+    amx_pack_keys_block(kh, d, n, 2 * b, kth + 2 * b * KEYS * d / 2);
+    amx_pack_keys_block(kh, d, n, 2 * b + 1, kth + (2 * b + 1) * KEYS * d / 2);
+    amx_pack_values_block(vh, d, NULL, n, b, vn + (hk * blocks + b) * VKEYS * d);
+  }
+}
+
+/* One (row, kv head) task (see `attend_task` for q, idx, n, n_full, out). kt, vn: this kv head's
+ * packed keys and values (whole call, slots = cache positions); tail: NULL for a chain row (its
+ * visible keys are cache positions 0 .. n - 1), else a buffer for the value blocks from `base`
+ * (the first VKEYS block holding a slot whose key is not its own position) on, packed here from idx. */
+static void attend_task_amx(const uint16_t *q, const uint32_t *kt, const uint16_t *vn, const uint16_t *v,
+                            const int32_t *idx, int64_t n, int64_t n_full, int64_t base, uint16_t *tail, int g, int d,
+                            float scale, float *scores, uint16_t *pw, uint16_t *out) {
+  const int ds = d / 32, dc = d / 16;
+  const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n + VKEYS - 1) / VKEYS * VKEYS;
+  uint16_t qa[16 * MAX_D] __attribute__((aligned(64)));
+  memset(qa, 0, sizeof(uint16_t) * 16 * d);
+  memcpy(qa, q, sizeof(uint16_t) * g * d);
+  /* S rows h, keys b * 16 .. + 15: two key blocks at a time into C tiles 0 and 3, so one block's
+   * multiplies overlap the other's (each block's sum over s is the same sequence either way). */
+  const int64_t blocks = n16 / KEYS;
+  if (ds <= 2) {
+    _tile_loadd(1, qa, d * 2);
+    if (ds == 2) _tile_loadd(2, qa + 32, d * 2);
+  }
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const int two = b + 1 < blocks;
+    _tile_zero(0);
+    if (two) _tile_zero(3);
+    for (int s = 0; s < ds; s++) {
+      if (ds > 2) _tile_loadd(1, qa + 32 * s, d * 2);
+      _tile_loadd(4, kt + (b * ds + s) * 256, 64);
+      if (two) _tile_loadd(5, kt + ((b + 1) * ds + s) * 256, 64);
+      if (s == 1 && ds == 2) {
+        _tile_dpbf16ps(0, 2, 4);
+        if (two) _tile_dpbf16ps(3, 2, 5);
+      } else {
+        _tile_dpbf16ps(0, 1, 4);
+        if (two) _tile_dpbf16ps(3, 1, 5);
+      }
+    }
+    _tile_stored(0, scores + b * KEYS, n16 * 4);
+    if (two) _tile_stored(3, scores + (b + 1) * KEYS, n16 * 4);
+  }
+  if (n < n_full)
+    for (int h = 0; h < g; h++)
+      for (int64_t j = 0; j < n; j++) scores[h * n16 + j] = scores[h * n16 + idx[j]]; /* idx[j] >= j */
+  float inv[MAX_G];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  memset(pw + g * n32, 0, sizeof(uint16_t) * (16 - g) * n32);
+  for (int h = 0; h < g; h++) { /* weights, rounded to bf16, into P's row h; slots past n -> 0 */
+    float *s = scores + h * n16;
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += KEYS) {
+      const __mmask16 live = lanes(n - j);
+      vmx = _mm512_mask_max_ps(vmx, live, vmx, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    }
+    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n32; j += KEYS) {
+      const __mmask16 live = lanes(n - j);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), vmx));
+      const __m256i pb = _mm256_maskz_mov_epi16(live, to_bf16(e));
+      _mm256_storeu_si256((__m256i *)(pw + h * n32 + j), pb);
+      vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
+    }
+    inv[h] = 1.f / _mm512_reduce_add_ps(vsum);
+  }
+  float acc[16 * 64] __attribute__((aligned(64)));
+  for (int c0 = 0; c0 < dc; c0 += 4) { /* 64 output channels a pass: four C tiles */
+    const int cs = dc - c0 < 4 ? dc - c0 : 4;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t b = 0; b < n32 / VKEYS; b++) {
+      const uint16_t *vb = tail && b * VKEYS >= base ? tail + (b - base / VKEYS) * dc * 512 : vn + b * dc * 512;
+      _tile_loadd(0, pw + b * VKEYS, n32 * 2);
+      _tile_loadd(1, vb + (c0 + 0) * 512, 64);
+      _tile_dpbf16ps(4, 0, 1);
+      if (cs > 1) { _tile_loadd(1, vb + (c0 + 1) * 512, 64); _tile_dpbf16ps(5, 0, 1); }
+      if (cs > 2) { _tile_loadd(1, vb + (c0 + 2) * 512, 64); _tile_dpbf16ps(6, 0, 1); }
+      if (cs > 3) { _tile_loadd(1, vb + (c0 + 3) * 512, 64); _tile_dpbf16ps(7, 0, 1); }
+    }
+    _tile_stored(4, acc, 256);
+    _tile_stored(5, acc + 16, 256);
+    _tile_stored(6, acc + 32, 256);
+    _tile_stored(7, acc + 48, 256);
+    for (int h = 0; h < g; h++)
+      for (int c = 0; c < cs; c++)
+        _mm256_storeu_si256((__m256i *)(out + (int64_t)h * d + 16 * (c0 + c)),
+                            to_bf16(_mm512_mul_ps(_mm512_load_ps(acc + h * 64 + 16 * c), _mm512_set1_ps(inv[h]))));
+  }
+}
+
 /* q: [M, H, D] bf16 at row stride q_stride (elements); out: [M, H, D] contiguous. k, v: [KV, cap, D]
  * bf16, this sequence's cache. k_new, v_new (or NULL): the call's own rows, [M, KV, D] at row
  * stride new_stride, first written to the cache at past .. past + M - 1 (else already there).
@@ -159,7 +366,8 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
  * ignored); others are left untouched. Returns 0, or -1 for a shape it does not take. */
 int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, const uint16_t *v_new, int64_t new_stride,
                 uint16_t *k, uint16_t *v, int64_t cap, int64_t past, int64_t m, int h, int kv, int d, float scale,
-                const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads) {
+                const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads, int amx,
+                uint32_t *kt_keep, uint16_t *vn_keep, int64_t *packed) {
   const int g = h / kv;
   if (d % 16 || d > MAX_D || g > MAX_G || g * kv != h) return -1;
   if (k_new)
@@ -169,27 +377,64 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
         memcpy(v + (hk * cap + past + i) * d, v_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
       }
   if (!rows) r = m;
+  amx = amx && d % 32 == 0;
   const int64_t n_all = past + m, nb = (n_all + KEYS - 1) / KEYS;
-  uint16_t *kt = malloc(sizeof(uint16_t) * (size_t)(kv * nb * KEYS * d));
-  transpose_keys(k, cap, kv, d, n_all, kt, threads);
-  const int64_t tasks = r * kv;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tasks; t++) {
-    const int64_t i = rows ? rows[t / kv] : t / kv;
-    const int hk = (int)(t % kv);
-    const int64_t n_max = past + i + 1;
-    const int64_t n16 = (n_max + KEYS - 1) / KEYS * KEYS;
-    int32_t *idx = malloc(sizeof(int32_t) * n_max);
-    float *buf = malloc(sizeof(float) * (MAX_G + g * n16));
-    int64_t n = 0;
-    for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
-    for (int64_t j = 0; j <= i; j++)
-      if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
-    attend_task(q + i * q_stride + (int64_t)hk * g * d, kt + hk * nb * KEYS * d, v + hk * cap * d, idx, n, n_max, g,
-                d, scale, buf + MAX_G, out + (i * h + (int64_t)hk * g) * d);
-    free(idx);
-    free(buf);
+  const int dc = d / 16;
+  void *kt;
+  uint16_t *vn = NULL;
+  int64_t nv = 0; /* VKEYS blocks per kv head in kt, vn */
+  if (amx && kt_keep) { /* the session's packed copy: rows from past on are this call's, repack them */
+    nv = (cap + VKEYS - 1) / VKEYS;
+    const int64_t upto = *packed < past ? *packed : past;
+    amx_pack(k, v, cap, kv, d, upto / VKEYS, n_all, nv, kt_keep, vn_keep, threads);
+    *packed = n_all;
+    kt = kt_keep;
+    vn = vn_keep;
+  } else if (amx) {
+    nv = (n_all + VKEYS - 1) / VKEYS;
+    kt = scratch(SCRATCH_KT, sizeof(uint16_t) * (size_t)(kv * nv * VKEYS * d));
+    vn = scratch(SCRATCH_VN, sizeof(uint16_t) * (size_t)(kv * nv * VKEYS * d));
+    amx_pack(k, v, cap, kv, d, 0, n_all, nv, kt, vn, threads);
+  } else {
+    kt = scratch(SCRATCH_KT, sizeof(uint16_t) * (size_t)(kv * nb * KEYS * d));
+    transpose_keys(k, cap, kv, d, n_all, kt, threads);
   }
-  free(kt);
+  const int64_t tasks = r * kv;
+#pragma omp parallel num_threads(threads)
+  {
+    if (amx) amx_config16();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+      const int64_t i = rows ? rows[t / kv] : t / kv;
+      const int hk = (int)(t % kv);
+      const int64_t n_max = past + i + 1;
+      const int64_t n16 = (n_max + KEYS - 1) / KEYS * KEYS, n32 = (n_max + VKEYS - 1) / VKEYS * VKEYS;
+      int32_t *idx = scratch(SCRATCH_IDX, sizeof(int32_t) * n_max);
+      int64_t n = 0;
+      for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
+      for (int64_t j = 0; j <= i; j++)
+        if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
+      const uint16_t *qi = q + i * q_stride + (int64_t)hk * g * d;
+      uint16_t *oi = out + (i * h + (int64_t)hk * g) * d;
+      if (amx) {
+        float *scores = scratch(SCRATCH_SCORES, sizeof(float) * (16 * n16 + VKEYS));
+        uint16_t *pw = scratch(SCRATCH_P, sizeof(uint16_t) * 16 * n32);
+        const int64_t base = past / VKEYS * VKEYS;
+        uint16_t *tail = NULL;
+        if (mask) { /* a tree row: its value slots from `base` on, packed from its own key list */
+          tail = scratch(SCRATCH_TAIL, sizeof(uint16_t) * (size_t)((n32 - base) * d));
+          for (int64_t b = base / VKEYS; b < n32 / VKEYS; b++)
+            amx_pack_values_block(v + hk * cap * d, d, idx, n, b, tail + (b - base / VKEYS) * dc * 512);
+        }
+        attend_task_amx(qi, (const uint32_t *)kt + hk * nv * VKEYS * d / 2, vn + hk * nv * VKEYS * d,
+                        v + hk * cap * d, idx, n, n_max, base, tail, g, d, scale, scores, pw, oi);
+      } else {
+        float *buf = scratch(SCRATCH_SCORES, sizeof(float) * (MAX_G + g * n16));
+        attend_task(qi, (const uint16_t *)kt + hk * nb * KEYS * d, v + hk * cap * d, idx, n, n_max, g, d, scale,
+                    buf + MAX_G, oi);
+      }
+    }
+    if (amx) _tile_release();
+  }
   return 0;
 }
