@@ -18,6 +18,9 @@
  *  - decoding a token (M = 1) runs the same code, so a verify row equals the decode step it stands
  *    for, and a tree row equals decoding its branch.
  * Compiled with -ffp-contract=off; the explicit _mm512_fmadd_ps below are part of the fixed sequence.
+ *
+ * Two paths with those invariants and other bits: AVX512 fp32 FMAs (below), and on CPUs with
+ * AMX-BF16 tile products (`attend_task_amx`), which the caller picks once per process.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -161,8 +164,10 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
  * output element depends on its own query head's row of Q or P and on the keys alone, and key j
  * of the visible list always sits in slot j of the tiles (keys past the list: weight 0, and a zero
  * value where the list ends in the same tile for a row decoded alone), so a verify or tree row gets
- * the bits of decoding it alone. Keys are packed once per call (`amx_pack_keys`, `amx_pack_values`)
- * into the tiles' operand layouts: B rows of 16 dwords, a dword = two consecutive K-dim values. */
+ * the bits of decoding it alone. Keys and values are packed into the tiles' operand layout (B rows
+ * of 16 dwords, a dword = two consecutive K-dim values) by `amx_pack`: into the session's packed
+ * copy of its cache where the caller keeps one (only the positions it has not packed, and always
+ * those from the call's first row on), else into scratch, all of them, every call. */
 
 /* Grow-only scratch, one set per thread: a call's buffers are ~ the cache's size, and fresh
  * allocations of that size come back from the OS as new pages to fault in on every call. */
