@@ -266,6 +266,25 @@ def test_a_cursor_line_over_budget_is_left_for_the_length_check():
     assert fake_text(ids) == "<|fim_prefix|>" + "y" * 500 + "<|fim_suffix|><|fim_middle|>"
 
 
+def test_a_file_that_fits_the_budget_is_kept_whole_with_one_tokenization():
+    class Counting(FakeTokenizer):
+        calls = 0
+
+        def encode(self, text, **kw):
+            Counting.calls += 1
+            return super().encode(text, **kw)
+
+    tok = Counting()
+    prefix = "".join(f"line{i:03d} = {i}\n" for i in range(60)) + "x = "
+    suffix = " + 1" + "".join(f"\nnext{i:03d} = {i}" for i in range(60))
+    whole = build_fim(tok, prefix, suffix, [], None)
+    one = Counting.calls
+    Counting.calls = 0
+    assert prompt_ids(tok, prefix, suffix, budget=Budget(len(whole), suffix_share=0.25)) == whole
+    assert Counting.calls == one  # not line by line, and not again for the result
+    assert len(prompt_ids(tok, prefix, suffix, budget=Budget(len(whole) - 1))) < len(whole)  # one short: trimmed
+
+
 def test_budget_trimming_reads_the_lines_it_keeps_not_the_whole_file():
     class Counting(FakeTokenizer):
         chars = 0

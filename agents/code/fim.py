@@ -5,8 +5,9 @@ Within a token budget the text nearest the cursor survives: the cursor's line al
 lines outward from it, the prefix first (it predicts the hole best) with the suffix capped at a
 share of what the current file gets, and context files, most relevant (last) first, each kept whole
 or cut to its first lines, within their own share. Cuts fall on line boundaries, so the model
-never sees half a line at an edge of its context. Lines are measured one by one as they are
-taken, so a huge file costs the lines kept, not the whole file.
+never sees half a line at an edge of its context. A file without context files that fits the
+budget whole is kept whole; otherwise lines are measured one by one as they are taken, so a huge
+file costs the lines kept, not the whole file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from dataclasses import dataclass
 
 from app.backend import ExtraFile
 from domino_backend.prompts import DEFAULT_FILENAME, REPO_NAME, build_fim, encode_text, fim_template, plain_context
+
+
+# A file of at most this many characters per budget token is first tried whole (one tokenization
+# instead of one per line and another for the result); longer ones cannot fit and go line by line.
+WHOLE_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,10 @@ def prompt_ids(tokenizer, prefix: str, suffix: str = "", files=(), filename: str
     if budget is None:
         return build_fim(tokenizer, prefix, suffix, files, filename)
     b = budget if isinstance(budget, Budget) else Budget(budget)
+    if not files and len(prefix) + len(suffix) <= WHOLE_CHARS_PER_TOKEN * b.tokens:
+        ids = build_fim(tokenizer, prefix, suffix, [], filename)  # a file that fits whole is kept whole
+        if len(ids) <= b.tokens:
+            return ids
     count = lambda s: len(encode_text(tokenizer, s)) if s else 0  # noqa: E731
 
     head_at = prefix.rfind("\n") + 1  # the cursor's line starts here

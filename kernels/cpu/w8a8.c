@@ -163,12 +163,17 @@ static void vnni_linear(const uint8_t *xu, const float *xs, int64_t m, int64_t k
 void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *wp, const int32_t *colsum,
                  const float *wscale, const float *bias, int64_t n, void *y, int y_bf16,
                  int threads, int amx) {
+  /* With AMX and more than 32 rows, the rows are padded to a multiple of 32 (u8 128: a zero
+   * activation) so that every tile has the same shape: reconfiguring the tiles between a block's
+   * full row tiles and its last, shorter one cost more than multiplying the padding. */
+  const int64_t mp = amx && m > 32 ? (m + 31) / 32 * 32 : m;
   /* scratch: the quantized rows and their scales (a few KB per row, freed on return) */
-  uint8_t *xu = malloc((size_t)(m * k));
+  uint8_t *xu = malloc((size_t)(mp * k));
   float *xs = malloc((size_t)m * sizeof(float));
   const int64_t xrow = k * (x_bf16 ? 2 : 4);
 #pragma omp parallel for schedule(static) num_threads(m * k >= QUANTIZE_PARALLEL_MIN ? threads : 1)
   for (int64_t r = 0; r < m; r++) quantize_row((const char *)x + r * xrow, x_bf16, k, xu + r * k, xs + r);
+  memset(xu + m * k, 128, (size_t)((mp - m) * k));
   const int64_t blocks = (n + 31) / 32;
   const size_t ybytes = y_bf16 ? 2 : 4;
   if (amx) {
@@ -178,13 +183,14 @@ void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *
       int configured = -1;
 #pragma omp for schedule(static)
       for (int64_t nb = 0; nb < blocks; nb++) {
-        for (int64_t r0 = 0; r0 < m; r0 += 32) {
-          const int rows = (int)(m - r0 < 32 ? m - r0 : 32);
-          if (rows != configured) {
-            amx_config(rows < 16 ? rows : 16, rows > 16 ? rows - 16 : 0);
-            configured = rows;
+        for (int64_t r0 = 0; r0 < mp; r0 += 32) {
+          const int tile_rows = (int)(mp - r0 < 32 ? mp - r0 : 32), rows = (int)(m - r0 < 32 ? m - r0 : 32);
+          if (tile_rows != configured) {
+            amx_config(tile_rows < 16 ? tile_rows : 16, tile_rows > 16 ? tile_rows - 16 : 0);
+            configured = tile_rows;
           }
-          amx_tile(xu + r0 * k, k, rows < 16 ? rows : 16, rows > 16 ? rows - 16 : 0, wp + nb * 32 * k, cbuf);
+          amx_tile(xu + r0 * k, k, tile_rows < 16 ? tile_rows : 16, tile_rows > 16 ? tile_rows - 16 : 0,
+                   wp + nb * 32 * k, cbuf);
           for (int r = 0; r < rows; r++) {
             void *yrow = (char *)y + (r0 + r) * n * ybytes;
             const __m512i a0 = _mm512_load_si512((const void *)(cbuf + r * 32));
