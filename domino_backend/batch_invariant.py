@@ -100,7 +100,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     ([M, KV, D] each), written into the cache here first (by the kernel's call itself where it
     runs); None when they are there already.
 
-    blocks (a prefill's, from `prefill_blocks`): these blocks (BLOCK rows, or fewer at the pass's
+    blocks (a prefill's, from `prefill_blocks`; ignored where the kernel runs with AMX tiles, which
+    take every row, each with its own bits): these blocks (BLOCK rows, or fewer at the pass's
     end) run as one causal SDPA call each, their G x rows queries per KV head over the keys up to
     the block's end (`block_mask`; block_masks: a dict sharing the masks across a forward's layers);
     a block that began before the pass gets zero queries for its rows before `past`.
@@ -113,6 +114,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
     g = h // kv
     out = query.new_empty(m, h, d)
     kernel = attention.supports(query, key, value)
+    if kernel and attention.amx():
+        blocks = ()  # the kernel's tiles beat fused SDPA blocks, and give prompt rows their decoding bits
     if new is not None and (blocks or not kernel):
         key[:, past:past + m] = new[0].transpose(0, 1)
         value[:, past:past + m] = new[1].transpose(0, 1)

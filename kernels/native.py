@@ -20,7 +20,7 @@ from domino_backend.cpu import cpu_flags
 
 SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.c"))
 HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16",
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16",
           "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name: (argtypes, restype)

@@ -275,20 +275,42 @@ static void amx_pack(const uint16_t *k, const uint16_t *v, int64_t cap, int kv, 
   }
 }
 
-/* One (row, kv head) task (see `attend_task` for q, idx, n, n_full, out). kt, vn: this kv head's
- * packed keys and values (whole call, slots = cache positions); tail: NULL for a chain row (its
- * visible keys are cache positions 0 .. n - 1), else a buffer for the value blocks from `base`
- * (the first VKEYS block holding a slot whose key is not its own position) on, packed here from idx. */
-static void attend_task_amx(const uint16_t *q, const uint32_t *kt, const uint16_t *vn, const uint16_t *v,
-                            const int32_t *idx, int64_t n, int64_t n_full, int64_t base, uint16_t *tail, int g, int d,
-                            float scale, float *scores, uint16_t *pw, uint16_t *out) {
+/* e^x for the weights that are rounded to bf16 next (8 significant bits): exp_ps's reduction with a
+ * degree-5 polynomial (relative error ~2e-6). */
+static inline __m512 exp_bf16_ps(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 120);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
+}
+
+/* One task: `nq` (1 or 2) query rows of one kv head, their g heads each as rows a * g + h of the
+ * tiles (2 g <= 16 when nq = 2). Row a sees keys 0 .. n[a] - 1 in slot order, its output goes to
+ * out[a] (g heads x d). idx (nq = 1 only, else NULL): the row's visible keys when they are not
+ * slots 0 .. n - 1 (a tree row), below n_full (the scores are computed for keys below n_full,
+ * then moved to their slots). kt, vn: this kv head's packed keys and values; tail: NULL, or the
+ * row's own packed value blocks from `base` on (a tree row). scores: 16 x (n_full rounded up to
+ * KEYS) + VKEYS floats; pw: 16 x (max n rounded up to VKEYS) bf16. */
+static void attend_task_amx(const uint16_t *const *q, uint16_t *const *out, const int64_t *n, int nq,
+                            const uint32_t *kt, const uint16_t *vn, const int32_t *idx, int64_t n_full, int64_t base,
+                            const uint16_t *tail, int g, int d, float scale, float *scores, uint16_t *pw) {
   const int ds = d / 32, dc = d / 16;
-  const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n + VKEYS - 1) / VKEYS * VKEYS;
+  const int64_t n_max = nq == 2 && n[1] > n[0] ? n[1] : n[0];
+  const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n_max + VKEYS - 1) / VKEYS * VKEYS;
   uint16_t qa[16 * MAX_D] __attribute__((aligned(64)));
   memset(qa, 0, sizeof(uint16_t) * 16 * d);
-  memcpy(qa, q, sizeof(uint16_t) * g * d);
-  /* S rows h, keys b * 16 .. + 15: two key blocks at a time into C tiles 0 and 3, so one block's
-   * multiplies overlap the other's (each block's sum over s is the same sequence either way). */
+  for (int a = 0; a < nq; a++) memcpy(qa + a * g * d, q[a], sizeof(uint16_t) * g * d);
+  /* S rows a g + h, keys b * 16 .. + 15: two key blocks at a time into C tiles 0 and 3, so one
+   * block's multiplies overlap the other's (each block's sum over s is the same sequence either way). */
   const int64_t blocks = n16 / KEYS;
   if (ds <= 2) {
     _tile_loadd(1, qa, d * 2);
@@ -313,29 +335,31 @@ static void attend_task_amx(const uint16_t *q, const uint32_t *kt, const uint16_
     _tile_stored(0, scores + b * KEYS, n16 * 4);
     if (two) _tile_stored(3, scores + (b + 1) * KEYS, n16 * 4);
   }
-  if (n < n_full)
+  if (idx && n[0] < n_full)
     for (int h = 0; h < g; h++)
-      for (int64_t j = 0; j < n; j++) scores[h * n16 + j] = scores[h * n16 + idx[j]]; /* idx[j] >= j */
-  float inv[MAX_G];
+      for (int64_t j = 0; j < n[0]; j++) scores[h * n16 + j] = scores[h * n16 + idx[j]]; /* idx[j] >= j */
+  float inv[16];
   const __m512 vscale = _mm512_set1_ps(scale);
-  memset(pw + g * n32, 0, sizeof(uint16_t) * (16 - g) * n32);
-  for (int h = 0; h < g; h++) { /* weights, rounded to bf16, into P's row h; slots past n -> 0 */
-    float *s = scores + h * n16;
+  memset(pw + nq * g * n32, 0, sizeof(uint16_t) * (16 - nq * g) * n32);
+  for (int row = 0; row < nq * g; row++) { /* weights, rounded to bf16, into P's row; slots past n -> 0 */
+    const int64_t nr = n[row / g];
+    float *s = scores + row * n16;
     __m512 vmx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += KEYS) {
-      const __mmask16 live = lanes(n - j);
-      vmx = _mm512_mask_max_ps(vmx, live, vmx, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+    for (int64_t j = 0; j < nr; j += KEYS) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale);
+      _mm512_storeu_ps(s + j, x);
+      vmx = _mm512_mask_max_ps(vmx, lanes(nr - j), vmx, x);
     }
     vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n32; j += KEYS) {
-      const __mmask16 live = lanes(n - j);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), vscale), vmx));
-      const __m256i pb = _mm256_maskz_mov_epi16(live, to_bf16(e));
-      _mm256_storeu_si256((__m256i *)(pw + h * n32 + j), pb);
+      const __mmask16 live = lanes(nr - j);
+      const __m512 e = exp_bf16_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), vmx));
+      const __m256i pb = _mm256_maskz_mov_epi16(live, (__m256i)_mm512_cvtneps_pbh(e));
+      _mm256_storeu_si256((__m256i *)(pw + row * n32 + j), pb);
       vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
     }
-    inv[h] = 1.f / _mm512_reduce_add_ps(vsum);
+    inv[row] = 1.f / _mm512_reduce_add_ps(vsum);
   }
   float acc[16 * 64] __attribute__((aligned(64)));
   for (int c0 = 0; c0 < dc; c0 += 4) { /* 64 output channels a pass: four C tiles */
@@ -357,11 +381,20 @@ static void attend_task_amx(const uint16_t *q, const uint32_t *kt, const uint16_
     _tile_stored(5, acc + 16, 256);
     _tile_stored(6, acc + 32, 256);
     _tile_stored(7, acc + 48, 256);
-    for (int h = 0; h < g; h++)
+    for (int row = 0; row < nq * g; row++)
       for (int c = 0; c < cs; c++)
-        _mm256_storeu_si256((__m256i *)(out + (int64_t)h * d + 16 * (c0 + c)),
-                            to_bf16(_mm512_mul_ps(_mm512_load_ps(acc + h * 64 + 16 * c), _mm512_set1_ps(inv[h]))));
+        _mm256_storeu_si256((__m256i *)(out[row / g] + (int64_t)(row % g) * d + 16 * (c0 + c)),
+                            to_bf16(_mm512_mul_ps(_mm512_load_ps(acc + row * 64 + 16 * c), _mm512_set1_ps(inv[row]))));
   }
+}
+
+/* Row i's visible keys (cache positions) into idx, in order; returns their number. */
+static int64_t visible_keys(int64_t past, int64_t m, int64_t i, const uint8_t *mask, int32_t *idx) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
+  for (int64_t j = 0; j <= i; j++)
+    if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
+  return n;
 }
 
 /* q: [M, H, D] bf16 at row stride q_stride (elements); out: [M, H, D] contiguous. k, v: [KV, cap, D]
@@ -404,42 +437,60 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
     kt = scratch(SCRATCH_KT, sizeof(uint16_t) * (size_t)(kv * nb * KEYS * d));
     transpose_keys(k, cap, kv, d, n_all, kt, threads);
   }
-  const int64_t tasks = r * kv;
-#pragma omp parallel num_threads(threads)
-  {
-    if (amx) amx_config16();
-#pragma omp for schedule(static)
+  if (!amx) {
+    const int64_t tasks = r * kv;
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < tasks; t++) {
       const int64_t i = rows ? rows[t / kv] : t / kv;
       const int hk = (int)(t % kv);
       const int64_t n_max = past + i + 1;
-      const int64_t n16 = (n_max + KEYS - 1) / KEYS * KEYS, n32 = (n_max + VKEYS - 1) / VKEYS * VKEYS;
       int32_t *idx = scratch(SCRATCH_IDX, sizeof(int32_t) * n_max);
-      int64_t n = 0;
-      for (int64_t j = 0; j < past; j++) idx[n++] = (int32_t)j;
-      for (int64_t j = 0; j <= i; j++)
-        if (!mask || mask[i * m + j]) idx[n++] = (int32_t)(past + j);
-      const uint16_t *qi = q + i * q_stride + (int64_t)hk * g * d;
-      uint16_t *oi = out + (i * h + (int64_t)hk * g) * d;
-      if (amx) {
-        float *scores = scratch(SCRATCH_SCORES, sizeof(float) * (16 * n16 + VKEYS));
-        uint16_t *pw = scratch(SCRATCH_P, sizeof(uint16_t) * 16 * n32);
-        const int64_t base = past / VKEYS * VKEYS;
-        uint16_t *tail = NULL;
-        if (mask) { /* a tree row: its value slots from `base` on, packed from its own key list */
-          tail = scratch(SCRATCH_TAIL, sizeof(uint16_t) * (size_t)((n32 - base) * d));
-          for (int64_t b = base / VKEYS; b < n32 / VKEYS; b++)
-            amx_pack_values_block(v + hk * cap * d, d, idx, n, b, tail + (b - base / VKEYS) * dc * 512);
-        }
-        attend_task_amx(qi, (const uint32_t *)kt + hk * nv * VKEYS * d / 2, vn + hk * nv * VKEYS * d,
-                        v + hk * cap * d, idx, n, n_max, base, tail, g, d, scale, scores, pw, oi);
-      } else {
-        float *buf = scratch(SCRATCH_SCORES, sizeof(float) * (MAX_G + g * n16));
-        attend_task(qi, (const uint16_t *)kt + hk * nb * KEYS * d, v + hk * cap * d, idx, n, n_max, g, d, scale,
-                    buf + MAX_G, oi);
-      }
+      const int64_t n = visible_keys(past, m, i, mask, idx);
+      float *buf = scratch(SCRATCH_SCORES, sizeof(float) * (MAX_G + g * ((n_max + KEYS - 1) / KEYS * KEYS)));
+      attend_task(q + i * q_stride + (int64_t)hk * g * d, (const uint16_t *)kt + hk * nb * KEYS * d,
+                  v + hk * cap * d, idx, n, n_max, g, d, scale, buf + MAX_G, out + (i * h + (int64_t)hk * g) * d);
     }
-    if (amx) _tile_release();
+    return 0;
+  }
+  /* Chain rows go two to a task where their heads fit one tile (a row's bits do not depend on the
+   * other rows of its tile); tree rows one to a task. */
+  const int per = !mask && 2 * g <= 16 ? 2 : 1;
+  const int64_t groups = (r + per - 1) / per, tasks = groups * kv;
+#pragma omp parallel num_threads(threads)
+  {
+    amx_config16();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+      const int64_t grp = t / kv;
+      const int hk = (int)(t % kv), nq = grp * per + per <= r ? per : (int)(r - grp * per);
+      const uint16_t *qs[2];
+      uint16_t *os[2];
+      int64_t ns[2];
+      for (int a = 0; a < nq; a++) {
+        const int64_t i = rows ? rows[grp * per + a] : grp * per + a;
+        qs[a] = q + i * q_stride + (int64_t)hk * g * d;
+        os[a] = out + (i * h + (int64_t)hk * g) * d;
+        ns[a] = past + i + 1;
+      }
+      const int64_t n_full = nq == 2 && ns[1] > ns[0] ? ns[1] : ns[0];
+      const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n_full + VKEYS - 1) / VKEYS * VKEYS;
+      float *scores = scratch(SCRATCH_SCORES, sizeof(float) * (16 * n16 + VKEYS));
+      uint16_t *pw = scratch(SCRATCH_P, sizeof(uint16_t) * 16 * n32);
+      const int64_t base = past / VKEYS * VKEYS;
+      int32_t *idx = NULL;
+      uint16_t *tail = NULL;
+      if (mask) { /* a tree row: its visible keys, and its value slots from `base` on packed from them */
+        const int64_t i = rows ? rows[grp] : grp;
+        idx = scratch(SCRATCH_IDX, sizeof(int32_t) * n_full);
+        ns[0] = visible_keys(past, m, i, mask, idx);
+        tail = scratch(SCRATCH_TAIL, sizeof(uint16_t) * (size_t)((n32 - base) * d));
+        for (int64_t b = base / VKEYS; b < n32 / VKEYS; b++)
+          amx_pack_values_block(v + hk * cap * d, d, idx, ns[0], b, tail + (b - base / VKEYS) * dc * 512);
+      }
+      attend_task_amx(qs, os, ns, nq, (const uint32_t *)kt + hk * nv * VKEYS * d / 2, vn + hk * nv * VKEYS * d, idx,
+                      n_full, base, tail, g, d, scale, scores, pw);
+    }
+    _tile_release();
   }
   return 0;
 }
