@@ -1,8 +1,9 @@
 """What the attention kernel's AMX-BF16 path buys a forward: the default (`coder`, int8) target's
-forward of S sequences x R new rows each (a batched verify round; S = 1, R = 1 a decoding step),
-every sequence with `--context` tokens cached, with the kernel's tile path (the sessions keeping
-their caches packed) and with its AVX512 fp32 path, side by side in one process, rounds
-interleaved. Reported: the median ms per forward of each path and their ratio.
+forward of S sequences x R new rows each (a batched verify round; S = 1, R = 1 a decoding step;
+a prefill: a keystroke's ~85 prompt rows), every sequence with `--context` tokens cached, with
+the kernel's tile path (the sessions keeping their caches packed; prompt rows through it too) and
+without it (its AVX512 fp32 path; prompt rows in fused SDPA blocks), side by side in one process,
+rounds interleaved. Reported: the median ms per forward of each and their ratio.
 
     python bench/cpu_attention.py          # ~2 min; writes bench/results/cpu_attention.json
 """
@@ -20,7 +21,7 @@ from domino_backend.loader import build_engine
 from domino_backend.target import Pass
 from kernels import attention
 
-SHAPES = ((1, 1), (1, 4), (4, 4), (16, 4))  # (sequences, rows each)
+SHAPES = ((1, 1, False), (1, 4, False), (4, 4, False), (16, 4, False), (1, 85, True))  # sequences, rows, prefill
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_attention.json"
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     for amx in (True, False):  # a session keeps a packed cache only if it was made with the tile path on
         attention.amx = (lambda on=amx: on and tile_path())
         sessions[amx] = []
-        for _ in range(max(s for s, _ in SHAPES)):
+        for _ in range(max(s for s, *_ in SHAPES)):
             s = target.session()
             s.forward(torch.randint(100, 20000, (a.context,)), prefill=True, keep_last=None)
             sessions[amx].append(s)
@@ -48,23 +49,24 @@ def main() -> None:
     for _ in range(a.rounds):
         for amx in (True, False):
             attention.amx = (lambda on=amx: on and tile_path())
-            for n, r in SHAPES:
+            for n, r, prefill in SHAPES:
                 rows = [torch.randint(100, 20000, (r,)) for _ in range(n)]
 
                 def once():
                     for s in sessions[amx][:n]:
                         s.rollback(a.context)
-                    target.forward_batch([Pass(s, x) for s, x in zip(sessions[amx], rows)])
+                    target.forward_batch([Pass(s, x, prefill=prefill) for s, x in zip(sessions[amx], rows)])
 
-                times.setdefault((amx, n, r), []).append(median_ms(once, iters=5))
+                times.setdefault((amx, n, r, prefill), []).append(median_ms(once, iters=5))
     attention.amx = tile_path
     out = []
-    print(f"{'sequences x rows':>18s} {'AMX tiles':>10s} {'AVX512 fp32':>12s} {'ratio':>6s}")
-    for n, r in SHAPES:
-        tiles, fp32 = (sorted(times[amx, n, r])[len(times[amx, n, r]) // 2] for amx in (True, False))
-        out.append({"sequences": n, "rows": r, "amx_ms": round(tiles, 2), "fp32_ms": round(fp32, 2),
-                    "speedup": round(fp32 / tiles, 2)})
-        print(f"{f'{n} x {r}':>18s} {tiles:8.1f}ms {fp32:10.1f}ms {fp32 / tiles:6.2f}", flush=True)
+    print(f"{'sequences x rows':>22s} {'AMX tiles':>10s} {'without':>10s} {'ratio':>6s}")
+    for n, r, prefill in SHAPES:
+        tiles, fp32 = (sorted(times[amx, n, r, prefill])[len(times[amx, n, r, prefill]) // 2] for amx in (True, False))
+        out.append({"sequences": n, "rows": r, "prefill": prefill, "amx_ms": round(tiles, 2),
+                    "without_ms": round(fp32, 2), "speedup": round(fp32 / tiles, 2)})
+        name = f"{n} x {r}" + " prefill" * prefill
+        print(f"{name:>22s} {tiles:8.1f}ms {fp32:8.1f}ms {fp32 / tiles:6.2f}", flush=True)
     report = {"threads": a.threads, "context": a.context, "rounds": a.rounds, "forwards": out,
               "command": "python bench/cpu_attention.py"}
     Path(a.json).write_text(json.dumps(report, indent=1) + "\n")

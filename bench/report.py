@@ -271,6 +271,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("voice_latency", ("voice_latency.json",), "python bench/voice_latency.py", rows_table),
     Table("cpu_linear", ("cpu_linear.json",), "python bench/cpu_linear.py", rows_table),
     Table("cpu_forward", ("cpu_forward.json",), "python bench/cpu_forward.py", rows_table),
+    Table("cpu_attention", ("cpu_attention.json",), "python bench/cpu_attention.py", rows_table),
     Table("quant_quality", ("quant_quality.json",), "python bench/quant_quality.py", rows_table),
 )}
 

@@ -19,7 +19,9 @@ The fix has two halves, both exact computations with no approximation:
   of one, a few ms per verify.
 * Prefill (here too): a prompt row's attention must not depend on how the prompt was cut into
   chunks either (prefix reuse starts a prompt mid-way, a batch's row budget schedules chunks), or
-  a restored prefix would change the output. Rows run in `BLOCK`-row blocks at absolute positions
+  a restored prefix would change the output. Where the CPU kernel runs with AMX tiles, prompt rows
+  go through it like any other row (each gets its own bits, and the tiles are faster than fused
+  SDPA blocks); otherwise, as follows. Rows run in `BLOCK`-row blocks at absolute positions
   (0, BLOCK, 2 BLOCK, ...), each block as one fused call over the keys up to its end (the pass's
   last block may be shorter: the prompt's tail, or a chunk's end at a position fixed for the
   prompt). A pass that starts inside a block (a prefix restored mid-block) runs that block's
