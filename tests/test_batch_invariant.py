@@ -220,10 +220,14 @@ def _check_tree_verify_equals_branch_decoding(t: Target, prompt: torch.Tensor, t
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype):
-    t = tiny_target(family, vocab=96, seed=4)
+# head_dim 32 (the kernel's AMX path in bf16): the kept branch moves into positions 30.. of the
+# packed cache's first 32-key block while the next pass starts in the second
+@pytest.mark.parametrize("head_dim,prompt_len", [(8, 19), (32, 30)])
+def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype, head_dim, prompt_len):
+    t = tiny_target(family, vocab=96, seed=4, head_dim=head_dim)
     t.model.to(dtype)
     Engine(t)
     g = torch.Generator().manual_seed(5)
-    prompt, tree = torch.randint(0, 96, (19,), generator=g), torch.randint(0, 96, (len(TREE) + 1,), generator=g)
+    prompt = torch.randint(0, 96, (prompt_len,), generator=g)
+    tree = torch.randint(0, 96, (len(TREE) + 1,), generator=g)
     _check_tree_verify_equals_branch_decoding(t, prompt, tree)
