@@ -8,6 +8,7 @@ A drafter layer id k means the *output* of decoder layer k (0-based), i.e. HF
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -81,7 +82,7 @@ class TargetSession:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.packs: list = []
-        self.packed = torch.zeros(target.num_layers, dtype=torch.int64)
+        self.packed = (ctypes.c_int64 * target.num_layers)()  # written by the kernel, so not a tensor
 
     def reserve(self, n: int) -> None:
         """Room for n positions (the stored ones kept)."""
@@ -103,12 +104,13 @@ class TargetSession:
                     cache.append(new)
         self.packs = [attention.packed_cache(f.kv_heads, cap, f.head_dim) if self.t.device.type == "cpu" else None
                       for _ in range(self.t.num_layers)]
-        self.packed.zero_()
+        ctypes.memset(self.packed, 0, ctypes.sizeof(self.packed))
 
     def pack(self, layer: int) -> tuple | None:
-        """The packed copy of `layer`'s cache and its count, for the attention kernel (None: none kept)."""
+        """The packed copy of `layer`'s cache and the address of its count, for the attention kernel
+        (None: none kept)."""
         p = self.packs[layer] if self.packs else None
-        return None if p is None else (*p, self.packed[layer:layer + 1])
+        return None if p is None else (*p, ctypes.addressof(self.packed) + layer * ctypes.sizeof(ctypes.c_int64))
 
     def snapshot(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the first n positions' keys and values, per layer ([KV, n, D] each)."""
@@ -129,7 +131,8 @@ class TargetSession:
             for cache in (self.keys, self.values):
                 for layer in cache:
                     layer[:, start:start + n] = layer.index_select(1, idx)
-            self.packed.clamp_(max=start)
+            for layer, count in enumerate(self.packed):
+                self.packed[layer] = min(count, start)
         self.rollback(start + n)
 
     def rollback(self, length: int) -> None:

@@ -54,12 +54,12 @@ def packed_cache(kv_heads: int, capacity: int, head_dim: int) -> tuple[torch.Ten
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
                 mask: torch.Tensor | None, rows: list[int] | None, scale: float, out: torch.Tensor,
                 new: tuple[torch.Tensor, torch.Tensor] | None = None,
-                pack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                pack: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
     """Fill out[i] for i in rows (None: all M). query: [M, H, D] (rows at any stride); out: [M, H, D]
     contiguous; key, value: views of a cache [KV, capacity, D] whose rows past .. past + M - 1 are
     this pass's, or are written first from `new` (keys, values [M, KV, D], rows at any stride);
     mask: [M, M] (draft tree) or None (chain). pack: the cache's packed copy (`packed_cache`) and
-    a one-element int64 tensor counting its positions packed so far (the kernel repacks from
+    the address of an int64 counting its positions packed so far (the kernel repacks from
     min(count, past) on, so positions from `past` on are always fresh, and sets it to past + M);
     None: the call packs what it reads itself."""
     m, h, d = query.shape
@@ -76,6 +76,6 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pas
                               key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h, key.shape[0], d, scale,
                               None if mask is None else mask.data_ptr(), None if idx is None else idx.data_ptr(),
                               0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads(), int(amx()),
-                              *((None,) * 3 if pack is None else (t.data_ptr() for t in pack)))
+                              *((None,) * 3 if pack is None else (pack[0].data_ptr(), pack[1].data_ptr(), pack[2])))
     if rc:
         raise ValueError(f"attention kernel: unsupported shape (heads {h}, kv heads {key.shape[0]}, head dim {d})")

@@ -231,3 +231,16 @@ def test_tree_verify_rows_equal_decoding_each_branch_bitwise(family, dtype, head
     prompt = torch.randint(0, 96, (prompt_len,), generator=g)
     tree = torch.randint(0, 96, (len(TREE) + 1,), generator=g)
     _check_tree_verify_equals_branch_decoding(t, prompt, tree)
+
+
+def test_a_session_made_in_inference_mode_grows_outside_it():
+    """`Target.session` runs under inference mode; growing the cache later (here outside it) must
+    not trip over tensors made there (the packed counts are a plain C array, not a tensor)."""
+    t = tiny_target(head_dim=32)
+    t.model.to(torch.bfloat16)
+    Engine(t)
+    s = t.session()
+    s.reserve(300)
+    assert s.keys[0].shape[1] >= 300 and s.length == 0
+    out = s.forward(torch.arange(40), keep_last=1)
+    assert out.logits.shape[0] == 1 and s.length == 40
