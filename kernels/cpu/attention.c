@@ -157,10 +157,11 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
 
 /* ---- AMX-BF16 path: the same contract, with tile matrix multiplies for both products ----
  *
- * Per (row, kv head) task, with the g query heads as the rows of a 16-row tile (rows past g are
- * zero and ignored): S = Q K^T in 16-key tiles (tdpbf16ps: exact bf16 products, fp32 sums over
- * the D channels), scaled; the softmax in fp32 as above over the visible keys; the weights
- * rounded to bf16 (the normalizer sums the rounded weights) and O = P V in 32-key steps. Every
+ * Per task, one tree row or two chain rows of one kv head, their g query heads as the rows of a
+ * 16-row tile (rows past them are zero and ignored): S = Q K^T in 16-key tiles (tdpbf16ps: exact
+ * bf16 products, fp32 sums over the D channels), scaled; the softmax in fp32 over the visible
+ * keys (e^x to a degree-5 polynomial: the weights are rounded to bf16 next, and the normalizer
+ * sums the rounded weights) and O = P V in 32-key steps. Every
  * output element depends on its own query head's row of Q or P and on the keys alone, and key j
  * of the visible list always sits in slot j of the tiles (keys past the list: weight 0, and a zero
  * value where the list ends in the same tile for a row decoded alone), so a verify or tree row gets
@@ -275,24 +276,6 @@ static void amx_pack(const uint16_t *k, const uint16_t *v, int64_t cap, int kv, 
   }
 }
 
-/* e^x for the weights that are rounded to bf16 next (8 significant bits): exp_ps's reduction with a
- * degree-5 polynomial (relative error ~2e-6). */
-static inline __m512 exp_bf16_ps(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 120);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-}
-
 /* One task: `nq` (1 or 2) query rows of one kv head, their g heads each as rows a * g + h of the
  * tiles (2 g <= 16 when nq = 2). Row a sees keys 0 .. n[a] - 1 in slot order, its output goes to
  * out[a] (g heads x d). idx (nq = 1 only, else NULL): the row's visible keys when they are not
@@ -354,7 +337,7 @@ static void attend_task_amx(const uint16_t *const *q, uint16_t *const *out, cons
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n32; j += KEYS) {
       const __mmask16 live = lanes(nr - j);
-      const __m512 e = exp_bf16_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), vmx));
+      const __m512 e = exp_poly_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), vmx), 5);
       const __m256i pb = _mm256_maskz_mov_epi16(live, (__m256i)_mm512_cvtneps_pbh(e));
       _mm256_storeu_si256((__m256i *)(pw + row * n32 + j), pb);
       vsum = _mm512_add_ps(vsum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
