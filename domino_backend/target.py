@@ -102,7 +102,8 @@ class TargetSession:
                     cache[i] = new
                 else:
                     cache.append(new)
-        self.packs = [attention.packed_cache(f.kv_heads, cap, f.head_dim) if self.t.device.type == "cpu" else None
+        kernel_rows = self.t.device.type == "cpu" and self.t.dtype == torch.bfloat16  # what the kernel takes
+        self.packs = [attention.packed_cache(f.kv_heads, cap, f.head_dim) if kernel_rows else None
                       for _ in range(self.t.num_layers)]
         ctypes.memset(self.packed, 0, ctypes.sizeof(self.packed))
 
