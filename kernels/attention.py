@@ -31,8 +31,7 @@ def kernel():
 def amx() -> bool:
     """Whether the kernel multiplies with AMX-BF16 tiles (the CPU has them and Linux granted this
     process the tile state) rather than AVX512 fp32 FMAs: other bits, the same contract."""
-    lib = kernel()
-    return lib is not None and "amx_bf16" in cpu_flags() and lib.w8a8_amx_init() == 1
+    return kernel() is not None and "amx_bf16" in cpu_flags() and native.tile_state()
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

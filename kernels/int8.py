@@ -119,7 +119,7 @@ def kernel() -> ctypes.CDLL | None:
         return None
     dll = native.library()
     if dll is not None and not hasattr(dll, "amx"):
-        dll.amx = "amx_int8" in cpu_flags() and dll.w8a8_amx_init() == 1
+        dll.amx = "amx_int8" in cpu_flags() and native.tile_state()
     return dll
 
 

@@ -69,3 +69,11 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(dll, name)
         fn.argtypes, fn.restype = args, res
     return dll
+
+
+@functools.cache
+def tile_state() -> bool:
+    """Whether Linux granted this process the AMX tile state (requested once, for every kernel that
+    uses tiles; each also checks its own CPU flag, amx_int8 or amx_bf16)."""
+    lib = library()
+    return lib is not None and lib.w8a8_amx_init() == 1

@@ -161,11 +161,10 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
  * 16-row tile (rows past them are zero and ignored): S = Q K^T in 16-key tiles (tdpbf16ps: exact
  * bf16 products, fp32 sums over the D channels), scaled; the softmax in fp32 over the visible
  * keys (e^x to a degree-5 polynomial: the weights are rounded to bf16 next, and the normalizer
- * sums the rounded weights) and O = P V in 32-key steps. Every
- * output element depends on its own query head's row of Q or P and on the keys alone, and key j
- * of the visible list always sits in slot j of the tiles (keys past the list: weight 0, and a zero
- * value where the list ends in the same tile for a row decoded alone), so a verify or tree row gets
- * the bits of decoding it alone. Keys and values are packed into the tiles' operand layout (B rows
+ * sums the rounded weights) and O = P V in 32-key steps. Every output element depends on its own
+ * query head's row of Q or P and on the keys alone, and key j of the visible list always sits in
+ * slot j of the tiles (keys past the list: weight 0, and a zero value where the list ends in the
+ * same tile for a row decoded alone), so a verify or tree row gets the bits of decoding it alone. Keys and values are packed into the tiles' operand layout (B rows
  * of 16 dwords, a dword = two consecutive K-dim values) by `amx_pack`: into the session's packed
  * copy of its cache where the caller keeps one (only the positions it has not packed, and always
  * those from the call's first row on), else into scratch, all of them, every call. */
