@@ -11,8 +11,13 @@ first `delta`, total = `done`.
 
 Every completions cell does the same work, so that its throughput compares with the others': as
 many files as the most clients of the run, `--requests` keystrokes in each (after a warm-up request
-per file that puts it in the prefix cache). With N clients, client j types in files j, j + N, ...
-one after the other (one client: every file in turn, like one user moving between files).
+per file, one keystroke earlier, that puts it in the prefix cache). With N clients, client j types
+in files j, j + N, ... one after the other (one client: every file in turn, like one user moving
+between files). The cells run in `--passes` passes, the client counts in ascending order, then
+descending, and so on (ABBA), each pass further along in every file: this VM's speed moves by tens
+of percent within a minute, and the order makes drift hit every cell alike. A cell's numbers are
+over all its passes; `scaling` is the throughput of the most clients over that of the fewest, with
+each pass's own ratio beside it.
 
 Cells, per method (`default` = the server's default method, resolved through /health):
   completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau, and the
@@ -56,16 +61,18 @@ from bench.serving import spawn_server  # noqa: E402
 FILES = sorted(p for d in ("domino_backend", "app", "agents/voice") for p in (ROOT / d).glob("*.py"))
 FIRST_CHUNK = VoiceConfig().first_chunker  # the voice agent's first chunk for text-to-speech
 TYPED_PER_REQUEST = 7  # characters the cursor moves between a client's requests
+MAX_KEYSTROKES = 50  # per file: the texts used are long enough for this many
 MIXED_CLIENTS = 8
 
 
 def cursor_prompts(context_chars: int, suffix_chars: int = 400) -> list[str]:
     """Source texts long enough for a cursor at context_chars (and the requests after it)."""
     texts = [p.read_text() for p in FILES]
-    return [t for t in texts if len(t) > context_chars + suffix_chars + 50 * TYPED_PER_REQUEST]
+    return [t for t in texts if len(t) > context_chars + suffix_chars + MAX_KEYSTROKES * TYPED_PER_REQUEST]
 
 
 def completion(texts: list[str], client: int, i: int, args) -> dict:
+    """File `client`'s i-th keystroke: the cursor TYPED_PER_REQUEST * i characters past context_chars."""
     text = texts[client % len(texts)]
     pos = args.context_chars + TYPED_PER_REQUEST * i
     return {"prefix": text[:pos], "suffix": text[pos:pos + 400]}
@@ -100,9 +107,9 @@ async def ws_request(ws, msg: dict) -> dict:
 
 
 async def completion_client(url, headers, texts, files: list[int], n: int | None, args, method: str | None,
-                            stop: asyncio.Event | None = None, warm: list | None = None) -> list[dict]:
-    """n requests back to back in each of `files` in turn (or, in one file, until `stop` is set);
-    appends the file to `warm` after its first request."""
+                            stop: asyncio.Event | None = None, warm: list | None = None, start: int = 0) -> list[dict]:
+    """n requests back to back in each of `files` in turn, keystrokes start, start + 1, ... (or, in
+    one file, until `stop` is set); appends the file to `warm` after its first request."""
     from websockets.asyncio.client import connect
 
     out = []
@@ -110,7 +117,7 @@ async def completion_client(url, headers, texts, files: list[int], n: int | None
         for f in files:
             i = 0
             while (n is None or i < n) and not (stop and stop.is_set()):
-                msg = {"type": "complete", **completion(texts, f, i, args), "max_tokens": args.max_tokens,
+                msg = {"type": "complete", **completion(texts, f, start + i, args), "max_tokens": args.max_tokens,
                        "single_line": True, **({"method": method} if method else {})}
                 out.append(await ws_request(ws, msg))
                 if i == 0 and warm is not None:
@@ -157,20 +164,46 @@ def engine_counts(url: str, headers: dict) -> dict[str, float]:
             if line.startswith(name + " ")}
 
 
-async def completions_cell(url, headers, texts, clients: int, files: int, method, args) -> dict:
-    """`clients` concurrent clients sharing the keystrokes of `files` files (module docstring)."""
+async def completions_pass(url, headers, texts, clients: int, files: int, method, args, start: int) -> dict:
+    """One pass of a cell: `clients` concurrent clients sharing keystrokes start + 1 .. start +
+    requests of `files` files (module docstring), after a warm-up at keystroke `start`. Returns
+    the raw rows, the wall time and the engine's round counters over the pass."""
     share = [list(range(j, files, clients)) for j in range(clients)]
     if args.warmup:  # first-call costs (and each file's first prefill) stay out of the numbers
-        await asyncio.gather(*(completion_client(url, headers, texts, fs, 1, args, method) for fs in share))
+        await asyncio.gather(*(completion_client(url, headers, texts, fs, 1, args, method, start=start)
+                               for fs in share))
     before = engine_counts(url, headers)
     t0 = time.perf_counter()
-    runs = await asyncio.gather(*(completion_client(url, headers, texts, fs, args.requests, args, method)
-                                  for fs in share))
+    runs = await asyncio.gather(*(completion_client(url, headers, texts, fs, args.requests, args, method,
+                                                    start=start + 1) for fs in share))
     wall, after = time.perf_counter() - t0, engine_counts(url, headers)
-    rounds = after.get("domino_engine_rounds", 0) - before.get("domino_engine_rounds", 0)
-    batched = after.get("domino_engine_batched_requests", 0) - before.get("domino_engine_batched_requests", 0)
-    return {"clients": clients, "files": files, **summary([r for run in runs for r in run], wall),
-            "mean_batch": batched / rounds if rounds else None}
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("domino_engine_rounds", "domino_engine_batched_requests")}
+    return {"rows": [r for run in runs for r in run], "wall": wall, **delta}
+
+
+def completions_cells(url, headers, texts, method, args) -> tuple[list[dict], dict]:
+    """Every client count's cell for one method, in `args.passes` ABBA passes (module docstring);
+    returns the cells (fewest clients first) and the scaling from the fewest to the most clients."""
+    files, passes = max(args.clients), {n: [] for n in args.clients}
+    for p in range(args.passes):
+        for n in args.clients if p % 2 == 0 else args.clients[::-1]:
+            passes[n].append(asyncio.run(completions_pass(url, headers, texts, n, files, method, args,
+                                                          p * (args.requests + 1))))
+            print(f"  pass {p + 1}, {n} clients: {args.requests * files / passes[n][-1]['wall']:.2f} completions/s",
+                  file=sys.stderr, flush=True)
+    cells = []
+    for n in args.clients:
+        runs = passes[n]
+        rounds = sum(r["domino_engine_rounds"] for r in runs)
+        cells.append({"clients": n, "files": files, "passes": len(runs),
+                      **summary([row for r in runs for row in r["rows"]], sum(r["wall"] for r in runs)),
+                      "mean_batch": sum(r["domino_engine_batched_requests"] for r in runs) / rounds if rounds else None,
+                      "pass_completions_per_s": [len(r["rows"]) / r["wall"] for r in runs]})
+    lo, hi = cells[0], cells[-1]
+    scaling = {"clients": hi["clients"], "vs_clients": lo["clients"],
+               "ratio": hi["completions_per_s"] / lo["completions_per_s"],
+               "pass_ratios": [a / b for a, b in zip(hi["pass_completions_per_s"], lo["pass_completions_per_s"])]}
+    return cells, scaling
 
 
 async def mixed_cell(url, headers, texts, method, args) -> dict:
@@ -367,7 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", default=[1, 4, 16], type=lambda s: [int(c) for c in s.split(",")],
                     help="concurrent completion clients per cell, comma-separated")
     ap.add_argument("--methods", default="default,ar", help="`default` = the server's default method")
-    ap.add_argument("--requests", type=int, default=4, help="keystrokes per file per cell")
+    ap.add_argument("--requests", type=int, default=4, help="keystrokes per file per cell and pass")
+    ap.add_argument("--passes", type=int, default=2, help="passes over the client counts, in alternating order")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--context-chars", type=int, default=3500, help="prefix length at a client's first cursor")
     ap.add_argument("--voice-turns", type=int, default=6, help="voice-like turns alone and under load (0: no mixed run)")
@@ -377,22 +411,23 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--plot", default=None, help="write the plot here (matplotlib)")
     args = ap.parse_args(argv)
+    if args.passes * (args.requests + 1) > MAX_KEYSTROKES:
+        ap.error(f"--passes x (--requests + 1) must be at most {MAX_KEYSTROKES}: the cursor would run past the texts")
     headers = {"Authorization": f"Bearer {os.environ['DOMINO_API_KEY']}"} if os.environ.get("DOMINO_API_KEY") else {}
     args.texts = texts = cursor_prompts(args.context_chars)
     if not texts:
         ap.error(f"no source file is longer than --context-chars {args.context_chars}")
     proc, url = spawn(args) if args.spawn else (None, args.url)
-    cells, mixed, speed, counts, alone = [], [], [], {}, None
+    cells, scaling, mixed, speed, counts, alone = [], [], [], [], {}, None
     try:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
         names = [f"{resolved} (default)" if sent is None else m for m, sent in methods]
         for name, (_, sent) in zip(names, methods):
-            for n in args.clients:
-                cell = {"method": name, **asyncio.run(completions_cell(url, headers, texts, n, max(args.clients),
-                                                                       sent, args))}
-                cells.append(cell)
-                print(table([cell]).splitlines()[-1], file=sys.stderr, flush=True)
+            got, scale = completions_cells(url, headers, texts, sent, args)
+            cells += [{"method": name, **c} for c in got]
+            scaling.append({"method": name, **scale})
+            print(table(cells[-len(got):]), file=sys.stderr, flush=True)
             if args.spawn and args.speed_runs:
                 alone = alone or EngineAlone(args)
                 speed.append(speed_cell(url, headers, texts, name, sent, sent or resolved, alone, args))
@@ -410,6 +445,9 @@ def main(argv=None) -> int:
             proc.terminate()
             proc.wait(30)
     print(table(cells))
+    for s in scaling:
+        print(f"{s['method']}: {s['clients']} clients / {s['vs_clients']}: {s['ratio']:.2f}x completions/s "
+              f"(passes: {', '.join(f'{r:.2f}' for r in s['pass_ratios'])})")
     for m in mixed:
         print(f"{m['method']}: voice-like first sentence p50 {fmt(m['first_sentence_alone_p50_ms'])} ms alone, "
               f"{fmt(m['first_sentence_loaded_p50_ms'])} ms with {MIXED_CLIENTS} completion clients "
@@ -421,8 +459,8 @@ def main(argv=None) -> int:
     report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
               "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
-              "files": max(args.clients), "keystrokes_per_file": args.requests,
-              "methods": names, "cells": cells, "mixed": mixed, "speed": speed,
+              "files": max(args.clients), "keystrokes_per_file": args.requests, "passes": args.passes,
+              "methods": names, "cells": cells, "scaling": scaling, "mixed": mixed, "speed": speed,
               "max_batch": counts.get("domino_engine_max_batch")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -182,12 +182,18 @@ def load_table(found: list[tuple[str, dict]]) -> list[str]:
              f"{num(c['total_p50_ms'], 0)} / {num(c['total_p95_ms'], 0)}",
              num(c["completions_per_s"]), num(c["tokens_per_s"]), num(c["mean_tau"]), num(c.get("mean_batch"), 1)]
             for c in rep["cells"]]
+    passes = rep.get("passes", 1)
     caption = (f"Profile `{rep['profile']}`, single-line FIM completions of at most {rep['max_tokens']} tokens, "
-               f"every cell the same {rep['keystrokes_per_file']} keystrokes in each of {rep['files']} files, "
+               f"every cell the same {rep['keystrokes_per_file'] * passes} keystrokes in each of {rep['files']} files"
+               f"{f' ({passes} passes over the client counts, ascending then descending)' if passes > 1 else ''}, "
                f"{rep['threads'] or 'default'} engine thread(s), loopback; mean batch = requests per engine round "
                f"(largest: {num(rep.get('max_batch'), 0)}).")
     out = [caption, "", *markdown(["method", "clients", "requests", "errors", "TTFT p50 / p95 ms",
                                    "total p50 / p95 ms", "completions/s", "tok/s", "mean τ", "mean batch"], rows)]
+    if rep.get("scaling"):
+        out += ["", *markdown(["method", "completions/s, most clients / fewest", "each pass"],
+                              [[f"`{x['method']}`", f"{x['clients']} / {x['vs_clients']}: **{num(x['ratio'])}×**",
+                                ", ".join(num(r) for r in x["pass_ratios"])] for x in rep["scaling"]])]
     if rep.get("mixed"):
         out += ["", *markdown(["method", "voice-like first sentence p50 ms, alone", "with 8 completion clients",
                                "growth", "completion TTFT p50 ms meanwhile"],

@@ -63,8 +63,11 @@ def test_load_benchmark_runs_against_a_server(server, monkeypatch, tmp_path):
     cells = report["cells"]
     assert [(m["method"], m["voice_turns"]) for m in report["mixed"]] == [("ar", 2), ("domino", 2)]
     assert all(m["first_sentence_loaded_p50_ms"] > 0 and m["completions_during"] > 0 for m in report["mixed"])
-    assert [(c["method"], c["clients"], c["requests"], c["errors"]) for c in cells] == [  # the same work
-        ("ar", 1, 6, 0), ("ar", 3, 6, 0), ("domino", 1, 6, 0), ("domino", 3, 6, 0)]
+    assert [(c["method"], c["clients"], c["requests"], c["errors"], c["passes"]) for c in cells] == [  # the same work
+        ("ar", 1, 12, 0, 2), ("ar", 3, 12, 0, 2), ("domino", 1, 12, 0, 2), ("domino", 3, 12, 0, 2)]
+    for s, (one, three) in zip(report["scaling"], (cells[:2], cells[2:])):  # over both passes, and each pass's own
+        assert (s["method"], s["clients"], s["vs_clients"]) == (one["method"], 3, 1)
+        assert s["ratio"] == three["completions_per_s"] / one["completions_per_s"] and len(s["pass_ratios"]) == 2
     assert all(c["ttft_p50_ms"] <= c["total_p95_ms"] and c["tokens_per_s"] > 0 for c in cells)
     assert all(c["mean_batch"] >= 1 for c in cells) and report["max_batch"] >= 3  # 3 clients shared rounds
     assert cells[2]["mean_tau"] is not None
