@@ -117,6 +117,7 @@ class DraftCache:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
+        self.error: Exception | None = None  # a queued extension that failed (`DraftModel.flush_context`)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
@@ -150,6 +151,7 @@ class DraftModel(nn.Module):
         if cfg.draft_vocab_size is not None:
             self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self._head_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, its draft rows)
+        self._queued: list[tuple[torch.Tensor, DraftCache]] = []  # commits not yet projected (`queue_context`)
         self._draft_ids: torch.Tensor | None = None
         self._t2d: torch.Tensor | None = None
         # Both caches derive from d2t / the LM head: drop them whenever weights are (re)loaded.
@@ -232,22 +234,48 @@ class DraftModel(nn.Module):
         """[B, T, L*H_target] concatenated target layer outputs -> context features [B, T, H]."""
         return self.hidden_norm(self.fc(target_feats.to(self.fc.weight.dtype)))
 
-    def extend_context(self, new_ctx_feats: torch.Tensor, cache: DraftCache) -> None:
-        """Append to every layer of `cache` the K/V of committed tokens' features
-        new_ctx_feats [B, T, L*H], at positions cache.length .. cache.length+T-1."""
-        b, t = new_ctx_feats.shape[:2]
-        if not t:
+    def queue_context(self, feats: torch.Tensor, cache: DraftCache) -> None:
+        """`extend_contexts([(feats[None], cache)])` (feats [T, L*H], a B = 1 cache) deferred to
+        `flush_context`, which runs every queued commit in one pass: a batched engine step queues
+        all of its requests' and reads `fc`'s weight once instead of once per request."""
+        self._queued.append((feats[None], cache))
+
+    def flush_context(self) -> None:
+        """Project every queued commit into its cache. A commit that fails by itself leaves its
+        cache's `error` set (its owner raises it at its next use) and the others go on."""
+        items, self._queued = self._queued, []
+        try:
+            self.extend_contexts(items)
+        except Exception:
+            for item in items:
+                try:
+                    self.extend_contexts([item])
+                except Exception as e:
+                    item[1].error = e
+
+    @torch.inference_mode()
+    def extend_contexts(self, items: list[tuple[torch.Tensor, DraftCache]]) -> None:
+        """Append to each cache the K/V of its committed tokens' features, feats [B, T_i, L*H]
+        (the same B for all), at positions cache.length .. cache.length + T_i - 1. All rows are
+        fused and projected together: every op is row-wise and the Linears give a row the same
+        bits for any number of rows (cpu.PackedLinear), so each cache gets the bits it would get
+        alone. Nothing is appended unless every row computed."""
+        items = [(f, c) for f, c in items if f.shape[1]]
+        if not items:
             return
-        ctx = self.fuse_context(new_ctx_feats)
-        ctx_pos = torch.arange(cache.length, cache.length + t, device=ctx.device).expand(b, t)
-        cos, sin = rope_cos_sin(ctx_pos, self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
-        for i, layer in enumerate(self.layers):
-            cache.append(i, *layer.self_attn.project_kv(ctx, cos, sin))
-        cache.length += t
+        sizes = [f.shape[1] for f, _ in items]
+        ctx = self.fuse_context(torch.cat([f for f, _ in items], 1))
+        pos = torch.cat([torch.arange(c.length, c.length + t, device=ctx.device) for (_, c), t in zip(items, sizes)])
+        cos, sin = rope_cos_sin(pos.expand(ctx.shape[0], -1), self.cfg.head_dim, self.cfg.rope_theta, ctx.dtype)
+        kv = [[x.split(sizes, 2) for x in layer.self_attn.project_kv(ctx, cos, sin)] for layer in self.layers]
+        for j, ((_, cache), t) in enumerate(zip(items, sizes)):
+            for i, (k, v) in enumerate(kv):
+                cache.append(i, k[j].contiguous(), v[j].contiguous())
+            cache.length += t
 
     def forward_block(self, block_emb: torch.Tensor, block_pos: torch.Tensor, cache: DraftCache) -> torch.Tensor:
         """Inference forward for one block per sequence, over the context already in `cache`
-        (`extend_context`; every cached position is < block_pos[:, 0]).
+        (`extend_contexts`; every cached position is < block_pos[:, 0]).
 
         block_emb [B, S, H]: target embeddings of [anchor, MASK x (S-1)]; block_pos [B, S].
         Returns z [B, S, H] (after the final norm).

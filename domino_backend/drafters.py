@@ -133,15 +133,25 @@ class BlockProposer(Proposer):
         return ("tree" if self.tree else ""), self.max_k  # a tree accepts more per K than a chain
 
     def commit(self, tokens: list[int], feats: torch.Tensor | None) -> None:
-        # Into the drafter's context cache now, not at the next draft: then a draft costs its block
-        # alone, also after rounds that drafted nothing (adaptive K = 0, or lookup rounds of
-        # domino+ngram). Deferred, the catch-up would make the next draft look several times dearer
-        # to the draft length policy, which would then keep choosing K = 0.
-        self.model.extend_context(feats[None], self.cache)
+        # Into the drafter's context cache within the same engine step (queued, so that a batched
+        # step projects every request's rows in one pass; `Engine.step` flushes the queue), not at
+        # the next draft: then a draft costs its block alone, also after rounds that drafted nothing
+        # (adaptive K = 0, or lookup rounds of domino+ngram). Deferred, the catch-up would make the
+        # next draft look several times dearer to the draft length policy, which would then keep
+        # choosing K = 0.
+        self.model.queue_context(feats, self.cache)
+
+    def _ready(self) -> DraftCache:
+        """The context cache with every commit in (a direct caller may not have flushed)."""
+        self.model.flush_context()
+        if self.cache.error is not None:
+            raise self.cache.error
+        return self.cache
 
     def context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # The cache's tensors are replaced on every append, never written: keeping them is a snapshot.
-        return list(zip(self.cache.k, self.cache.v))
+        cache = self._ready()
+        return list(zip(cache.k, cache.v))
 
     def restore(self, tokens: list[int], context: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         # The drafter's context K/V of the restored tokens as computed when they were committed:
@@ -159,7 +169,7 @@ class BlockProposer(Proposer):
         block = torch.full((1, cfg.block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
         block[0, 0] = anchor
         positions = torch.arange(pos, pos + cfg.block_size, device=dev)[None]
-        z = self.model.forward_block(self.target.embed(block), positions, self.cache)
+        z = self.model.forward_block(self.target.embed(block), positions, self._ready())
         z = z[:, cfg.slot_offset:cfg.slot_offset + k]
         return z, self.model.base_logits(z, self.target.lm_head).float()
 

@@ -215,6 +215,8 @@ class Engine:
                 results[i] = g.absorb(out, forward_s * p.ids.shape[0] / rows, len(planned) > 1)
             except Exception as e:
                 results[i] = g.fail(e)
+        if self.draft is not None:  # every request's committed rows into its drafter context, in one pass
+            self.draft.flush_context()
         return results
 
     def _forward(self, passes: list[Pass]) -> tuple[list[ForwardOut | Exception], float]:

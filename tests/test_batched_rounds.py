@@ -241,8 +241,8 @@ def test_a_restored_prefix_brings_the_drafters_context_so_drafts_match_a_fresh_p
     cached.generate(first, req)
     extended = []
     model = cached.draft
-    extend = model.extend_context
-    model.extend_context = lambda feats, cache: (extended.append(feats.shape[1]), extend(feats, cache))
+    extend = model.extend_contexts
+    model.extend_contexts = lambda items: (extended.extend(f.shape[1] for f, _ in items), extend(items))
     again = cached.generate(prompt, req)
     assert again.stats.reused_tokens == 96
     assert sum(extended) == len(prompt) - 96 + again.stats.new_tokens - 1  # the prefix's context came along
@@ -295,3 +295,61 @@ def test_a_draft_cap_set_mid_generation_keeps_the_output_exact():
     drive(engine, [gen], each_round=cap_between)
     assert drafted[3] == drafted[5] < drafted[7]  # capped rounds drafted nothing, later ones did again
     assert gen.token_ids == alone(engine, PROMPTS[2], max_new_tokens=40, method="ar")
+
+
+def test_batched_requests_draft_what_they_draft_alone_with_one_context_pass_per_step():
+    """The drafter's context rows of every request in a step are fused and projected in one pass
+    (`DraftModel.flush_context`); each request's drafts stay the ones it drafts alone."""
+    engine = make_engine()
+    kws = [dict(method="domino"), dict(method="domino", draft_tree=False, max_drafts=5),
+           dict(method="domino+ngram"), dict(method="dflash")]
+    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[4], PROMPTS[2]]
+
+    def streams() -> tuple[list, list[list]]:
+        """Generations whose every verify pass's rows (anchor, then drafts) are recorded."""
+        gens, rows = [], []
+        for p, kw in zip(prompts, kws):
+            g = engine.stream(p, GenerationRequest(max_new_tokens=30, adaptive_drafts=False, **kw))
+            rows.append([])
+
+            def plan(*a, plan=g.plan, log=rows[-1]):
+                p = plan(*a)
+                if p is not None:
+                    log.append(p.ids.tolist())
+                return p
+
+            g.plan = plan
+            gens.append(g)
+        return gens, rows
+
+    solo, solo_rows = streams()
+    for g in solo:
+        drive(engine, [g])
+    passes = []
+    extend = engine.draft.extend_contexts
+    engine.draft.extend_contexts = lambda items: (passes.append(len(items)), extend(items))
+    gens, rows = streams()
+    drive(engine, gens)
+    assert max(passes) == len(gens)  # one pass carried every request's rows
+    assert rows == solo_rows and [g.token_ids for g in gens] == [g.token_ids for g in solo]
+    assert sum(len(r) > 1 for log in rows for r in log) > 20  # rounds drafted (prefill chunks are in the logs too)
+
+
+def test_a_drafter_context_that_fails_to_extend_ends_only_its_request():
+    engine = make_engine()
+    gens = [engine.stream(PROMPTS[i], GenerationRequest(max_new_tokens=30, method=m))
+            for i, m in ((3, "domino"), (2, "domino+ngram"), (4, "ar"))]
+    doomed = gens[0]._rounds.proposer.cache
+    extend = engine.draft.extend_contexts
+
+    def extend_unless_doomed(items):
+        if any(cache is doomed for _, cache in items) and doomed.length >= len(PROMPTS[3]):
+            raise RuntimeError("broken drafter context")
+        extend(items)
+
+    engine.draft.extend_contexts = extend_unless_doomed
+    drive(engine, gens)
+    assert gens[0].finish_reason == "error"
+    for g in gens[1:]:
+        assert g.finish_reason == "length"
+        assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=30, method="ar")

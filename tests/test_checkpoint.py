@@ -180,7 +180,7 @@ def _block_forward(model: DraftModel, seed: int = 0) -> torch.Tensor:
     emb = torch.randn(2, cfg.block_size, cfg.hidden_size, generator=g).to(dtype)
     pos = torch.arange(5, 5 + cfg.block_size).expand(2, -1)
     cache = DraftCache(cfg.num_hidden_layers)
-    model.extend_context(ctx, cache)
+    model.extend_contexts([(ctx, cache)])
     return model.forward_block(emb, pos, cache)
 
 
