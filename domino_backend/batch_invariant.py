@@ -157,3 +157,17 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: in
             k, v = scratch[0][None, :, :n], scratch[1][None, :, :n]
         out[i] = F.scaled_dot_product_attention(q, k, v, scale=scale).reshape(h, d)
     return out
+
+
+def attend_all(calls: list[tuple], scale: float, block_masks: dict | None = None) -> None:
+    """`attend` for each sequence of a forward, into its rows of the forward's output: calls are
+    (query, key, value, past, mask, blocks, new, pack, out) as `attend` takes them, out the view
+    its result goes to. Where every call runs the kernel's AMX path against its session's packed
+    cache, all of them go in one kernel call (`attention.attend_batch`: the same per-row tasks)."""
+    query, key, value = calls[0][:3]
+    if attention.supports(query, key, value) and attention.amx() and all(c[7] is not None for c in calls):
+        attention.attend_batch([(q, k, v, past, mask, out, new, pack)
+                                for q, k, v, past, mask, _, new, pack, out in calls], scale)
+        return
+    for q, k, v, past, mask, blocks, new, pack, out in calls:
+        out.copy_(attend(q, k, v, past, mask, scale, blocks, block_masks, new=new, pack=pack))

@@ -23,7 +23,7 @@ import torch
 
 from kernels import int8, rowops
 
-from .batch_invariant import attend, prefill_blocks, tree_mask, visible_rows
+from .batch_invariant import attend_all, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
 from .quant import Int8Linear
 
@@ -171,10 +171,9 @@ class PackedForward:
             if li - 1 in wanted:
                 captured[li - 1] = h
             out = q.new_empty(n, nh, d)
-            for p, (o, t, start, rows, blocks) in zip(passes, plans):
-                keys, values = p.session.keys[li][:, :start + t], p.session.values[li][:, :start + t]
-                out[o:o + t] = attend(q[o:o + t], keys, values, start, rows, self.scale, blocks, masks,
-                                      new=(k[o:o + t], v[o:o + t]), pack=p.session.pack(li))
+            attend_all([(q[o:o + t], p.session.keys[li][:, :start + t], p.session.values[li][:, :start + t], start,
+                         rows, blocks, (k[o:o + t], v[o:o + t]), p.session.pack(li), out[o:o + t])
+                        for p, (o, t, start, rows, blocks) in zip(passes, plans)], self.scale, masks)
             h, delta = self._mlp(li, h, out.view(n, nh * d), fast, whole)
         _, h = self._add_norm(fast, h, delta, self.norm)
         captured[last] = h  # Hugging Face's last hidden state is the normed one; drafters use that convention

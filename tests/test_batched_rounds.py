@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from domino_backend.engine import Engine, GenerationRequest
+from kernels import attention
 from domino_backend.forward import Pass
 from domino_backend.settings import EngineSettings
 from test_batch_invariant import DTYPES, TREE
@@ -133,12 +134,17 @@ def test_a_request_failing_mid_batch_ends_only_itself():
         assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=40, method="ar")
 
 
+@pytest.mark.parametrize("head_dim", [8, 32])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_packed_forward_rows_equal_each_sequence_alone_bitwise(family, dtype):
+def test_packed_forward_rows_equal_each_sequence_alone_bitwise(family, dtype, head_dim, monkeypatch):
     """The forward itself: logits and layer features of a prefill chunk, a verify chain and a draft
-    tree packed together equal those of each pass run alone."""
-    t = tiny_target(family, vocab=96, seed=5)
+    tree packed together equal those of each pass run alone (bf16 at head_dim 32 on an AMX CPU:
+    every sequence's attention in one kernel call per layer, `attention.attend_batch`)."""
+    calls = []
+    batch_call = attention.attend_batch
+    monkeypatch.setattr(attention, "attend_batch", lambda c, scale: (calls.append(len(c)), batch_call(c, scale)))
+    t = tiny_target(family, vocab=96, seed=5, head_dim=head_dim)
     t.model.to(dtype)
     Engine(t)
     g = torch.Generator().manual_seed(3)
@@ -161,6 +167,8 @@ def test_packed_forward_rows_equal_each_sequence_alone_bitwise(family, dtype):
     for a, b in zip(solo, together):
         assert torch.equal(a.logits, b.logits) and torch.equal(a.feats, b.feats)
     assert [s.length for s in batch] == [len(p) + len(b) for p, b in zip(prompts, blocks)]
+    batched = dtype == torch.bfloat16 and head_dim == 32 and attention.amx()
+    assert (3 in calls) == batched  # the three passes' attention went in one call per layer
 
 
 def test_prefill_chunks_beyond_the_forward_budget_wait_the_most_urgent_first():

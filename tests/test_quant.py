@@ -180,6 +180,20 @@ def test_speculation_on_the_int8_target_equals_its_plain_decoding(family, method
         assert gen.token_ids == ref.token_ids
 
 
+def test_a_mixed_batch_on_the_int8_bf16_target_equals_each_ones_plain_decoding():
+    """The served configuration: int8 target in bf16, attention on the CPU kernel (on AMX CPUs one
+    call per layer for every sequence of a forward, against their packed caches)."""
+    engine = _int8_engine("qwen3", torch.bfloat16)
+    prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], list(range(2, 40)), [7]]
+    methods = ["ar", "domino", "domino+ngram", "ngram"]
+    gens = [engine.stream(p, GenerationRequest(max_new_tokens=20 + 3 * i, method=m))
+            for i, (p, m) in enumerate(zip(prompts, methods))]
+    while any(g.finish_reason is None for g in gens):
+        engine.step([g for g in gens if g.finish_reason is None])
+    for i, (p, g) in enumerate(zip(prompts, gens)):
+        assert g.token_ids == engine.generate(p, GenerationRequest(max_new_tokens=20 + 3 * i, method="ar")).token_ids
+
+
 def test_switching_threads_between_rounds_changes_no_token():
     """The server gives a voice reply's first rounds more threads than the rest (app/scheduler.py):
     a generation whose rounds alternate 1 and 2 threads equals plain decoding on 1 thread."""

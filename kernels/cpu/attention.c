@@ -258,6 +258,17 @@ static void amx_pack_values_block(const uint16_t *v, int d, const int32_t *idx, 
   }
 }
 
+/* VKEYS block b of kv head hk: its keys (two KEYS blocks) and values as B operands (kt, vn: `blocks`
+ * VKEYS blocks per kv head). */
+static void amx_pack_block(const uint16_t *k, const uint16_t *v, int64_t cap, int d, int64_t n, int64_t hk, int64_t b,
+                           int64_t blocks, uint32_t *kt, uint16_t *vn) {
+  const uint16_t *kh = k + hk * cap * d, *vh = v + hk * cap * d;
+  uint32_t *kth = kt + hk * blocks * VKEYS * d / 2;
+  amx_pack_keys_block(kh, d, n, 2 * b, kth + 2 * b * KEYS * d / 2);
+  amx_pack_keys_block(kh, d, n, 2 * b + 1, kth + (2 * b + 1) * KEYS * d / 2);
+  amx_pack_values_block(vh, d, NULL, n, b, vn + (hk * blocks + b) * VKEYS * d);
+}
+
 /* Keys and values 0 .. n - 1 of every kv head as B operands, from VKEYS block `from` on (the
  * blocks below are packed already): kt, vn hold `blocks` VKEYS blocks per kv head. */
 static void amx_pack(const uint16_t *k, const uint16_t *v, int64_t cap, int kv, int d, int64_t from, int64_t n,
@@ -265,14 +276,8 @@ static void amx_pack(const uint16_t *k, const uint16_t *v, int64_t cap, int kv, 
   const int64_t nv = (n + VKEYS - 1) / VKEYS, todo = nv - from;
   if (todo <= 0) return;
 #pragma omp parallel for schedule(static) num_threads(kv * todo * d >= 8192 ? threads : 1)
-  for (int64_t task = 0; task < kv * todo; task++) {
-    const int64_t hk = task / todo, b = from + task % todo;
-    const uint16_t *kh = k + hk * cap * d, *vh = v + hk * cap * d;
-    uint32_t *kth = kt + hk * blocks * VKEYS * d / 2;
-    amx_pack_keys_block(kh, d, n, 2 * b, kth + 2 * b * KEYS * d / 2);
-    amx_pack_keys_block(kh, d, n, 2 * b + 1, kth + (2 * b + 1) * KEYS * d / 2);
-    amx_pack_values_block(vh, d, NULL, n, b, vn + (hk * blocks + b) * VKEYS * d);
-  }
+  for (int64_t task = 0; task < kv * todo; task++)
+    amx_pack_block(k, v, cap, d, n, task / todo, from + task % todo, blocks, kt, vn);
 }
 
 /* One task: `nq` (1 or 2) query rows of one kv head, their g heads each as rows a * g + h of the
@@ -379,27 +384,92 @@ static int64_t visible_keys(int64_t past, int64_t m, int64_t i, const uint8_t *m
   return n;
 }
 
+/* One sequence's rows in a forward (see `attend_rows` for the shapes). */
+struct seq {
+  const uint16_t *q, *k_new, *v_new;
+  int64_t q_stride, new_stride;
+  uint16_t *k, *v;
+  int64_t cap, past, m;
+  const uint8_t *mask;
+  uint16_t *out;
+};
+
+/* The call's own keys and values into the cache at past .. past + M - 1. */
+static void write_new(const struct seq *s, int kv, int d) {
+  if (!s->k_new) return;
+  for (int64_t i = 0; i < s->m; i++)
+    for (int hk = 0; hk < kv; hk++) {
+      memcpy(s->k + (hk * s->cap + s->past + i) * d, s->k_new + i * s->new_stride + (int64_t)hk * d, (size_t)d * 2);
+      memcpy(s->v + (hk * s->cap + s->past + i) * d, s->v_new + i * s->new_stride + (int64_t)hk * d, (size_t)d * 2);
+    }
+}
+
+/* AMX tasks of a sequence: chain rows go two to a task where their heads fit one tile (a row's bits
+ * do not depend on the other rows of its tile), tree rows one to a task; r rows, t of kv * groups. */
+static int rows_per_task(const struct seq *s, int g) { return !s->mask && 2 * g <= 16 ? 2 : 1; }
+static int64_t amx_tasks(const struct seq *s, int g, int kv, int64_t r) {
+  const int per = rows_per_task(s, g);
+  return (r + per - 1) / per * kv;
+}
+
+/* AMX task t of a sequence (0 <= t < amx_tasks): kt, vn its packed keys and values, nv VKEYS blocks
+ * per kv head; rows: the r row indices computed (NULL: all M). */
+static void amx_task(const struct seq *s, int64_t t, const int32_t *rows, int64_t r, int g, int kv, int d, float scale,
+                     const uint32_t *kt, const uint16_t *vn, int64_t nv) {
+  const int per = rows_per_task(s, g), dc = d / 16, h = g * kv;
+  const int64_t grp = t / kv;
+  const int hk = (int)(t % kv), nq = grp * per + per <= r ? per : (int)(r - grp * per);
+  const uint16_t *qs[2];
+  uint16_t *os[2];
+  int64_t ns[2] = {0, 0};
+  for (int a = 0; a < nq; a++) {
+    const int64_t i = rows ? rows[grp * per + a] : grp * per + a;
+    qs[a] = s->q + i * s->q_stride + (int64_t)hk * g * d;
+    os[a] = s->out + (i * h + (int64_t)hk * g) * d;
+    ns[a] = s->past + i + 1;
+  }
+  const int64_t n_full = nq == 2 && ns[1] > ns[0] ? ns[1] : ns[0];
+  const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n_full + VKEYS - 1) / VKEYS * VKEYS;
+  float *scores = scratch(SCRATCH_SCORES, sizeof(float) * (16 * n16 + VKEYS));
+  uint16_t *pw = scratch(SCRATCH_P, sizeof(uint16_t) * 16 * n32);
+  const int64_t base = s->past / VKEYS * VKEYS;
+  int32_t *idx = NULL;
+  uint16_t *tail = NULL;
+  if (s->mask) { /* a tree row: its visible keys, and its value slots from `base` on packed from them */
+    const int64_t i = rows ? rows[grp] : grp;
+    idx = scratch(SCRATCH_IDX, sizeof(int32_t) * n_full);
+    ns[0] = visible_keys(s->past, s->m, i, s->mask, idx);
+    tail = scratch(SCRATCH_TAIL, sizeof(uint16_t) * (size_t)((n32 - base) * d));
+    for (int64_t b = base / VKEYS; b < n32 / VKEYS; b++)
+      amx_pack_values_block(s->v + hk * s->cap * d, d, idx, ns[0], b, tail + (b - base / VKEYS) * dc * 512);
+  }
+  attend_task_amx(qs, os, ns, nq, kt + hk * nv * VKEYS * d / 2, vn + hk * nv * VKEYS * d, idx, n_full, base, tail, g,
+                  d, scale, scores, pw);
+}
+
+static int shape_ok(int h, int kv, int d) {
+  const int g = h / kv;
+  return !(d % 16 || d > MAX_D || g > MAX_G || g * kv != h);
+}
+
 /* q: [M, H, D] bf16 at row stride q_stride (elements); out: [M, H, D] contiguous. k, v: [KV, cap, D]
  * bf16, this sequence's cache. k_new, v_new (or NULL): the call's own rows, [M, KV, D] at row
  * stride new_stride, first written to the cache at past .. past + M - 1 (else already there).
  * mask: [M, M] uint8 or NULL (causal). rows: the r row indices to compute, or NULL for all M (r
- * ignored); others are left untouched. Returns 0, or -1 for a shape it does not take. */
+ * ignored); others are left untouched. kt_keep, vn_keep, packed (or NULL): the session's packed
+ * copy of the cache (AMX) and its count of positions packed, which the call repacks from
+ * min(count, past) on and sets to past + M. Returns 0, or -1 for a shape it does not take. */
 int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, const uint16_t *v_new, int64_t new_stride,
                 uint16_t *k, uint16_t *v, int64_t cap, int64_t past, int64_t m, int h, int kv, int d, float scale,
                 const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads, int amx,
                 uint32_t *kt_keep, uint16_t *vn_keep, int64_t *packed) {
   const int g = h / kv;
-  if (d % 16 || d > MAX_D || g > MAX_G || g * kv != h) return -1;
-  if (k_new)
-    for (int64_t i = 0; i < m; i++)
-      for (int hk = 0; hk < kv; hk++) {
-        memcpy(k + (hk * cap + past + i) * d, k_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
-        memcpy(v + (hk * cap + past + i) * d, v_new + i * new_stride + (int64_t)hk * d, (size_t)d * 2);
-      }
+  if (!shape_ok(h, kv, d)) return -1;
+  const struct seq s = {q, k_new, v_new, q_stride, new_stride, k, v, cap, past, m, mask, out};
+  write_new(&s, kv, d);
   if (!rows) r = m;
   amx = amx && d % 32 == 0;
   const int64_t n_all = past + m, nb = (n_all + KEYS - 1) / KEYS;
-  const int dc = d / 16;
   void *kt;
   uint16_t *vn = NULL;
   int64_t nv = 0; /* VKEYS blocks per kv head in kt, vn */
@@ -434,45 +504,67 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
     }
     return 0;
   }
-  /* Chain rows go two to a task where their heads fit one tile (a row's bits do not depend on the
-   * other rows of its tile); tree rows one to a task. */
-  const int per = !mask && 2 * g <= 16 ? 2 : 1;
-  const int64_t groups = (r + per - 1) / per, tasks = groups * kv;
+  const int64_t tasks = amx_tasks(&s, g, kv, r);
 #pragma omp parallel num_threads(threads)
   {
     amx_config16();
 #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) amx_task(&s, t, rows, r, g, kv, d, scale, kt, vn, nv);
+    _tile_release();
+  }
+  return 0;
+}
+
+#define SEQ_FIELDS 15
+
+/* Every row of several sequences (one forward's, one layer) on the AMX path with their sessions'
+ * packed caches, in one parallel region: the same tasks `attend_rows` runs for each (so the same
+ * bits), packing first, then all sequences' tasks shared out between the threads. desc: nseq x
+ * SEQ_FIELDS int64, per sequence attend_rows's q, q_stride, k_new, v_new, new_stride, k, v, cap,
+ * past, m, mask, out, kt_keep, vn_keep, packed (the pointers as integers; kt_keep non-NULL).
+ * Returns 0, or -1 for a shape it does not take (then nothing is written). */
+int attend_batch(int64_t nseq, const int64_t *desc, int h, int kv, int d, float scale, int threads) {
+  if (!shape_ok(h, kv, d) || d % 32) return -1;
+  const int g = h / kv;
+  struct seq *ss = malloc(sizeof(struct seq) * (size_t)nseq);
+  int64_t *pack_end = malloc(sizeof(int64_t) * (size_t)(3 * nseq)), *from = pack_end + nseq, *task_end = from + nseq;
+  int64_t packs = 0, tasks = 0;
+  for (int64_t i = 0; i < nseq; i++) {
+    const int64_t *f = desc + i * SEQ_FIELDS;
+    ss[i] = (struct seq){(const uint16_t *)f[0], (const uint16_t *)f[2], (const uint16_t *)f[3], f[1], f[4],
+                         (uint16_t *)f[5], (uint16_t *)f[6], f[7], f[8], f[9], (const uint8_t *)f[10], (uint16_t *)f[11]};
+    write_new(&ss[i], kv, d);
+    const int64_t count = *(const int64_t *)f[14], upto = count < ss[i].past ? count : ss[i].past;
+    from[i] = upto / VKEYS;
+    packs += kv * ((ss[i].past + ss[i].m + VKEYS - 1) / VKEYS - from[i]);
+    pack_end[i] = packs;
+    tasks += amx_tasks(&ss[i], g, kv, ss[i].m);
+    task_end[i] = tasks;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < packs; t++) { /* one VKEYS block of one kv head of one sequence */
+      int64_t i = 0;
+      while (t >= pack_end[i]) i++;
+      const struct seq *s = &ss[i];
+      const int64_t *f = desc + i * SEQ_FIELDS, first = i ? pack_end[i - 1] : 0, todo = (pack_end[i] - first) / kv;
+      amx_pack_block(s->k, s->v, s->cap, d, s->past + s->m, (t - first) / todo, from[i] + (t - first) % todo,
+                     (s->cap + VKEYS - 1) / VKEYS, (uint32_t *)f[12], (uint16_t *)f[13]);
+    }
+    amx_config16();
+#pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < tasks; t++) {
-      const int64_t grp = t / kv;
-      const int hk = (int)(t % kv), nq = grp * per + per <= r ? per : (int)(r - grp * per);
-      const uint16_t *qs[2];
-      uint16_t *os[2];
-      int64_t ns[2];
-      for (int a = 0; a < nq; a++) {
-        const int64_t i = rows ? rows[grp * per + a] : grp * per + a;
-        qs[a] = q + i * q_stride + (int64_t)hk * g * d;
-        os[a] = out + (i * h + (int64_t)hk * g) * d;
-        ns[a] = past + i + 1;
-      }
-      const int64_t n_full = nq == 2 && ns[1] > ns[0] ? ns[1] : ns[0];
-      const int64_t n16 = (n_full + KEYS - 1) / KEYS * KEYS, n32 = (n_full + VKEYS - 1) / VKEYS * VKEYS;
-      float *scores = scratch(SCRATCH_SCORES, sizeof(float) * (16 * n16 + VKEYS));
-      uint16_t *pw = scratch(SCRATCH_P, sizeof(uint16_t) * 16 * n32);
-      const int64_t base = past / VKEYS * VKEYS;
-      int32_t *idx = NULL;
-      uint16_t *tail = NULL;
-      if (mask) { /* a tree row: its visible keys, and its value slots from `base` on packed from them */
-        const int64_t i = rows ? rows[grp] : grp;
-        idx = scratch(SCRATCH_IDX, sizeof(int32_t) * n_full);
-        ns[0] = visible_keys(past, m, i, mask, idx);
-        tail = scratch(SCRATCH_TAIL, sizeof(uint16_t) * (size_t)((n32 - base) * d));
-        for (int64_t b = base / VKEYS; b < n32 / VKEYS; b++)
-          amx_pack_values_block(v + hk * cap * d, d, idx, ns[0], b, tail + (b - base / VKEYS) * dc * 512);
-      }
-      attend_task_amx(qs, os, ns, nq, (const uint32_t *)kt + hk * nv * VKEYS * d / 2, vn + hk * nv * VKEYS * d, idx,
-                      n_full, base, tail, g, d, scale, scores, pw);
+      int64_t i = 0;
+      while (t >= task_end[i]) i++;
+      const int64_t *f = desc + i * SEQ_FIELDS;
+      amx_task(&ss[i], t - (i ? task_end[i - 1] : 0), NULL, ss[i].m, g, kv, d, scale, (const uint32_t *)f[12],
+               (const uint16_t *)f[13], (ss[i].cap + VKEYS - 1) / VKEYS);
     }
     _tile_release();
   }
+  for (int64_t i = 0; i < nseq; i++) *(int64_t *)desc[i * SEQ_FIELDS + 14] = ss[i].past + ss[i].m;
+  free(ss);
+  free(pack_end);
   return 0;
 }
