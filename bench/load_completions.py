@@ -23,7 +23,8 @@ Cells, per method (`default` = the server's default method, resolved through /he
   completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau, and the
                mean number of requests per engine round (from the server's /metrics)
   mixed        a voice-like stream (chat turns with priority `voice`, one short spoken-style answer
-               each) alone, then while 8 completion clients run: time to first sentence p50/p95
+               each) alone (half of its turns before the load, half after), and while 8
+               completion clients run: time to first sentence p50/p95
                (the first chunk the voice agent would hand to text-to-speech)
   speed        one request at a time (no stop rules: up to --speed-tokens or the model's end
                token), four prompts, served over /v1/ws, against the same prompts decoded by the
@@ -126,13 +127,14 @@ async def completion_client(url, headers, texts, files: list[int], n: int | None
     return out
 
 
-async def voice_client(url, headers, turns: int, args, method: str | None) -> list[dict]:
+async def voice_client(url, headers, turns: int, args, method: str | None, start: int = 0) -> list[dict]:
+    """`turns` voice-like chat turns back to back: questions start, start + 1, ... of the list."""
     from websockets.asyncio.client import connect
 
     out = []
     questions = voice_questions()
     async with connect(url, additional_headers=headers, max_size=None) as ws:
-        for i in range(turns):
+        for i in range(start, start + turns):
             messages = [{"role": "system", "content": SPOKEN_SYSTEM_PROMPT},
                         {"role": "user", "content": questions[i % len(questions)]}]
             msg = {"type": "chat", "messages": messages, "max_tokens": 48, "priority": "voice",
@@ -207,8 +209,10 @@ def completions_cells(url, headers, texts, method, args) -> tuple[list[dict], di
 
 
 async def mixed_cell(url, headers, texts, method, args) -> dict:
+    """The voice-like stream's turns alone, then beside MIXED_CLIENTS completion clients, then alone
+    again (half of the alone turns before, half after: the machine's drift hits both sides alike)."""
     await voice_client(url, headers, 1, args, method)  # warm: the system prompt sits in the prefix cache
-    alone = await voice_client(url, headers, args.voice_turns, args, method)
+    alone = await voice_client(url, headers, args.voice_turns // 2, args, method)
     stop, warm = asyncio.Event(), []
     load = [asyncio.create_task(completion_client(url, headers, texts, [c], None, args, method, stop, warm))
             for c in range(MIXED_CLIENTS)]
@@ -217,6 +221,8 @@ async def mixed_cell(url, headers, texts, method, args) -> dict:
     loaded = await voice_client(url, headers, args.voice_turns, args, method)
     stop.set()
     completions = [r for run in await asyncio.gather(*load) for r in run[1:]]
+    half = args.voice_turns // 2  # the same questions as the loaded turns
+    alone += await voice_client(url, headers, args.voice_turns - half, args, method, start=half)
     p50 = lambda rows: percentile([r["sentence"] * 1000 for r in rows if r["type"] == "done"], 0.5)
     return {"voice_turns": args.voice_turns, "completion_clients": MIXED_CLIENTS,
             "first_sentence_alone_p50_ms": p50(alone), "first_sentence_loaded_p50_ms": p50(loaded),
