@@ -51,6 +51,19 @@ def packed_cache(kv_heads: int, capacity: int, head_dim: int) -> tuple[torch.Ten
             torch.empty(kv_heads * capacity * head_dim, dtype=torch.bfloat16))
 
 
+def _operands(query: torch.Tensor, new: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None):
+    """query, new keys and values, and mask in the layouts the kernel reads (copies only where
+    needed): query rows of [H, D] contiguous, new rows of [KV, D] contiguous at one stride for
+    both, mask uint8 contiguous."""
+    d = query.shape[2]
+    if query.stride(2) != 1 or query.stride(1) != d:
+        query = query.contiguous()
+    k_new, v_new = new if new is not None else (None, None)
+    if new is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or k_new.stride(1) != d):
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    return query, (k_new, v_new), None if mask is None else mask.to(torch.uint8).contiguous()
+
+
 def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
                 mask: torch.Tensor | None, rows: list[int] | None, scale: float, out: torch.Tensor,
                 new: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -63,13 +76,7 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pas
     min(count, past) on, so positions from `past` on are always fresh, and sets it to past + M);
     None: the call packs what it reads itself."""
     m, h, d = query.shape
-    if query.stride(2) != 1 or query.stride(1) != d:
-        query = query.contiguous()
-    if new is not None:
-        k_new, v_new = new
-        if k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or k_new.stride(1) != d:
-            k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    mask = None if mask is None else mask.to(torch.uint8).contiguous()
+    query, (k_new, v_new), mask = _operands(query, new, mask)
     idx = None if rows is None else torch.tensor(rows, dtype=torch.int32)
     rc = kernel().attend_rows(query.data_ptr(), query.stride(0), None if new is None else k_new.data_ptr(),
                               None if new is None else v_new.data_ptr(), 0 if new is None else k_new.stride(0),
@@ -87,13 +94,9 @@ def attend_batch(calls: list[tuple], scale: float) -> None:
     in one parallel region instead of two per sequence and without a Python call per sequence.
     For the AMX path (`amx()`) with the sessions' packed caches."""
     desc, alive = [], []  # alive: copies made here, kept until the call
-    for query, key, value, past, mask, out, (k_new, v_new), pack in calls:
+    for query, key, value, past, mask, out, new, pack in calls:
         m, h, d = query.shape
-        if query.stride(2) != 1 or query.stride(1) != d:
-            query = query.contiguous()
-        if k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or k_new.stride(1) != d:
-            k_new, v_new = k_new.contiguous(), v_new.contiguous()
-        mask = None if mask is None else mask.to(torch.uint8).contiguous()
+        query, (k_new, v_new), mask = _operands(query, new, mask)
         alive += [query, k_new, v_new, mask]
         desc += [query.data_ptr(), query.stride(0), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
                  key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m,
