@@ -156,7 +156,8 @@ def test_barge_in_stops_the_audio_cancels_generation_and_keeps_the_heard_part(se
         assert said and generated[: len(said)] == said and len(said) < len(generated)
         # the interrupting speech is the next user turn; the history keeps only the heard part
         nxt = vc.stream_silence_until(lambda m: m["type"] == "transcript" and m["turn"] > 1 and m["final"])
-        assert "stop" in words(nxt["text"])
+        # (Whisper tiny.en heard "stop" as "start" once, on a loaded machine: two of its words suffice)
+        assert len({"please", "stop", "talking", "moment"} & set(words(nxt["text"]))) >= 2, nxt["text"]
         vc.wait_for("reply_delta", turn=nxt["turn"])  # answered: the words are in the history
         history = session_of(server).history
         assert history == [{"role": "user", "content": "count for me"}, {"role": "assistant", "content": heard},
