@@ -73,8 +73,13 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pas
     this pass's, or are written first from `new` (keys, values [M, KV, D], rows at any stride);
     mask: [M, M] (draft tree) or None (chain). pack: the cache's packed copy (`packed_cache`) and
     the address of an int64 counting its positions packed so far (the kernel repacks from
-    min(count, past) on, so positions from `past` on are always fresh, and sets it to past + M);
-    None: the call packs what it reads itself."""
+    min(count, past) on, so positions from `past` on are always fresh, and sets it to past + M;
+    every row is computed, through `attend_batch`); None: the call packs what it reads itself."""
+    if pack is not None:
+        if rows is not None:
+            raise ValueError("a packed cache's call computes every row")
+        attend_batch([(query, key, value, past, mask, out, new, pack)], scale)
+        return
     m, h, d = query.shape
     query, (k_new, v_new), mask = _operands(query, new, mask)
     idx = None if rows is None else torch.tensor(rows, dtype=torch.int32)
@@ -82,8 +87,7 @@ def attend_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pas
                               None if new is None else v_new.data_ptr(), 0 if new is None else k_new.stride(0),
                               key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m, h, key.shape[0], d, scale,
                               None if mask is None else mask.data_ptr(), None if idx is None else idx.data_ptr(),
-                              0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads(), int(amx()),
-                              *((None,) * 3 if pack is None else (pack[0].data_ptr(), pack[1].data_ptr(), pack[2])))
+                              0 if idx is None else len(rows), out.data_ptr(), torch.get_num_threads(), int(amx()))
     if rc:
         raise ValueError(f"attention kernel: unsupported shape (heads {h}, kv heads {key.shape[0]}, head dim {d})")
 
@@ -98,7 +102,8 @@ def attend_batch(calls: list[tuple], scale: float) -> None:
         m, h, d = query.shape
         query, (k_new, v_new), mask = _operands(query, new, mask)
         alive += [query, k_new, v_new, mask]
-        desc += [query.data_ptr(), query.stride(0), k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0),
+        desc += [query.data_ptr(), query.stride(0), *((0, 0, 0) if new is None else (k_new.data_ptr(), v_new.data_ptr(),
+                                                                                      k_new.stride(0))),
                  key.data_ptr(), value.data_ptr(), key.stride(0) // d, past, m,
                  0 if mask is None else mask.data_ptr(), out.data_ptr(), pack[0].data_ptr(), pack[1].data_ptr(), pack[2]]
     kv = calls[0][1].shape[0]

@@ -27,7 +27,7 @@ SIGNATURES = {  # name: (argtypes, restype)
     "w8a8_linear": ([_p, _i32, _i64, _i64, _p, _p, _p, _p, _i64, _p, _i32, _i32, _i32], None),
     "w8a8_amx_init": ([], _i32),
     "attend_rows": ([_p, _i64, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i32, _i32, _i32, ctypes.c_float, _p, _p, _i64,
-                     _p, _i32, _i32, _p, _p, _p], _i32),
+                     _p, _i32, _i32], _i32),
     "attend_batch": ([_i64, _p, _i32, _i32, _i32, ctypes.c_float, _i32], _i32),
     "add_rms_norm": ([_p, _i64, _p, _i64, _p, _i64, _i64, _p, ctypes.c_float, _p, _i32], None),
     "rope": ([_p, _i64, _i64, _i32, _i64, _p, _p, _i32], None),

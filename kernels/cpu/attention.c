@@ -165,9 +165,9 @@ static void attend_task(const uint16_t *q, const uint16_t *kt, const uint16_t *v
  * query head's row of Q or P and on the keys alone, and key j of the visible list always sits in
  * slot j of the tiles (keys past the list: weight 0, and a zero value where the list ends in the
  * same tile for a row decoded alone), so a verify or tree row gets the bits of decoding it alone. Keys and values are packed into the tiles' operand layout (B rows
- * of 16 dwords, a dword = two consecutive K-dim values) by `amx_pack`: into the session's packed
- * copy of its cache where the caller keeps one (only the positions it has not packed, and always
- * those from the call's first row on), else into scratch, all of them, every call. */
+ * of 16 dwords, a dword = two consecutive K-dim values): by `attend_batch` into the sessions'
+ * packed copies of their caches (only the positions not packed yet, and always those from the
+ * call's first row on), by `attend_rows` into scratch, all of them, every call. */
 
 /* Grow-only scratch, one set per thread: a call's buffers are ~ the cache's size, and fresh
  * allocations of that size come back from the OS as new pages to fault in on every call. */
@@ -456,13 +456,11 @@ static int shape_ok(int h, int kv, int d) {
  * bf16, this sequence's cache. k_new, v_new (or NULL): the call's own rows, [M, KV, D] at row
  * stride new_stride, first written to the cache at past .. past + M - 1 (else already there).
  * mask: [M, M] uint8 or NULL (causal). rows: the r row indices to compute, or NULL for all M (r
- * ignored); others are left untouched. kt_keep, vn_keep, packed (or NULL): the session's packed
- * copy of the cache (AMX) and its count of positions packed, which the call repacks from
- * min(count, past) on and sets to past + M. Returns 0, or -1 for a shape it does not take. */
+ * ignored); others are left untouched. The AMX path packs what it reads into scratch (a session's
+ * packed copy of its cache: `attend_batch`). Returns 0, or -1 for a shape it does not take. */
 int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, const uint16_t *v_new, int64_t new_stride,
                 uint16_t *k, uint16_t *v, int64_t cap, int64_t past, int64_t m, int h, int kv, int d, float scale,
-                const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads, int amx,
-                uint32_t *kt_keep, uint16_t *vn_keep, int64_t *packed) {
+                const uint8_t *mask, const int32_t *rows, int64_t r, uint16_t *out, int threads, int amx) {
   const int g = h / kv;
   if (!shape_ok(h, kv, d)) return -1;
   const struct seq s = {q, k_new, v_new, q_stride, new_stride, k, v, cap, past, m, mask, out};
@@ -473,14 +471,7 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
   void *kt;
   uint16_t *vn = NULL;
   int64_t nv = 0; /* VKEYS blocks per kv head in kt, vn */
-  if (amx && kt_keep) { /* the session's packed copy: rows from past on are this call's, repack them */
-    nv = (cap + VKEYS - 1) / VKEYS;
-    const int64_t upto = *packed < past ? *packed : past;
-    amx_pack(k, v, cap, kv, d, upto / VKEYS, n_all, nv, kt_keep, vn_keep, threads);
-    *packed = n_all;
-    kt = kt_keep;
-    vn = vn_keep;
-  } else if (amx) {
+  if (amx) {
     nv = (n_all + VKEYS - 1) / VKEYS;
     kt = scratch(SCRATCH_KT, sizeof(uint16_t) * (size_t)(kv * nv * VKEYS * d));
     vn = scratch(SCRATCH_VN, sizeof(uint16_t) * (size_t)(kv * nv * VKEYS * d));
@@ -521,7 +512,9 @@ int attend_rows(const uint16_t *q, int64_t q_stride, const uint16_t *k_new, cons
  * packed caches, in one parallel region: the same tasks `attend_rows` runs for each (so the same
  * bits), packing first, then all sequences' tasks shared out between the threads. desc: nseq x
  * SEQ_FIELDS int64, per sequence attend_rows's q, q_stride, k_new, v_new, new_stride, k, v, cap,
- * past, m, mask, out, kt_keep, vn_keep, packed (the pointers as integers; kt_keep non-NULL).
+ * past, m, mask, out, then the session's packed keys and values and the address of its count of
+ * positions packed, which the call repacks from min(count, past) on and sets to past + M (the
+ * pointers as integers; k_new, v_new and mask may be 0).
  * Returns 0, or -1 for a shape it does not take (then nothing is written). */
 int attend_batch(int64_t nseq, const int64_t *desc, int h, int kv, int d, float scale, int threads) {
   if (!shape_ok(h, kv, d) || d % 32) return -1;
