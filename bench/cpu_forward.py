@@ -8,6 +8,7 @@ row ops (kernels/attention.py, kernels/rowops.py) and with the PyTorch ops inste
 (DOMINO_CPU_KERNELS=torch). Reported: the median ms per forward and the ratio to M=1.
 
     python bench/cpu_forward.py            # ~3 min; writes bench/results/cpu_forward.json
+    python bench/cpu_forward.py --json bench/results/avx2/cpu_forward.json   # on an AVX2 CPU (no AVX512)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from domino_backend.bench import median_ms
+from domino_backend.cpu import cpu_name
 from domino_backend.loader import build_engine
 from kernels import attention
 
@@ -72,7 +74,7 @@ def main() -> None:
                     "over_m1": {str(m): round(v / ms[1], 2) for m, v in ms.items()}})
         print(f"{name:28s}" + "".join(f"{ms[m]:7.1f}ms" for m in MS), flush=True)
     dtype = str(next(iter(targets.values())).dtype).removeprefix("torch.")
-    report = {"threads": a.threads, "context": a.context, "dtype": dtype, "rounds": a.rounds, "forwards": out,
+    report = {"cpu": cpu_name(), "threads": a.threads, "context": a.context, "dtype": dtype, "rounds": a.rounds, "forwards": out,
               "command": "python bench/cpu_forward.py"}
     Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {a.json}")

@@ -6,11 +6,12 @@ Side by side in one process, on random weights of Qwen2.5-Coder-0.5B's shapes (2
 q/k/v/o/gate/up/down + the LM head):
 * fp32 / bf16 `nn.Linear` as is (MKL, with `MKL_CBWR=AVX2` on AMD as the package sets it);
 * the same after `domino_backend.cpu.pack_linears` (oneDNN, weights pre-packed: `--quant none`);
-* int8 (`--quant int8`, kernels/int8.py): the C kernel with AMX tiles where the CPU has them, its
-  AVX512-VNNI path, and the PyTorch reference (`torch._int_mm`), all three with the same bits.
+* int8 (`--quant int8`, kernels/int8.py): each C kernel the CPU runs (AMX tiles, the AVX512-VNNI
+  path, the AVX2 kernel) and the PyTorch reference (`torch._int_mm`), all with the same bits.
 The ratio `M=9 / M=1` is the verify:step cost that decides whether drafting pays.
 
     python bench/cpu_linear.py            # ~2 min, ~5 GB RAM; writes bench/results/cpu_linear.json
+    python bench/cpu_linear.py --json bench/results/avx2/cpu_linear.json   # on an AVX2 CPU (no AVX512)
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 import torch
 
 from domino_backend.bench import median_ms
-from domino_backend.cpu import cpu_has_fast_bf16, pack_linears, pin_mkl_avx2_on_amd
+from domino_backend.cpu import cpu_has_fast_bf16, cpu_name, pack_linears, pin_mkl_avx2_on_amd
 from domino_backend.quant import quantize_linears
-from kernels import int8
+from kernels import int8, native
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 896, 4864, 128, 151936, 24
 SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
@@ -46,28 +47,30 @@ def forward_ms(model: torch.nn.ModuleList, m: int, dtype: torch.dtype) -> float:
 
 
 def int8_variants(model: torch.nn.ModuleList) -> dict:
-    """The int8 model run three ways (same bits): the kernel as dispatched, its VNNI path, PyTorch."""
-    lib = int8.kernel()
+    """The int8 model run every way this CPU can (same bits): each compiled kernel (the AVX512
+    library with AMX tiles where the CPU has them, its VNNI path, the AVX2 kernel), then PyTorch."""
     out = {}
-    if lib is not None:
-        out["int8 kernel" + (" (AMX)" if lib.amx else " (VNNI)")] = model
+    for lib in int8.kernels():
+        if lib is not native.library():
+            out["int8 kernel (AVX2)"] = torch.nn.ModuleList(_Kernel(lin, lib) for lin in model)
+            continue
         if lib.amx:
-            vnni = torch.nn.ModuleList(_Vnni(lin) for lin in model)
-            out["int8 kernel (VNNI)"] = vnni
+            out["int8 kernel (AMX)"] = torch.nn.ModuleList(_Kernel(lin, lib, amx=True) for lin in model)
+        out["int8 kernel (VNNI)"] = torch.nn.ModuleList(_Kernel(lin, lib) for lin in model)
     out["int8 torch._int_mm"] = torch.nn.ModuleList(_Reference(lin) for lin in model)
     return out
 
 
-class _Vnni(torch.nn.Module):
-    def __init__(self, lin):
+class _Kernel(torch.nn.Module):
+    def __init__(self, lin, lib=None, amx: bool = False):
         super().__init__()
-        self.lin, self.in_features = lin, lin.in_features
+        self.lin, self.in_features, self.lib, self.amx = lin, lin.in_features, lib, amx
 
     def forward(self, x):
-        return int8.kernel_linear(int8.kernel(), x, self.lin.qweight, self.lin.bias, amx=False)
+        return int8.kernel_linear(self.lib, x, self.lin.qweight, self.lin.bias, amx=self.amx)
 
 
-class _Reference(_Vnni):
+class _Reference(_Kernel):
     def forward(self, x):
         return int8.reference_linear(x, self.lin.qweight, self.lin.bias)
 
@@ -106,7 +109,7 @@ def main() -> None:
     quantize_linears(plain)  # activations stay in the model dtype; weights int8
     for name, model in int8_variants(plain).items():
         measure(name, model, dtype)
-    report = {"threads": a.threads, "layers": LAYERS, "activations": str(dtype).removeprefix("torch."),
+    report = {"cpu": cpu_name(), "threads": a.threads, "layers": LAYERS, "activations": str(dtype).removeprefix("torch."),
               "ms_per_forward": rows, "command": "python bench/cpu_linear.py"}
     Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {a.json}")

@@ -277,6 +277,13 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("voice_latency", ("voice_latency.json",), "python bench/voice_latency.py", rows_table),
     Table("cpu_linear", ("cpu_linear.json",), "python bench/cpu_linear.py", rows_table),
     Table("cpu_forward", ("cpu_forward.json",), "python bench/cpu_forward.py", rows_table),
+    # The same benchmarks on a CPU with AVX2 but no AVX512 (results in bench/results/avx2/)
+    Table("llamacpp_avx2", ("avx2/llamacpp_*.json",), "RESULTS=bench/results/avx2 bash bench/run_llamacpp.sh",
+          llamacpp_table),
+    Table("cpu_linear_avx2", ("avx2/cpu_linear.json",),
+          "python bench/cpu_linear.py --json bench/results/avx2/cpu_linear.json", rows_table),
+    Table("cpu_forward_avx2", ("avx2/cpu_forward.json",),
+          "python bench/cpu_forward.py --json bench/results/avx2/cpu_forward.json", rows_table),
     Table("cpu_attention", ("cpu_attention.json",), "python bench/cpu_attention.py", rows_table),
     Table("quant_quality", ("quant_quality.json",), "python bench/quant_quality.py", rows_table),
 )}
@@ -291,7 +298,7 @@ def render(table: Table, root: Path = ROOT) -> str:
         files = sorted((root / RESULTS).glob(pattern))
         if not files:
             return f"_No results yet: `{table.command}` writes `{RESULTS}/{pattern}`._\n"
-        found += [(f.name, json.loads(f.read_text())) for f in files]
+        found += [(f.relative_to(root / RESULTS).as_posix(), json.loads(f.read_text())) for f in files]
     lines = table.render(found)
     return "\n".join([*lines, "", source_line([f for f, _ in found], table.command)]) + "\n"
 

@@ -44,6 +44,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                        platform.processor() or platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls are only fast with native support (AVX512-BF16 or AMX); elsewhere torch emulates
     them, and a 17-token verify costs ~M times a 1-token step instead of about the same."""

@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so on a CPU the target's speed is its weight bytes over
 the memory bandwidth; int8 halves bf16's bytes. Speculative decoding also needs a verify of K + 1
 rows to cost about what one row does, and to give each row the same bits as decoding it alone.
-`kernels.int8` provides both: an AMX (or AVX512-VNNI) int8 GEMM whose time is flat from M = 1 to
+`kernels.int8` provides both: an AMX (or AVX512-VNNI, or AVX2) int8 GEMM whose time is flat from M = 1 to
 32, with per-row activation quantization and an exact integer sum, so rows are independent
 bitwise (`python bench/quant_linear.py` measures it against bf16 per M).
 
@@ -23,12 +23,15 @@ perplexity increase (bench/quant_quality.py).
 `--quant int8` is lossless with respect to the quantized target: every method's output equals
 plain decoding of the same int8 model. It is a different model from the bf16 one, slightly:
 `python bench/quant_quality.py` measures perplexity and greedy agreement against bf16.
-`auto` picks int8 where the compiled kernel runs (CPUs with AVX512-VNNI and a C compiler) and
-leaves the weights as they are elsewhere, where int8 would only be slower.
+`auto` picks int8 where a compiled kernel runs (CPUs with AVX512-VNNI or AVX2, and a C compiler)
+and leaves the weights as they are elsewhere, where int8 would only be slower.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -36,11 +39,14 @@ from torch import nn
 
 from kernels import int8, rowops
 
+from .models import cache_dir
+
 QUANT_MODES = ("auto", "int8", "none")
 CALIBRATION = Path(__file__).with_name("quant_calibration.txt")
 CALIBRATION_TOKENS = 2048
 ALPHA = 0.5  # share of the activation range moved into the weights
 HADAMARD = 16  # down_proj's input rotation: block size (kernels.rowops.hadamard16)
+CACHE_SAMPLES = 4096  # values of each weight the calibration cache key reads (all of smaller ones)
 
 
 def rotate_weight(w: torch.Tensor) -> torch.Tensor:
@@ -128,6 +134,46 @@ def calibration_ids(tokenizer) -> list[int]:
     return list(ids)[:CALIBRATION_TOKENS]
 
 
+def calibration_amax(model: nn.Module, tokenizer, linears: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
+    """Each of `linears`' largest absolute input per channel over one forward of the calibration
+    text. Kept in the Domino cache (`quant/`), keyed by the calibration tokens, the model's config
+    and dtype and a digest of its weights (every value of the small ones, norms and biases, a
+    strided sample of the large ones: a fine-tune changes them all), so a later load of the same
+    model skips the forward (a few seconds on 2 cores, more in fp32)."""
+    ids = calibration_ids(tokenizer)
+    names = {m: n for n, m in model.named_modules()}
+    digest = hashlib.sha256(json.dumps([ids, str(model.dtype), model.config.to_json_string()]).encode())
+    for _, p in sorted(model.named_parameters()):  # small tensors whole, large ones by a strided sample
+        flat = p.detach().reshape(-1)
+        digest.update(flat[::max(1, flat.numel() // CACHE_SAMPLES)].float().cpu().numpy().tobytes())
+    path = cache_dir() / "quant" / f"amax-{digest.hexdigest()[:24]}.pt"
+    try:
+        saved = torch.load(path, weights_only=True)
+        return {lin: saved[names[lin]].to(lin.weight.device) for lin in linears}
+    except (OSError, KeyError, RuntimeError, EOFError):
+        pass  # not cached yet, or unreadable: measure
+    amax: dict[nn.Module, torch.Tensor] = {}
+
+    def record(mod, args):
+        a = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
+        amax[mod] = torch.maximum(amax[mod], a) if mod in amax else a
+
+    hooks = [lin.register_forward_pre_hook(record) for lin in linears]
+    try:
+        model(torch.tensor(ids, device=model.device)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({names[lin]: a.cpu() for lin, a in amax.items()}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent load wins or loses the rename
+    except OSError:
+        pass  # a read-only cache only costs the next load the forward
+    return amax
+
+
 def _smoothing_scale(amax: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
     """s_j = amax_j^alpha / max|W[:, j]|^(1 - alpha) over the linears that share input channel j."""
     w = torch.stack([lin.weight.detach().float().abs().amax(0) for lin in linears]).amax(0)
@@ -154,19 +200,8 @@ def smooth(model: nn.Module, tokenizer) -> int:
         return 0
     if not points:
         return 0
-    amax: dict[nn.Module, torch.Tensor] = {}
-
-    def record(mod, args):
-        a = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
-        amax[mod] = torch.maximum(amax[mod], a) if mod in amax else a
-
     first = [p[1][0] for p in points] + [p[3][0] for p in points] + [p[5] for p in points]
-    hooks = [lin.register_forward_pre_hook(record) for lin in first]
-    try:
-        model(torch.tensor(calibration_ids(tokenizer), device=model.device)[None])
-    finally:
-        for h in hooks:
-            h.remove()
+    amax = calibration_amax(model, tokenizer, first)
     for norm1, qkv, norm2, gate_up, up, down in points:
         for norm, group in ((norm1, qkv), (norm2, gate_up)):
             s = _smoothing_scale(amax[group[0]], group)

@@ -9,9 +9,11 @@ exact and the epilogue is the same fp32 sequence for every row:
 so row m's bits depend on row m alone, whatever else shares the call (any M, any thread count):
 a verify of K + 1 rows reproduces K + 1 one-token decoding steps exactly.
 
-Two implementations with identical bits: `reference_linear` (torch._int_mm, portable) and the C
-kernel in `kernels/cpu/w8a8.c` (AVX512-VNNI `vpdpbusd`, weights pre-packed; the integer GEMM reads
-each weight once for all M rows, so a 17-row verify costs about what one row does). The kernel is
+Implementations with identical bits: `reference_linear` (torch._int_mm, portable) and the C
+kernels, on the same pre-packed weights: `kernels/cpu/w8a8.c` (AMX tiles or AVX512-VNNI
+`vpdpbusd`) and, on CPUs with AVX2 but no AVX512, `kernels/cpu/avx2/w8a8.c` (int16 `vpmaddwd`).
+Each reads a weight once for all M rows (so with AMX a 17-row verify costs about what one row
+does; AVX2's multiplies are slower, there a 9-row verify costs about three rows). The kernels are
 built and loaded by `kernels.native`.
 """
 
@@ -112,21 +114,34 @@ def cpu_has_vnni() -> bool:
 
 
 @functools.cache
+def kernels() -> tuple[ctypes.CDLL, ...]:
+    """Every compiled int8 GEMM this CPU runs, the fastest first: the AVX512 library (AMX or VNNI)
+    where the CPU has AVX512-VNNI, then the AVX2 one (`kernels.native`). Each has `w8a8_linear`
+    and `amx` (whether its AMX path may run)."""
+    found = []
+    if cpu_has_vnni() and (dll := native.library()) is not None:
+        if not hasattr(dll, "amx"):
+            dll.amx = "amx_int8" in cpu_flags() and native.tile_state()
+        found.append(dll)
+    if (dll := native.library_avx2()) is not None:
+        dll.amx = False
+        found.append(dll)
+    return tuple(found)
+
+
 def kernel() -> ctypes.CDLL | None:
-    """The compiled kernels (`kernels.native`), or None when this CPU lacks AVX512-VNNI, they do not
-    build, or DOMINO_INT8_KERNEL=torch asks for the reference."""
-    if os.environ.get("DOMINO_INT8_KERNEL", "").lower() == "torch" or not cpu_has_vnni():
+    """The int8 GEMM the model runs (the first of `kernels()`), or None when this CPU has neither
+    AVX512-VNNI nor AVX2, none builds, or DOMINO_INT8_KERNEL=torch asks for the reference."""
+    if os.environ.get("DOMINO_INT8_KERNEL", "").lower() == "torch":
         return None
-    dll = native.library()
-    if dll is not None and not hasattr(dll, "amx"):
-        dll.amx = "amx_int8" in cpu_flags() and native.tile_state()
-    return dll
+    return next(iter(kernels()), None)
 
 
 def kernel_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
                   amx: bool = True) -> torch.Tensor:
-    """The C kernel on a [M, K] fp32/bf16 tensor; same bits as `reference_linear`. AMX tiles where
-    the CPU has them and K is a multiple of 64 (unless amx=False), else AVX512-VNNI."""
+    """A C kernel (one of `kernels()`) on a [M, K] fp32/bf16 tensor; same bits as
+    `reference_linear`. The AVX512 library uses AMX tiles where the CPU has them and K is a
+    multiple of 64 (unless amx=False), else AVX512-VNNI."""
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"int8 kernel takes fp32 or bf16 activations, not {x.dtype}")
     x = x.contiguous()

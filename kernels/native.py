@@ -1,7 +1,8 @@
 """The compiled CPU kernels (`kernels/cpu/*.c`): built once per source version with the system C
 compiler into the Domino cache (`$DOMINO_CACHE/kernels`, about a second) and loaded with ctypes.
 Their OpenMP loops share torch's libgomp runtime. `library()` is None on CPUs without AVX512 or
-without a C compiler; callers then run their PyTorch references (same contracts, slower).
+without a C compiler; callers then run their PyTorch references (same contracts, slower). On AVX2
+CPUs without AVX512, `library_avx2()` still gives the int8 GEMM (kernels/cpu/avx2).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from domino_backend.cpu import cpu_flags
 
 SOURCES = sorted(Path(__file__).with_name("cpu").glob("*.c"))
 HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16",
-          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16",
+          *COMMON]
+# CPUs with AVX2 but no AVX512: the int8 GEMM alone (kernels/cpu/avx2), same bits as the AVX512 one.
+AVX2_SOURCES = sorted(Path(__file__).with_name("cpu").joinpath("avx2").glob("*.c"))
+AVX2_CFLAGS = ["-mavx2", "-mfma", *COMMON]
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name: (argtypes, restype)
     "w8a8_linear": ([_p, _i32, _i64, _i64, _p, _p, _p, _p, _i64, _p, _i32, _i32, _i32], None),
@@ -42,32 +47,49 @@ def cpu_has_avx512() -> bool:
     return {"avx512f", "avx512bw"} <= cpu_flags()
 
 
+def cpu_has_avx2() -> bool:
+    return {"avx2", "fma"} <= cpu_flags()
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (no AVX512, no C compiler, or the build failed: said on stderr)."""
-    if not cpu_has_avx512():
-        return None
+    return _build("domino-cpu", SOURCES + HEADERS, CFLAGS, SIGNATURES) if cpu_has_avx512() else None
+
+
+@functools.cache
+def library_avx2() -> ctypes.CDLL | None:
+    """The int8 GEMM for AVX2 CPUs (`w8a8_linear` only), or None (no AVX2/FMA, no C compiler, or
+    the build failed)."""
+    return (_build("domino-avx2", AVX2_SOURCES, AVX2_CFLAGS, {"w8a8_linear": SIGNATURES["w8a8_linear"]})
+            if cpu_has_avx2() else None)
+
+
+def _build(name: str, files: list[Path], flags: list[str], signatures: dict) -> ctypes.CDLL | None:
+    """Compile `files`' .c sources into a cached shared library (keyed by the files and flags) and
+    load it with `signatures` set."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         print("[domino] no C compiler found: the CPU kernels fall back to slower PyTorch references", file=sys.stderr)
         return None
     from domino_backend.models import cache_dir
 
-    tag = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES + HEADERS) + " ".join(CFLAGS).encode())
-    lib = cache_dir() / "kernels" / f"domino-cpu-{tag.hexdigest()[:16]}.so"
+    tag = hashlib.sha256(b"".join(s.name.encode() + s.read_bytes() for s in files) + " ".join(flags).encode())
+    lib = cache_dir() / "kernels" / f"{name}-{tag.hexdigest()[:16]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            res = subprocess.run([cc, *CFLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
+            sources = [str(f) for f in files if f.suffix == ".c"]
+            res = subprocess.run([cc, *flags, "-o", str(out), *sources], capture_output=True, text=True)
             if res.returncode:
                 print(f"[domino] compiling the CPU kernels failed (they fall back to slower PyTorch references):\n"
                       f"{res.stderr[-2000:]}", file=sys.stderr)
                 return None
             os.replace(out, lib)  # atomic: a concurrent build simply wins or loses the rename
     dll = ctypes.CDLL(str(lib))
-    for name, (args, res) in SIGNATURES.items():
-        fn = getattr(dll, name)
+    for fname, (args, res) in signatures.items():
+        fn = getattr(dll, fname)
         fn.argtypes, fn.restype = args, res
     return dll
 

@@ -1,5 +1,5 @@
-"""The int8 target: the C kernel (AMX and AVX512-VNNI paths) and the PyTorch reference give the same
-bits, every row is independent of the rest of the batch, and speculative decoding of the quantized
+"""The int8 target: the C kernels (AMX, AVX512-VNNI and AVX2 paths) and the PyTorch reference give
+the same bits, every row is independent of the rest of the batch, and speculative decoding of the quantized
 target equals its own plain decoding."""
 
 import pytest
@@ -8,11 +8,13 @@ import torch
 from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.quant import Int8Linear, quantize_linears, quantize_target, resolve_quant, smooth, weight_format
 from domino_backend.target import Target
-from kernels import int8
+from kernels import int8, native
 
 from tiny import tiny_draft, tiny_target
 
-needs_kernel = pytest.mark.skipif(int8.kernel() is None, reason="no AVX512-VNNI CPU or C compiler")
+needs_kernel = pytest.mark.skipif(int8.kernel() is None, reason="no AVX2 or AVX512-VNNI CPU, or no C compiler")
+# Every int8 GEMM this CPU runs: the AVX512 library (AMX / VNNI) and the AVX2 one.
+KERNELS = [pytest.param(lib, id="avx512" if lib is native.library() else "avx2") for lib in int8.kernels()]
 
 SHAPES = [(896, 896), (896, 128), (4864, 96), (100, 50), (64, 33)]  # (in, out): K % 64 != 0 -> VNNI path
 
@@ -22,11 +24,10 @@ def _weight(k: int, n: int, seed: int = 0) -> int8.QuantWeight:
     return int8.pack(int8.quantize_weight(torch.randn(n, k, generator=g)))
 
 
-@needs_kernel
+@pytest.mark.parametrize("lib", KERNELS)
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_has_the_reference_bits_for_every_batch_size(k, n, dtype):
-    lib = int8.kernel()
+def test_kernel_has_the_reference_bits_for_every_batch_size(lib, k, n, dtype):
     w = _weight(k, n)
     bias = torch.randn(n)
     for m in (1, 2, 9, 16, 17, 32, 33, 70):
@@ -36,9 +37,8 @@ def test_kernel_has_the_reference_bits_for_every_batch_size(k, n, dtype):
         assert torch.equal(int8.kernel_linear(lib, x, w, bias, amx=False), ref), m
 
 
-@needs_kernel
-def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count():
-    lib = int8.kernel()
+@pytest.mark.parametrize("lib", KERNELS)
+def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(lib):
     w = _weight(896, 4864)
     x = torch.randn(17, 896).bfloat16()
     before = torch.get_num_threads()
@@ -153,6 +153,27 @@ def test_the_int8_target_rotates_every_down_projection_and_fuses_only_unrotated_
     assert Int8Linear.fused([layers[0].mlp.down_proj, layers[0].mlp.down_proj]) is None
 
 
+def test_calibration_is_measured_once_per_model_and_remeasured_when_a_weight_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOMINO_CACHE", str(tmp_path))
+    forwards = []
+
+    def smoothed(edit=None):
+        model = tiny_target("llama", seed=5).model
+        if edit:
+            with torch.no_grad():
+                edit(model)
+        model.register_forward_pre_hook(lambda mod, args: forwards.append(1))
+        smooth(model, ByteTokenizer(64))
+        return model.state_dict()
+
+    first, again = smoothed(), smoothed()
+    assert len(forwards) == 1 and len(list((tmp_path / "quant").iterdir())) == 1
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the cached ranges smooth identically
+    loud = smoothed(lambda m: m.model.layers[0].post_attention_layernorm.weight.__setitem__(5, 40.0))
+    assert len(forwards) == 2  # one norm value changed: another model, measured afresh
+    assert not torch.equal(loud["model.layers.0.mlp.gate_proj.weight"], first["model.layers.0.mlp.gate_proj.weight"])
+
+
 def test_smoothing_skips_models_without_the_decoder_layout():
     assert smooth(torch.nn.Sequential(torch.nn.Linear(4, 4)), ByteTokenizer(8)) == 0
 
@@ -214,7 +235,8 @@ def test_switching_threads_between_rounds_changes_no_token():
         torch.set_num_threads(before)
 
 
-@needs_kernel
+@pytest.mark.skipif(native.library() is None or int8.kernel() is not native.library(),
+                    reason="the layer kernels need AVX512-VNNI")
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_a_layer_in_two_kernel_calls_gives_the_step_by_step_bits(family):
     """kernels/cpu/layer.c runs a layer's int8 GEMMs and row ops in two calls; logits and features

@@ -8,7 +8,6 @@ requests, the UI's included), so they show what `/metrics` counts, request by re
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections import deque
 from html import escape
@@ -28,13 +27,9 @@ def hardware() -> dict:
     """The machine this server runs on (decoding runs here unless --backend-url points elsewhere)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    hw = {"CPU": f"{cpu} · {os.cpu_count()} cores", "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    from domino_backend.cpu import cpu_name
+
+    hw = {"CPU": f"{cpu_name()} · {os.cpu_count()} cores", "torch": torch.__version__, "threads": str(torch.get_num_threads())}
     try:
         hw["memory"] = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     except (ValueError, OSError, AttributeError):
