@@ -3,9 +3,10 @@
 Decoding one token reads every weight once, so on a CPU the target's speed is its weight bytes over
 the memory bandwidth; int8 halves bf16's bytes. Speculative decoding also needs a verify of K + 1
 rows to cost about what one row does, and to give each row the same bits as decoding it alone.
-`kernels.int8` provides both: an AMX (or AVX512-VNNI, or AVX2) int8 GEMM whose time is flat from M = 1 to
-32, with per-row activation quantization and an exact integer sum, so rows are independent
-bitwise (`python bench/quant_linear.py` measures it against bf16 per M).
+`kernels.int8` provides both: an AMX int8 GEMM whose time is flat from M = 1 to 32 (AVX512-VNNI or
+AVX2 kernels with the same bits where there is no AMX), with per-row activation quantization and
+an exact integer sum, so rows are independent bitwise (`python bench/cpu_linear.py` measures them
+against bf16 and fp32 per M).
 
 Per-row int8 rounds every channel of a row to the row's largest value, and a few input channels of
 these models carry values 10-100x the rest (the MLP's down projection above all). `smooth` first
@@ -142,7 +143,9 @@ def calibration_amax(model: nn.Module, tokenizer, linears: list[nn.Module]) -> d
     model skips the forward (a few seconds on 2 cores, more in fp32)."""
     ids = calibration_ids(tokenizer)
     names = {m: n for n, m in model.named_modules()}
-    digest = hashlib.sha256(json.dumps([ids, str(model.dtype), model.config.to_json_string()]).encode())
+    config = getattr(model, "config", None)
+    digest = hashlib.sha256(json.dumps([ids, str(getattr(model, "dtype", "")),
+                                        config.to_json_string() if config is not None else ""]).encode())
     for _, p in sorted(model.named_parameters()):  # small tensors whole, large ones by a strided sample
         flat = p.detach().reshape(-1)
         digest.update(flat[::max(1, flat.numel() // CACHE_SAMPLES)].float().cpu().numpy().tobytes())
@@ -150,8 +153,8 @@ def calibration_amax(model: nn.Module, tokenizer, linears: list[nn.Module]) -> d
     try:
         saved = torch.load(path, weights_only=True)
         return {lin: saved[names[lin]].to(lin.weight.device) for lin in linears}
-    except (OSError, KeyError, RuntimeError, EOFError):
-        pass  # not cached yet, or unreadable: measure
+    except Exception:  # not cached yet, or unreadable: measure
+        pass
     amax: dict[nn.Module, torch.Tensor] = {}
 
     def record(mod, args):

@@ -170,7 +170,9 @@ def build(ctx: Ctx) -> None:
                 yield preview_html(s, "", f"⚠️ {e.message}"), None, off, off
                 return
             ok = r.finish_reason != "error" and bool(r.text)
-            status = status_line(r, s.where) if r.text or r.finish_reason == "error" else "the model suggested nothing here"
+            status = status_line(r, s.where)  # where it completed, whatever came of it
+            if not r.text and r.finish_reason != "error":
+                status += " · the model suggested nothing here"
             pend = {"prefix": s.prefix, "suffix": s.suffix, "text": r.text} if ok else None
             yield preview_html(s, r.text, status), pend, gr.Button(interactive=ok), gr.Button(interactive=ok)
 
