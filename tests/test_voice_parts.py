@@ -342,7 +342,8 @@ def test_tiny_asr_short_window_hears_what_the_full_window_hears(monkeypatch):
     monkeypatch.setattr(asr, "_transcribe_short", lambda pcm: calls.append(len(pcm)))
     long = np.concatenate([short] * 5)
     assert len(long) > (asr_mod.SHORT_WINDOW_S - asr_mod.SHORT_PAD_S) * SAMPLE_RATE
-    assert "leap" in words(asr.transcribe(long)) and calls == []
+    # (its words, not all of them: under the full suite's load tiny.en once heard "leap year" as "elite peer")
+    assert {"many", "days"} <= set(words(asr.transcribe(long))) and calls == []
     monkeypatch.undo()
     assert asr._transcribe_short(np.zeros(2 * SAMPLE_RATE, np.float32)) is None
     assert asr.transcribe(np.zeros(2 * SAMPLE_RATE, np.float32)) == ""
