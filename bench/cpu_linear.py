@@ -26,7 +26,7 @@ import torch
 from domino_backend.bench import median_ms
 from domino_backend.cpu import cpu_has_fast_bf16, cpu_name, pack_linears, pin_mkl_avx2_on_amd
 from domino_backend.quant import quantize_linears
-from kernels import int8, native
+from kernels import int8
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 896, 4864, 128, 151936, 24
 SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
@@ -51,7 +51,7 @@ def int8_variants(model: torch.nn.ModuleList) -> dict:
     library with AMX tiles where the CPU has them, its VNNI path, the AVX2 kernel), then PyTorch."""
     out = {}
     for lib in int8.kernels():
-        if lib is not native.library():
+        if lib.isa == "avx2":
             out["int8 kernel (AVX2)"] = torch.nn.ModuleList(_Kernel(lin, lib) for lin in model)
             continue
         if lib.amx:

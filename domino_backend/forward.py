@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import int8, native, rowops
+from kernels import int8, rowops
 
 from .batch_invariant import attend_all, prefill_blocks, tree_mask, visible_rows
 from .config import text_config
@@ -163,7 +163,7 @@ class PackedForward:
         last = len(self.layers) - 1
         captured: dict[int, torch.Tensor] = {}
         fast = rowops.supports(h)
-        whole = fast and int8.kernel() is native.library()  # layer.c runs the AVX512 library's GEMM
+        whole = fast and getattr(int8.kernel(), "isa", None) == "avx512"  # layer.c runs the AVX512 library's GEMM
         delta = None  # the previous layer's MLP output, added to h by the next norm
         masks: dict = {}  # prefill blocks' attention masks, the same in every layer
         for li, layer in enumerate(self.layers):

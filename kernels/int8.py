@@ -116,15 +116,14 @@ def cpu_has_vnni() -> bool:
 @functools.cache
 def kernels() -> tuple[ctypes.CDLL, ...]:
     """Every compiled int8 GEMM this CPU runs, the fastest first: the AVX512 library (AMX or VNNI)
-    where the CPU has AVX512-VNNI, then the AVX2 one (`kernels.native`). Each has `w8a8_linear`
-    and `amx` (whether its AMX path may run)."""
+    where the CPU has AVX512-VNNI, then the AVX2 one (`kernels.native`). Each has `w8a8_linear`,
+    `isa` ("avx512" or "avx2") and `amx` (whether its AMX path may run)."""
     found = []
     if cpu_has_vnni() and (dll := native.library()) is not None:
-        if not hasattr(dll, "amx"):
-            dll.amx = "amx_int8" in cpu_flags() and native.tile_state()
+        dll.isa, dll.amx = "avx512", "amx_int8" in cpu_flags() and native.tile_state()
         found.append(dll)
     if (dll := native.library_avx2()) is not None:
-        dll.amx = False
+        dll.isa, dll.amx = "avx2", False
         found.append(dll)
     return tuple(found)
 

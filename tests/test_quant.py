@@ -8,13 +8,13 @@ import torch
 from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.quant import Int8Linear, quantize_linears, quantize_target, resolve_quant, smooth, weight_format
 from domino_backend.target import Target
-from kernels import int8, native
+from kernels import int8
 
 from tiny import tiny_draft, tiny_target
 
 needs_kernel = pytest.mark.skipif(int8.kernel() is None, reason="no AVX2 or AVX512-VNNI CPU, or no C compiler")
 # Every int8 GEMM this CPU runs: the AVX512 library (AMX / VNNI) and the AVX2 one.
-KERNELS = [pytest.param(lib, id="avx512" if lib is native.library() else "avx2") for lib in int8.kernels()]
+KERNELS = [pytest.param(lib, id=lib.isa) for lib in int8.kernels()]
 
 SHAPES = [(896, 896), (896, 128), (4864, 96), (100, 50), (64, 33)]  # (in, out): K % 64 != 0 -> VNNI path
 
@@ -235,8 +235,7 @@ def test_switching_threads_between_rounds_changes_no_token():
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(native.library() is None or int8.kernel() is not native.library(),
-                    reason="the layer kernels need AVX512-VNNI")
+@pytest.mark.skipif(getattr(int8.kernel(), "isa", None) != "avx512", reason="the layer kernels need AVX512-VNNI")
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_a_layer_in_two_kernel_calls_gives_the_step_by_step_bits(family):
     """kernels/cpu/layer.c runs a layer's int8 GEMMs and row ops in two calls; logits and features
