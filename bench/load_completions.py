@@ -380,7 +380,7 @@ def plot(report: dict, path: str) -> None:
 def spawn(args) -> tuple[subprocess.Popen, str]:
     clients = max(args.clients)
     proc, port = spawn_server(["--profile", args.profile, "--dtype", args.dtype, "--max-active", str(args.max_active),
-                               "--max-queue", str(max(64, clients)), "--prefix-cache", str(max(clients, MIXED_CLIENTS) + 2)]
+                               "--max-queue", str(max(64, clients))]
                               + (["--threads", str(args.threads)] if args.threads else []))
     return proc, f"ws://127.0.0.1:{port}/v1/ws"
 

@@ -123,8 +123,9 @@ class Engine:
                  placeholder_draft: bool = False):
         self.target, self.draft, self.settings = target, draft, settings
         # Snapshots of recent prompts' KV caches for prefix reuse.
-        self.prefix_cache = (PrefixCache(settings.prefix_cache, settings.prefix_min_reuse, BLOCK)
-                             if settings.prefix_cache else None)
+        self.prefix_cache = (PrefixCache(settings.prefix_cache, settings.prefix_min_reuse, BLOCK,
+                                         settings.prefix_cache_mb << 20)
+                             if settings.prefix_cache and settings.prefix_cache_mb else None)
         # True when the drafter is the random-initialised stand-in (lossless, but no speed-up).
         self.placeholder_draft = placeholder_draft
         # Adaptive draft-length state per method (per "method/source" for methods that route rounds

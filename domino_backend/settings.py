@@ -51,12 +51,16 @@ class EngineSettings:
     prefill_chunk: int = 512  # prompt tokens per prefill forward; a long prompt yields between chunks
     # Rows per batched forward: every round's rows, then prefill chunks that fit (cut at block boundaries).
     batch_rows: int = 512
-    prefix_cache: int = 4  # KV snapshots of recent prompts kept for prefix reuse (0: off)
+    # KV snapshots of recent prompts kept for prefix reuse (0: off): one per file being typed in or
+    # conversation, so many clients' keystrokes do not evict each other's; and the memory they may
+    # hold (prefix_cache.py), the bound that matters for long prompts and large models.
+    prefix_cache: int = 64
+    prefix_cache_mb: int = 2048
     prefix_min_reuse: int = 16  # shortest shared prompt prefix worth restoring
 
     def __post_init__(self) -> None:
-        if self.prefill_chunk < 1 or self.prefix_cache < 0 or (self.max_drafts or 0) < 0:
-            raise ValueError("prefill_chunk must be >= 1, prefix_cache and max_drafts >= 0")
+        if self.prefill_chunk < 1 or min(self.prefix_cache, self.prefix_cache_mb, self.max_drafts or 0) < 0:
+            raise ValueError("prefill_chunk must be >= 1, prefix_cache, prefix_cache_mb and max_drafts >= 0")
         if not self.tree.width > 0 or self.tree.beam < 1:
             raise ValueError("tree width must be > 0 and beam >= 1")
         if not 1 <= self.ngram.min_ngram <= self.ngram.max_ngram or self.ngram.num_draft < 0:

@@ -239,6 +239,32 @@ def test_the_next_keystroke_replaces_its_file_in_the_prefix_cache():
     assert g.stats.reused_tokens == 32  # 41 shared; their last block ends inside both prompts, at 52 and 55
 
 
+def test_the_prefix_cache_keeps_within_its_memory_budget_dropping_the_least_recently_used():
+    c = make_engine().target.model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4  # fp32 keys and values
+    files = [[(k * 7 + i) % 60 for i in range(60)] for k in range(4)]
+    sizes = []
+    for budget_files in (4, 2):
+        engine = make_engine(prefill_chunk=64, prefix_cache=64)
+        engine.prefix_cache.max_bytes = None
+        engine.generate(files[0], GenerationRequest(max_new_tokens=1, method="ar"))
+        one = engine.prefix_cache.nbytes
+        assert one >= 60 * per_token  # the target's K/V at least (and the drafter's context)
+        engine.prefix_cache.max_bytes = budget_files * one + one // 2
+        for f in files[1:]:
+            engine.generate(f, GenerationRequest(max_new_tokens=1, method="ar"))
+        sizes.append(engine.prefix_cache.size)
+        assert engine.prefix_cache.nbytes <= engine.prefix_cache.max_bytes
+        again = engine.generate(files[0] + [61], GenerationRequest(max_new_tokens=1, method="ar"))
+        assert (again.stats.reused_tokens > 0) == (budget_files == 4)  # the oldest went first
+    assert sizes == [4, 2]
+    engine.prefix_cache.max_bytes = one // 2  # a snapshot larger than the whole budget is not kept
+    engine.prefix_cache.clear()
+    engine.generate(files[1], GenerationRequest(max_new_tokens=1, method="ar"))
+    assert engine.prefix_cache.size == 0
+
+
 def test_a_restored_prefix_brings_the_drafters_context_so_drafts_match_a_fresh_prefill():
     g = torch.Generator().manual_seed(3)
     first = torch.randint(0, 60, (120,), generator=g).tolist()
