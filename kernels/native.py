@@ -2,7 +2,8 @@
 compiler into the Domino cache (`$DOMINO_CACHE/kernels`, about a second) and loaded with ctypes.
 Their OpenMP loops share torch's libgomp runtime. `library()` is None on CPUs without AVX512 or
 without a C compiler; callers then run their PyTorch references (same contracts, slower). On AVX2
-CPUs without AVX512, `library_avx2()` still gives the int8 GEMM (kernels/cpu/avx2).
+CPUs without AVX512, `library_avx2()` still gives the int8 GEMM and the Hadamard rotation of fp32
+rows (kernels/cpu/avx2).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ HEADERS = sorted(Path(__file__).with_name("cpu").glob("*.h"))
 COMMON = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 CFLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-mavx512bf16",
           *COMMON]
-# CPUs with AVX2 but no AVX512: the int8 GEMM alone (kernels/cpu/avx2), same bits as the AVX512 one.
+# CPUs with AVX2 but no AVX512: the int8 GEMM (same bits as the AVX512 one) and the fp32 Hadamard
+# rotation of its input (kernels/cpu/avx2).
 AVX2_SOURCES = sorted(Path(__file__).with_name("cpu").joinpath("avx2").glob("*.c"))
 AVX2_CFLAGS = ["-mavx2", "-mfma", *COMMON]
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -40,6 +42,7 @@ SIGNATURES = {  # name: (argtypes, restype)
     "layer_attn_in": ([_p, _p, _p, _i64, _i64, _p, ctypes.c_float, _p, _p, _p, _i32, _i32, _i32, _p, _i32, _i32], None),
     "layer_mlp": ([_p, _p, _p, _i64, _i64, _p, _p, ctypes.c_float, _p, _p, _i32, _p, _i32, _i32], None),
     "hadamard16": ([_p, _i64, _i64, _i64, _p, _i64, _i32], None),
+    "hadamard16_f32": ([_p, _i64, _i64, _i64, _p, _i64, _i32], None),
 }
 
 
@@ -59,9 +62,9 @@ def library() -> ctypes.CDLL | None:
 
 @functools.cache
 def library_avx2() -> ctypes.CDLL | None:
-    """The int8 GEMM for AVX2 CPUs (`w8a8_linear` only), or None (no AVX2/FMA, no C compiler, or
+    """The AVX2 kernels (`w8a8_linear`, `hadamard16_f32`), or None (no AVX2/FMA, no C compiler, or
     the build failed)."""
-    return (_build("domino-avx2", AVX2_SOURCES, AVX2_CFLAGS, {"w8a8_linear": SIGNATURES["w8a8_linear"]})
+    return (_build("domino-avx2", AVX2_SOURCES, AVX2_CFLAGS, {f: SIGNATURES[f] for f in ("w8a8_linear", "hadamard16_f32")})
             if cpu_has_avx2() else None)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import int8
+from . import int8, native
 from .attention import kernel
 
 
@@ -76,13 +76,20 @@ def hadamard16_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def hadamard16(x: torch.Tensor) -> torch.Tensor:
-    """`hadamard16_reference` of [N, K] rows; the kernel for bf16 CPU rows where it runs."""
-    if not supports(x) or x.dim() != 2:
+    """`hadamard16_reference` of [N, K] rows (same bits): the kernel for bf16 CPU rows where the
+    AVX512 kernels run, the AVX2 library's for fp32 CPU rows, else the reference."""
+    if x.dim() != 2 or x.device.type != "cpu":
+        return hadamard16_reference(x)
+    if supports(x):
+        fn = kernel().hadamard16
+    elif x.dtype == torch.float32 and (avx2 := native.library_avx2()) is not None:
+        fn = avx2.hadamard16_f32
+    else:
         return hadamard16_reference(x)
     x = _rows(x)
     n, k = x.shape
     out = torch.empty(n, k, dtype=x.dtype)
-    kernel().hadamard16(x.data_ptr(), x.stride(0), n, k, out.data_ptr(), k, torch.get_num_threads())
+    fn(x.data_ptr(), x.stride(0), n, k, out.data_ptr(), k, torch.get_num_threads())
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 from domino_backend.engine import Engine, GenerationRequest
 from domino_backend.quant import Int8Linear, quantize_linears, quantize_target, resolve_quant, smooth, weight_format
 from domino_backend.target import Target
-from kernels import int8
+from kernels import int8, native, rowops
 
 from tiny import tiny_draft, tiny_target
 
@@ -142,6 +142,35 @@ def test_a_hadamard_rotated_int8_linear_keeps_the_function_and_quantizes_outlier
     assert errors[1] < 1e-3
     with pytest.raises(ValueError, match="divisible by 16"):
         Int8Linear(torch.nn.Linear(24, 8), hadamard=True)
+
+
+@pytest.mark.skipif(native.library_avx2() is None, reason="no AVX2 CPU or no C compiler")
+@pytest.mark.parametrize("rows", [1, 17, 40])  # 40 x 4864: threads split rows
+def test_the_fp32_hadamard_kernel_has_the_reference_bits_alone_in_any_batch_and_on_any_thread_count(rows):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, 4864, generator=g) * torch.rand(4864, generator=g).pow(8).mul(50)  # loud channels
+    out = rowops.hadamard16(x)
+    assert torch.equal(out, rowops.hadamard16_reference(x))  # the same butterflies, in the same order
+    h = torch.tensor([[(-1.0) ** bin(i & j).count("1") for j in range(16)] for i in range(16)]) / 4
+    torch.testing.assert_close(out, (x.view(rows, -1, 16) @ h).view(rows, -1), atol=1e-4, rtol=1e-4)
+    wide = torch.cat([x, torch.randn(rows, 16, generator=g)], 1)[:, :4864]  # rows at a stride
+    assert torch.equal(rowops.hadamard16(wide), out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(rowops.hadamard16(x), out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(rowops.hadamard16(x[i:i + 1])[0], out[i]) for i in range(rows))
+    calls = []
+    lib = native.library_avx2()
+    real = lib.hadamard16_f32
+    try:  # the kernel, not the reference, gave these bits
+        lib.hadamard16_f32 = lambda *a: (calls.append(a), real(*a))
+        rowops.hadamard16(x)
+    finally:
+        lib.hadamard16_f32 = real
+    assert len(calls) == 1
 
 
 def test_the_int8_target_rotates_every_down_projection_and_fuses_only_unrotated_parts():
