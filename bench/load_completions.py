@@ -5,8 +5,10 @@ Completion clients: each holds one WebSocket and "types" in a file, a source fil
 repository: request i asks for a single-line completion at a cursor `context_chars` + 7 i
 characters in (about 1,000 tokens of prefix by default, and the next lines as the suffix), back
 to back (closed loop: an editor waits for a suggestion before asking for the next). Consecutive
-prompts in a file share their prefix, which the engine's prefix cache restores (the server is
-started with a cache entry per file). Latencies are measured at the client from sending: TTFT =
+prompts in a file share their prefix, which the engine's prefix cache restores (a snapshot per
+file: the server's defaults keep 64). With `--whole`, each request is a completion without stop
+rules instead, up to `--max-tokens` (or the model's end token): a decode-bound load, where batching
+has the most to share (a single-line completion is mostly its prompt's prefill). Latencies are measured at the client from sending: TTFT =
 first `delta`, total = `done`.
 
 Every completions cell does the same work, so that its throughput compares with the others': as
@@ -119,7 +121,7 @@ async def completion_client(url, headers, texts, files: list[int], n: int | None
             i = 0
             while (n is None or i < n) and not (stop and stop.is_set()):
                 msg = {"type": "complete", **completion(texts, f, start + i, args), "max_tokens": args.max_tokens,
-                       "single_line": True, **({"method": method} if method else {})}
+                       "single_line": not args.whole, **({"method": method} if method else {})}
                 out.append(await ws_request(ws, msg))
                 if i == 0 and warm is not None:
                     warm.append(f)
@@ -409,6 +411,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=4, help="keystrokes per file per cell and pass")
     ap.add_argument("--passes", type=int, default=2, help="passes over the client counts, in alternating order")
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--whole", action="store_true", help="completions without stop rules, up to --max-tokens")
     ap.add_argument("--context-chars", type=int, default=3500, help="prefix length at a client's first cursor")
     ap.add_argument("--voice-turns", type=int, default=6, help="voice-like turns alone and under load (0: no mixed run)")
     ap.add_argument("--speed-tokens", type=int, default=48)
@@ -464,7 +467,7 @@ def main(argv=None) -> int:
               f"{min(s['pair_ratios']):.2f}-{max(s['pair_ratios']):.2f})")
     report = {"profile": args.profile if args.spawn else None, "url": None if args.spawn else url,
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
-              "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": True,
+              "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": not args.whole,
               "files": max(args.clients), "keystrokes_per_file": args.requests, "passes": args.passes,
               "methods": names, "cells": cells, "scaling": scaling, "mixed": mixed, "speed": speed,
               "max_batch": counts.get("domino_engine_max_batch")}

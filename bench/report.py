@@ -183,7 +183,8 @@ def load_table(found: list[tuple[str, dict]]) -> list[str]:
              num(c["completions_per_s"]), num(c["tokens_per_s"]), num(c["mean_tau"]), num(c.get("mean_batch"), 1)]
             for c in rep["cells"]]
     passes = rep.get("passes", 1)
-    caption = (f"Profile `{rep['profile']}`, single-line FIM completions of at most {rep['max_tokens']} tokens, "
+    kind = "single-line FIM completions" if rep.get("single_line", True) else "FIM completions without stop rules"
+    caption = (f"Profile `{rep['profile']}`, {kind} of at most {rep['max_tokens']} tokens, "
                f"every cell the same {rep['keystrokes_per_file'] * passes} keystrokes in each of {rep['files']} files"
                f"{f' ({passes} passes over the client counts, ascending then descending)' if passes > 1 else ''}, "
                f"{rep['threads'] or 'default'} engine thread(s), loopback; mean batch = requests per engine round "
@@ -284,6 +285,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           "python bench/cpu_linear.py --json bench/results/avx2/cpu_linear.json", rows_table),
     Table("cpu_forward_avx2", ("avx2/cpu_forward.json",),
           "python bench/cpu_forward.py --json bench/results/avx2/cpu_forward.json", rows_table),
+    Table("load_coder_avx2", ("avx2/load_coder.json",),
+          "PROFILE=coder REQUESTS=2 bash bench/run_load.sh --speed-runs 2 --json bench/results/avx2/load_coder.json "
+          "--plot docs/img/load_avx2.png", load_table),
+    Table("load_coder_whole_avx2", ("avx2/load_coder_whole.json",),
+          "python bench/load_completions.py --spawn --profile coder --clients 1,16 --requests 1 --whole "
+          "--max-tokens 96 --voice-turns 0 --speed-runs 0 --json bench/results/avx2/load_coder_whole.json", load_table),
     Table("cpu_attention", ("cpu_attention.json",), "python bench/cpu_attention.py", rows_table),
     Table("quant_quality", ("quant_quality.json",), "python bench/quant_quality.py", rows_table),
 )}

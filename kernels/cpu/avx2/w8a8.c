@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROWS 4 /* rows per register tile: 2 x ROWS int32 accumulators in ymm registers (more spill: 16 ymm in all) */
+#define ROWS 6 /* most rows per register tile: 2 x ROWS int32 accumulators in ymm registers (16 ymm in all) */
 #define QUANTIZE_PARALLEL_MIN 32768 /* activation values below which one thread quantizes them all */
 
 static inline float load1(const void *x, int x_bf16, int64_t i) {
@@ -107,7 +107,7 @@ static inline void epilogue8(__m256i a0, __m256i a1, int64_t c, int64_t n, const
   }
 }
 
-/* One tile: `rows` (< ROWS: the last rows of a batch) rows x 8 channels (the slice at wp of every
+/* One tile: `rows` (1-3: the last rows of a batch) rows x 8 channels (the slice at wp of every
  * 128-byte step). Always inlined with a constant `rows`, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile(const int16_t *xq, int64_t k, int rows, const int8_t *wp,
                                                        __m256i *acc0, __m256i *acc1) {
@@ -128,10 +128,10 @@ static inline __attribute__((always_inline)) void tile(const int16_t *xq, int64_
   }
 }
 
-/* ROWS (4) rows x 8 channels, the tile of every full row group, written out: GCC keeps these eight
- * accumulators in registers and adds in place. Through the generic `tile` (arrays indexed by row)
- * it copied a register after every add and spilled one per step, and the loop ran at about a
- * third of vpmaddwd's rate, bound by instruction issue. */
+/* Four rows x 8 channels, written out: GCC keeps these eight accumulators in registers and adds in
+ * place. Through the generic `tile` (arrays indexed by row) it copied a register after every add
+ * and spilled one per step, and the loop ran at about a third of vpmaddwd's rate, bound by
+ * instruction issue. */
 static void tile4(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   const int16_t *x0 = xq, *x1 = xq + k, *x2 = xq + 2 * k, *x3 = xq + 3 * k;
@@ -160,6 +160,28 @@ static void tile4(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0,
   acc1[0] = b0, acc1[1] = b1, acc1[2] = b2, acc1[3] = b3;
 }
 
+/* Six rows x 8 channels, the same way: 12 accumulators, 2 widened weight registers, 1 broadcast;
+ * each widened weight register feeds six products instead of four. */
+static void tile6(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+  const int16_t *x0 = xq, *x1 = xq + k, *x2 = xq + 2 * k, *x3 = xq + 3 * k, *x4 = xq + 4 * k, *x5 = xq + 5 * k;
+  const int64_t k4 = k / 4;
+  #pragma GCC unroll 2
+  for (int64_t j = 0; j < k4; j++) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128 + 16)));
+    int64_t v;
+    __m256i c;
+#define ROW(x, a, b) memcpy(&v, x + j * 4, 8); c = _mm256_set1_epi64x(v); \
+    a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, c)); b = _mm256_add_epi32(b, _mm256_madd_epi16(w1, c));
+    ROW(x0, a0, b0) ROW(x1, a1, b1) ROW(x2, a2, b2) ROW(x3, a3, b3) ROW(x4, a4, b4) ROW(x5, a5, b5)
+#undef ROW
+  }
+  acc0[0] = a0, acc0[1] = a1, acc0[2] = a2, acc0[3] = a3, acc0[4] = a4, acc0[5] = a5;
+  acc1[0] = b0, acc1[1] = b1, acc1[2] = b2, acc1[3] = b3, acc1[4] = b4, acc1[5] = b5;
+}
+
 static void tile_rows(const int16_t *xq, int64_t k, int rows, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
   switch (rows) {
 #define TILE(R) \
@@ -167,6 +189,7 @@ static void tile_rows(const int16_t *xq, int64_t k, int rows, const int8_t *wp, 
     TILE(1) TILE(2) TILE(3)
 #undef TILE
     case 4: tile4(xq, k, wp, acc0, acc1); break;
+    case 6: tile6(xq, k, wp, acc0, acc1); break;
   }
 }
 
@@ -215,8 +238,8 @@ void w8a8_linear(const void *x, int x_bf16, int64_t m, int64_t k, const int8_t *
   for (int64_t s = 0; s < slices; s++) {
     __m256i acc0[ROWS], acc1[ROWS];
     const int8_t *wb = wp + (s / 4) * 32 * k + (s % 4) * 32;
-    for (int64_t r0 = 0; r0 < m; r0 += ROWS) {
-      const int rows = (int)(m - r0 < ROWS ? m - r0 : ROWS);
+    for (int64_t r0 = 0, rows; r0 < m; r0 += rows) {
+      rows = m - r0 >= 6 ? 6 : m - r0 >= 4 ? 4 : m - r0; /* six-row tiles, then four, then the generic tile */
       tile_rows(xq + r0 * k, k, rows, wb, acc0, acc1);
       for (int r = 0; r < rows; r++)
         epilogue8(acc0[r], acc1[r], s * 8, n, wscale, bias, xs[r0 + r], (char *)y + (r0 + r) * n * ybytes, y_bf16);
