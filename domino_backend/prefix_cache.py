@@ -50,7 +50,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """A small LRU of prompt snapshots (thread-safe; entries are immutable once stored)."""
+    """An LRU of prompt snapshots (thread-safe; entries are immutable once stored)."""
 
     def __init__(self, capacity: int = 64, min_reuse: int = 16, block: int = 1, max_bytes: int | None = None):
         """capacity: most entries; max_bytes: most memory their snapshots hold (None: no bound);
