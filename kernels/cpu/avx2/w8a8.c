@@ -128,33 +128,30 @@ static inline __attribute__((always_inline)) void tile(const int16_t *xq, int64_
   }
 }
 
+/* A written-out tile's step j: the slice's two widened weight registers (4 channels x 4 inputs
+ * each), then per row its 4 inputs broadcast and both products added in place. */
+#define WEIGHTS                                                                                      \
+  const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128)));      \
+  const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128 + 16))); \
+  int64_t v;                                                                                         \
+  __m256i c;
+#define ROW(x, a, b)                                    \
+  memcpy(&v, (x) + j * 4, 8);                           \
+  c = _mm256_set1_epi64x(v);                            \
+  a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, c));    \
+  b = _mm256_add_epi32(b, _mm256_madd_epi16(w1, c));
+
 /* Four rows x 8 channels, written out: GCC keeps these eight accumulators in registers and adds in
  * place. Through the generic `tile` (arrays indexed by row) it copied a register after every add
  * and spilled one per step, and the loop ran at about a third of vpmaddwd's rate, bound by
  * instruction issue. */
-static void tile4(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
+static __attribute__((noinline)) void tile4(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-  const int16_t *x0 = xq, *x1 = xq + k, *x2 = xq + 2 * k, *x3 = xq + 3 * k;
   const int64_t k4 = k / 4;
-  #pragma GCC unroll 2
+#pragma GCC unroll 2
   for (int64_t j = 0; j < k4; j++) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128 + 16)));
-    int64_t v0, v1, v2, v3;
-    memcpy(&v0, x0 + j * 4, 8);
-    memcpy(&v1, x1 + j * 4, 8);
-    memcpy(&v2, x2 + j * 4, 8);
-    memcpy(&v3, x3 + j * 4, 8);
-    const __m256i c0 = _mm256_set1_epi64x(v0), c1 = _mm256_set1_epi64x(v1);
-    const __m256i c2 = _mm256_set1_epi64x(v2), c3 = _mm256_set1_epi64x(v3);
-    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, c0));
-    b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w1, c0));
-    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w0, c1));
-    b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(w1, c1));
-    a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w0, c2));
-    b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(w1, c2));
-    a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(w0, c3));
-    b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(w1, c3));
+    WEIGHTS
+    ROW(xq, a0, b0) ROW(xq + k, a1, b1) ROW(xq + 2 * k, a2, b2) ROW(xq + 3 * k, a3, b3)
   }
   acc0[0] = a0, acc0[1] = a1, acc0[2] = a2, acc0[3] = a3;
   acc1[0] = b0, acc1[1] = b1, acc1[2] = b2, acc1[3] = b3;
@@ -162,25 +159,21 @@ static void tile4(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0,
 
 /* Six rows x 8 channels, the same way: 12 accumulators, 2 widened weight registers, 1 broadcast;
  * each widened weight register feeds six products instead of four. */
-static void tile6(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
+static __attribute__((noinline)) void tile6(const int16_t *xq, int64_t k, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
-  const int16_t *x0 = xq, *x1 = xq + k, *x2 = xq + 2 * k, *x3 = xq + 3 * k, *x4 = xq + 4 * k, *x5 = xq + 5 * k;
   const int64_t k4 = k / 4;
-  #pragma GCC unroll 2
+#pragma GCC unroll 2
   for (int64_t j = 0; j < k4; j++) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + j * 128 + 16)));
-    int64_t v;
-    __m256i c;
-#define ROW(x, a, b) memcpy(&v, x + j * 4, 8); c = _mm256_set1_epi64x(v); \
-    a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, c)); b = _mm256_add_epi32(b, _mm256_madd_epi16(w1, c));
-    ROW(x0, a0, b0) ROW(x1, a1, b1) ROW(x2, a2, b2) ROW(x3, a3, b3) ROW(x4, a4, b4) ROW(x5, a5, b5)
-#undef ROW
+    WEIGHTS
+    ROW(xq, a0, b0) ROW(xq + k, a1, b1) ROW(xq + 2 * k, a2, b2)
+    ROW(xq + 3 * k, a3, b3) ROW(xq + 4 * k, a4, b4) ROW(xq + 5 * k, a5, b5)
   }
   acc0[0] = a0, acc0[1] = a1, acc0[2] = a2, acc0[3] = a3, acc0[4] = a4, acc0[5] = a5;
   acc1[0] = b0, acc1[1] = b1, acc1[2] = b2, acc1[3] = b3, acc1[4] = b4, acc1[5] = b5;
 }
+#undef ROW
+#undef WEIGHTS
 
 static void tile_rows(const int16_t *xq, int64_t k, int rows, const int8_t *wp, __m256i *acc0, __m256i *acc1) {
   switch (rows) {
