@@ -15,11 +15,11 @@ Every completions cell does the same work, so that its throughput compares with 
 many files as the most clients of the run, `--requests` keystrokes in each (after a warm-up request
 per file, one keystroke earlier, that puts it in the prefix cache). With N clients, client j types
 in files j, j + N, ... one after the other (one client: every file in turn, like one user moving
-between files). The cells run in `--passes` passes, the client counts in ascending order, then
-descending, and so on (ABBA), each pass further along in every file: this VM's speed moves by tens
-of percent within a minute, and the order makes drift hit every cell alike. A cell's numbers are
-over all its passes; `scaling` is the throughput of the most clients over that of the fewest, with
-each pass's own ratio beside it.
+between files). The cells run in `--passes` passes; in each the methods take turns, each over the
+client counts, in alternating orders (ABBA): this VM's speed moves by tens of percent within a
+minute, and the order makes drift hit every cell alike. Each method and pass types further along in
+every file (its own keystrokes). A cell's numbers are over all its passes; `scaling` is the
+throughput of the most clients over that of the fewest, with each pass's own ratio beside it.
 
 Cells, per method (`default` = the server's default method, resolved through /health):
   completions  1 / 4 / 16 clients: p50/p95 TTFT and total, completions/s, tokens/s, tau, and the
@@ -185,29 +185,42 @@ async def completions_pass(url, headers, texts, clients: int, files: int, method
     return {"rows": [r for run in runs for r in run], "wall": wall, **delta}
 
 
-def completions_cells(url, headers, texts, method, args) -> tuple[list[dict], dict]:
-    """Every client count's cell for one method, in `args.passes` ABBA passes (module docstring);
-    returns the cells (fewest clients first) and the scaling from the fewest to the most clients."""
-    files, passes = max(args.clients), {n: [] for n in args.clients}
+def completions_cells(url, headers, texts, methods: list, args) -> tuple[list[list[dict]], list[dict]]:
+    """Every method's cells, in `args.passes` passes (module docstring): in each pass the methods
+    take turns (in alternating order), each over the client counts (ascending, then descending
+    in the next pass). Returns per method its cells (fewest clients first) and its scaling from
+    the fewest to the most clients.
+
+    Each method and pass types its own keystrokes: a request without a drafter may restore a
+    snapshot that a drafting method stored (the same keys and values, more features), so a method
+    typing another's keystrokes after it would find its whole prompts cached."""
+    files = max(args.clients)
+    passes = {(m, n): [] for m in range(len(methods)) for n in args.clients}
     for p in range(args.passes):
-        for n in args.clients if p % 2 == 0 else args.clients[::-1]:
-            passes[n].append(asyncio.run(completions_pass(url, headers, texts, n, files, method, args,
-                                                          p * (args.requests + 1))))
-            print(f"  pass {p + 1}, {n} clients: {args.requests * files / passes[n][-1]['wall']:.2f} completions/s",
-                  file=sys.stderr, flush=True)
-    cells = []
-    for n in args.clients:
-        runs = passes[n]
-        rounds = sum(r["domino_engine_rounds"] for r in runs)
-        cells.append({"clients": n, "files": files, "passes": len(runs),
-                      **summary([row for r in runs for row in r["rows"]], sum(r["wall"] for r in runs)),
-                      "mean_batch": sum(r["domino_engine_batched_requests"] for r in runs) / rounds if rounds else None,
-                      "pass_completions_per_s": [len(r["rows"]) / r["wall"] for r in runs]})
-    lo, hi = cells[0], cells[-1]
-    scaling = {"clients": hi["clients"], "vs_clients": lo["clients"],
-               "ratio": hi["completions_per_s"] / lo["completions_per_s"],
-               "pass_ratios": [a / b for a, b in zip(hi["pass_completions_per_s"], lo["pass_completions_per_s"])]}
-    return cells, scaling
+        order = list(enumerate(methods))
+        for m, method in order if p % 2 == 0 else order[::-1]:
+            start = (p * len(methods) + m) * (args.requests + 1)
+            for n in args.clients if p % 2 == 0 else args.clients[::-1]:
+                runs = passes[m, n]
+                runs.append(asyncio.run(completions_pass(url, headers, texts, n, files, method, args, start)))
+                print(f"  pass {p + 1}, {method or 'default'}, {n} clients: "
+                      f"{args.requests * files / runs[-1]['wall']:.2f} completions/s", file=sys.stderr, flush=True)
+    out, scalings = [], []
+    for m in range(len(methods)):
+        cells = []
+        for n in args.clients:
+            runs = passes[m, n]
+            rounds = sum(r["domino_engine_rounds"] for r in runs)
+            cells.append({"clients": n, "files": files, "passes": len(runs),
+                          **summary([row for r in runs for row in r["rows"]], sum(r["wall"] for r in runs)),
+                          "mean_batch": sum(r["domino_engine_batched_requests"] for r in runs) / rounds if rounds else None,
+                          "pass_completions_per_s": [len(r["rows"]) / r["wall"] for r in runs]})
+        lo, hi = cells[0], cells[-1]
+        out.append(cells)
+        scalings.append({"clients": hi["clients"], "vs_clients": lo["clients"],
+                         "ratio": hi["completions_per_s"] / lo["completions_per_s"],
+                         "pass_ratios": [a / b for a, b in zip(hi["pass_completions_per_s"], lo["pass_completions_per_s"])]})
+    return out, scalings
 
 
 async def mixed_cell(url, headers, texts, method, args) -> dict:
@@ -420,8 +433,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--plot", default=None, help="write the plot here (matplotlib)")
     args = ap.parse_args(argv)
-    if args.passes * (args.requests + 1) > MAX_KEYSTROKES:
-        ap.error(f"--passes x (--requests + 1) must be at most {MAX_KEYSTROKES}: the cursor would run past the texts")
+    if args.passes * len(args.methods.split(",")) * (args.requests + 1) > MAX_KEYSTROKES:
+        ap.error(f"--passes x methods x (--requests + 1) must be at most {MAX_KEYSTROKES}: the cursor would run past the texts")
     headers = {"Authorization": f"Bearer {os.environ['DOMINO_API_KEY']}"} if os.environ.get("DOMINO_API_KEY") else {}
     args.texts = texts = cursor_prompts(args.context_chars)
     if not texts:
@@ -432,11 +445,12 @@ def main(argv=None) -> int:
         resolved = default_method(url, headers)
         methods = [(m, None if m == "default" else m) for m in args.methods.split(",")]
         names = [f"{resolved} (default)" if sent is None else m for m, sent in methods]
-        for name, (_, sent) in zip(names, methods):
-            got, scale = completions_cells(url, headers, texts, sent, args)
-            cells += [{"method": name, **c} for c in got]
+        got, scales = completions_cells(url, headers, texts, [sent for _, sent in methods], args)
+        for name, cs, scale in zip(names, got, scales):
+            cells += [{"method": name, **c} for c in cs]
             scaling.append({"method": name, **scale})
-            print(table(cells[-len(got):]), file=sys.stderr, flush=True)
+        print(table(cells), file=sys.stderr, flush=True)
+        for name, (_, sent) in zip(names, methods):
             if args.spawn and args.speed_runs:
                 alone = alone or EngineAlone(args)
                 speed.append(speed_cell(url, headers, texts, name, sent, sent or resolved, alone, args))

@@ -147,3 +147,61 @@ class AdaptiveDraftLength:
         table[k] = [w + 1.0, s + verify_s]
         if k:
             self.draft_samples.append(draft_s)
+
+
+@dataclass
+class DraftGate:
+    """Whether the requests that share a forward draft at all, from whole engine steps' measured
+    tokens per second, per batch size.
+
+    The per-request policy above prices a round by its rows' share of the forward, which cannot
+    see what drafting adds to a shared step (the drafter's passes, its context flush, full-cap
+    probes that lengthen everyone's forward), and on a CPU where a batch of decoding rows is
+    already compute-bound those costs can outweigh what drafts save. So for steps with two or more
+    decoding requests, two arms per batch-size bucket: drafts allowed (each request's policy picks
+    its K) or none (plain decoding, lossless like any K). Each arm keeps a decayed sum of the
+    tokens its steps committed and of their seconds; the step takes the arm with more tokens per
+    second, and every `explore_every` steps of a bucket the other, to keep it measured. Steps that
+    carry prefill rows are not measured: a chunk's cost would land on whichever arm ran beside it.
+    A request alone is left to its own policy (no gate).
+    """
+
+    decay: float = 0.8  # per measured step of an arm (~5 steps of memory)
+    explore_every: int = 16
+    min_steps: int = 3  # each arm's measured steps before the rates decide
+    # bucket -> drafts allowed -> [decayed tokens, decayed seconds, steps measured]
+    arms: dict[int, dict[bool, list[float]]] = field(default_factory=dict)
+    steps: dict[int, int] = field(default_factory=dict)  # steps chosen per bucket
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        """Decoding requests in a step -> bucket: 2, 3-4, 5-8, 9-16, 17+."""
+        return min((n - 1).bit_length(), 5)
+
+    def rate(self, n: int, drafts: bool) -> float | None:
+        """Measured tokens per second of steps with n decoding requests and this arm (None: unmeasured)."""
+        tokens, seconds, _ = self.arms.get(self.bucket(n), {}).get(drafts, (0.0, 0.0, 0))
+        return tokens / seconds if seconds > 0 else None
+
+    def choose(self, n: int) -> bool:
+        """Whether a step with n decoding requests drafts."""
+        if n < 2:
+            return True
+        b = self.bucket(n)
+        arms = self.arms.setdefault(b, {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]})
+        for arm in (True, False):  # measure both first, drafting first
+            if arms[arm][2] < self.min_steps:
+                return arm
+        self.steps[b] = self.steps.get(b, 0) + 1
+        best = self.rate(n, True) >= self.rate(n, False)
+        return best != (self.steps[b] % self.explore_every == 0)
+
+    def update(self, n: int, drafts: bool, tokens: int, seconds: float) -> None:
+        """Record a step without prefill rows: n decoding requests, the arm it took, the tokens it
+        committed and its seconds (planning, drafting, the forward, verifying, the context flush)."""
+        if n < 2:
+            return
+        arm = self.arms.setdefault(self.bucket(n), {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]})[drafts]
+        arm[0] = arm[0] * self.decay + tokens
+        arm[1] = arm[1] * self.decay + seconds
+        arm[2] += 1

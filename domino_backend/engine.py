@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .batch_invariant import BLOCK
 from .cpu import pack_linears
-from .draft_length import AdaptiveDraftLength
+from .draft_length import AdaptiveDraftLength, DraftGate
 from .draft_model import DraftModel
 from .forward import ForwardOut, Pass
 from .methods import make_proposer
@@ -131,6 +131,8 @@ class Engine:
         # Adaptive draft-length state per method (per "method/source" for methods that route rounds
         # to several proposers or draft trees), shared by requests: verify cost is the machine's.
         self.draft_length: dict[str, AdaptiveDraftLength] = {}
+        # Whether requests sharing a forward draft at all, from whole steps' measured speed.
+        self.draft_gate = DraftGate() if settings.draft_gate else None
         if draft is not None:
             from .checkpoint import check_compatible
 
@@ -180,11 +182,16 @@ class Engine:
         at least. A generation that fails (drafting, verify, or its rows in the forward) is
         finished with `error` and the others go on; waiting, finished or cancelled ones get ""
         (`finish_reason` says which)."""
+        t0 = time.perf_counter()
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
         rows, chunks = 0, 0
         budget = self.settings.batch_rows if max_rows is None else max_rows
         shared = sum(g.finish_reason is None for g in gens) > 1  # expected: others' rows in this forward
+        decoding = [g for g in gens if g.decoding]
+        gate = self.draft_gate if len(decoding) > 1 and any(g.can_draft for g in decoding) else None
+        drafts = gate.choose(len(decoding)) if gate else True
+        before = [len(g.token_ids) for g in decoding]
         for i, g in enumerate(gens):
             try:
                 chunk = g.prefill_rows()  # its first call restores a cached prefix: the true chunk
@@ -194,7 +201,7 @@ class Engine:
                         if chunks:  # no room left: waits a round
                             continue
                         chunk = g.prefill_rows(BLOCK) or g.prefill_rows()  # the forward's first chunk goes
-                p = g.plan(shared, chunk or None)
+                p = g.plan(shared, chunk or None, drafts)
             except Exception as e:
                 results[i] = g.fail(e)
                 continue
@@ -218,6 +225,9 @@ class Engine:
                 results[i] = g.fail(e)
         if self.draft is not None:  # every request's committed rows into its drafter context, in one pass
             self.draft.flush_context()
+        if gate and not chunks:
+            tokens = sum(len(g.token_ids) - n for g, n in zip(decoding, before))
+            gate.update(len(decoding), drafts, tokens, time.perf_counter() - t0)
         return results
 
     def _forward(self, passes: list[Pass]) -> tuple[list[ForwardOut | Exception], float]:
@@ -265,17 +275,30 @@ class Generation:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def plan(self, shared: bool = False, prefill: int | None = None) -> Pass | None:
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt and not ended: its next round verifies (drafts or the anchor alone)."""
+        return self.finish_reason is None and self._rounds is not None and self._rounds.anchor is not None
+
+    @property
+    def can_draft(self) -> bool:
+        """Its method drafts, adaptively (the engine's gate leaves a fixed draft length alone),
+        and no cap (`cap_drafts(0)`) keeps it from drafting."""
+        r = self._rounds
+        return r is not None and r.proposer.max_k > 0 and bool(self.req.adaptive_drafts) and r.draft_cap != 0
+
+    def plan(self, shared: bool = False, prefill: int | None = None, drafts: bool = True) -> Pass | None:
         """The target rows of this generation's next round, or None when it has ended (a cancel
         seen now ends it); shared: other requests' rows are expected in the same forward;
-        prefill: the rows of the next prompt chunk to run (a `prefill_rows` answer; None: all)."""
+        prefill: the rows of the next prompt chunk to run (a `prefill_rows` answer; None: all);
+        drafts: False verifies no drafts this round if it drafts adaptively (the engine's `DraftGate`)."""
         if self.finish_reason is None and self._cancel.is_set():
             self._end("cancelled")
         if self.finish_reason is not None or self._rounds is None:
             return None
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        return self._rounds.plan(shared, prefill)
+        return self._rounds.plan(shared, prefill, drafts)
 
     def cap_drafts(self, n: int | None) -> None:
         """Verify at most n drafts per round from now on (None: the request's own cap). Any draft

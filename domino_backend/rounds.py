@@ -62,17 +62,18 @@ class Rounds:
         return n if room is None or n <= room else max((done + room) // BLOCK * BLOCK - done, 0)
 
     @torch.inference_mode()
-    def plan(self, shared: bool = False, prefill: int | None = None) -> Pass:
+    def plan(self, shared: bool = False, prefill: int | None = None, drafts: bool = True) -> Pass:
         """shared: whether the forward is expected to carry other requests' rows too (the
         adaptive draft length prices verify rows by that, draft_length.py); prefill: the rows of
-        the prompt's next chunk to run, a `prefill_rows` answer (None: the whole chunk)."""
+        the prompt's next chunk to run, a `prefill_rows` answer (None: the whole chunk); drafts:
+        False verifies the anchor alone this round if the request drafts adaptively."""
         t0 = time.perf_counter()
         try:
-            return self._plan(int(shared), prefill)
+            return self._plan(int(shared), prefill, drafts)
         finally:
             self._plan_s = time.perf_counter() - t0
 
-    def _plan(self, context: int, prefill: int | None) -> Pass:
+    def _plan(self, context: int, prefill: int | None, drafts: bool) -> Pass:
         t, e, proposer = self.engine.target, self.engine, self.proposer
         if self.anchor is None:  # prefill, one chunk per round: other requests' rounds go on meanwhile
             piece = self.prompt_ids[self.prefilled:self.prefilled + (prefill or self.prefill_rows())]
@@ -82,10 +83,14 @@ class Rounds:
                         keep_last=1 if last else None, prefill=True)
         pos, req = self.sess.length, self.req
         # Never draft past the token budget or the context window: the bonus token is free.
-        cap = min(x for x in (proposer.max_k, req.max_drafts, self.draft_cap) if x is not None)
+        # The engine's gate (drafts=False) holds back adaptive requests only: one that asked for a
+        # fixed draft length gets it every round, alone or batched.
+        gated = not drafts and req.adaptive_drafts
+        cap = 0 if gated else min(x for x in (proposer.max_k, req.max_drafts, self.draft_cap) if x is not None)
         k = max(0, min(cap, req.max_new_tokens - self.produced - 1, t.max_context - pos - 1))
         policy = None
-        if req.adaptive_drafts and proposer.max_k > 0:
+        # A gated round says nothing about K to the policy.
+        if req.adaptive_drafts and proposer.max_k > 0 and not gated:
             source, max_k = proposer.route(self.anchor)
             key = f"{req.method}/{source}" if source else req.method
             policy = e.draft_length.setdefault(key, AdaptiveDraftLength(max_k))

@@ -48,6 +48,9 @@ class EngineSettings:
     # drafter; 15 reproduces SGLang's window).
     max_drafts: int | None = None
     # Engine-wide:
+    # Requests sharing a forward draft only while whole steps measure faster with drafts than
+    # without (draft_length.DraftGate); False leaves each round to its request's policy alone.
+    draft_gate: bool = True
     prefill_chunk: int = 512  # prompt tokens per prefill forward; a long prompt yields between chunks
     # Rows per batched forward: every round's rows, then prefill chunks that fit (cut at block boundaries).
     batch_rows: int = 512

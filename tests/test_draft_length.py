@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from domino_backend.draft_length import AdaptiveDraftLength
+from domino_backend.draft_length import AdaptiveDraftLength, DraftGate
 from domino_backend.engine import Engine, GenerationRequest
 from tiny import tiny_draft, tiny_target
 
@@ -142,3 +142,60 @@ def test_verify_cost_learned_in_shared_forwards_does_not_price_a_round_alone():
         p.update(k, 0, 0.005, 1.0 + 0.5 * k, context=0)
     assert p.verify_seconds(0, context=0) == pytest.approx(1.0) and p.verify_seconds(0, context=1) < 0.1
     assert p.choose(7, context=0) < 3  # at that price only a short draft pays (acceptance is shared)
+
+
+def drive_gate(gate: DraftGate, n: int, rate: dict[bool, float], steps: int) -> list[bool]:
+    """Steps with n decoding requests whose committed tokens per second are rate[arm]."""
+    chosen = []
+    for _ in range(steps):
+        arm = gate.choose(n)
+        gate.update(n, arm, tokens=round(rate[arm] * 0.1), seconds=0.1)
+        chosen.append(arm)
+    return chosen
+
+
+def test_the_draft_gate_turns_drafts_off_where_whole_steps_go_faster_without_them():
+    gate = DraftGate(explore_every=16)
+    chosen = drive_gate(gate, 16, {True: 440.0, False: 700.0}, 200)
+    assert chosen[:6] == [True] * 3 + [False] * 3  # both arms measured first
+    late = chosen[6:]
+    assert late.count(True) == len(late) // 16  # only the exploring steps draft
+    # Another batch size learns on its own: there drafting pays.
+    chosen = drive_gate(gate, 3, {True: 300.0, False: 200.0}, 100)
+    assert chosen[6:].count(False) == 94 // 16
+    assert gate.rate(16, False) == pytest.approx(700.0) and gate.rate(4, True) == pytest.approx(300.0)
+
+
+def test_the_draft_gate_follows_a_change_in_which_arm_is_faster():
+    gate = DraftGate()
+    drive_gate(gate, 8, {True: 100.0, False: 200.0}, 100)
+    chosen = drive_gate(gate, 8, {True: 300.0, False: 200.0}, 100)  # e.g. the clients start copying code
+    assert chosen[-32:].count(False) == 2  # drafting again, but for the exploring steps
+
+
+def test_the_draft_gate_leaves_a_request_alone_to_its_own_policy():
+    gate = DraftGate()
+    drive_gate(gate, 1, {True: 1.0, False: 1000.0}, 50)
+    assert gate.choose(1) and gate.arms == {}
+
+
+def test_gated_steps_verify_no_drafts_and_the_batch_stays_exact():
+    """With the gate set against drafting, requests sharing forwards decode plainly (no drafted
+    rows, the per-request policy untouched) and each still equals its own plain decoding."""
+    target = tiny_target("qwen3", vocab=12, peak=4.0, seed=1)
+    engine = Engine(target, tiny_draft(target, seed=1, block_size=8))
+    gate = engine.draft_gate
+    gate.arms = {b: {True: [1.0, 10.0, 9], False: [100.0, 1.0, 9]} for b in range(1, 6)}
+    gate.explore_every = 10**6
+    prompts, budgets = ([1, 2, 3], [5], list(range(11))), (30, 30, 60)
+    refs = [engine.generate(p, GenerationRequest(max_new_tokens=n, method="ar")).token_ids
+            for p, n in zip(prompts, budgets)]
+    gens = [engine.stream(p, GenerationRequest(max_new_tokens=n, method="domino")) for p, n in zip(prompts, budgets)]
+    while not all(g.finish_reason for g in gens):
+        engine.step(gens)
+    assert [g.token_ids for g in gens] == refs
+    # Sharing forwards, nothing drafted and the policy saw none of those rounds; the last request,
+    # alone for its last 30 tokens, is left to its policy, which drafts.
+    assert gens[0].stats.drafted == gens[1].stats.drafted == 0
+    assert gens[2].stats.drafted > 0 and engine.draft_length["domino/tree"].rounds < gens[2].stats.rounds - 20
+    assert gate.arms[gate.bucket(3)][False][2] > 9  # its steps without prefill were measured
