@@ -483,6 +483,7 @@ def main(argv=None) -> int:
               "dtype": args.dtype, "threads": args.threads, "max_active": args.max_active,
               "max_tokens": args.max_tokens, "context_chars": args.context_chars, "single_line": not args.whole,
               "files": max(args.clients), "keystrokes_per_file": args.requests, "passes": args.passes,
+              "interleaved": True,  # methods take turns within each pass, on keystrokes of their own
               "methods": names, "cells": cells, "scaling": scaling, "mixed": mixed, "speed": speed,
               "max_batch": counts.get("domino_engine_max_batch")}
     if args.json:

@@ -185,8 +185,13 @@ def load_table(found: list[tuple[str, dict]]) -> list[str]:
     passes = rep.get("passes", 1)
     kind = "single-line FIM completions" if rep.get("single_line", True) else "FIM completions without stop rules"
     caption = (f"Profile `{rep['profile']}`, {kind} of at most {rep['max_tokens']} tokens, "
-               f"every cell the same {rep['keystrokes_per_file'] * passes} keystrokes in each of {rep['files']} files"
-               f"{f' ({passes} passes over the client counts, ascending then descending)' if passes > 1 else ''}, "
+               + (f"every cell {rep['keystrokes_per_file'] * passes} keystrokes in each of {rep['files']} files, a "
+                  f"method's cells the same ones ({passes} passes; in each the methods take turns, each over the "
+                  "client counts, in alternating orders and on keystrokes of their own)"
+                  if rep.get("interleaved") else
+                  f"every cell the same {rep['keystrokes_per_file'] * passes} keystrokes in each of {rep['files']} files"
+                  f"{f' ({passes} passes over the client counts, ascending then descending)' if passes > 1 else ''}")
+               + ", "
                f"{rep['threads'] or 'default'} engine thread(s), loopback; mean batch = requests per engine round "
                f"(largest: {num(rep.get('max_batch'), 0)}).")
     out = [caption, "", *markdown(["method", "clients", "requests", "errors", "TTFT p50 / p95 ms",
