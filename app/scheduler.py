@@ -13,7 +13,8 @@ speech plays far slower than rounds go, so requests already decoding go on besid
 while other prompts wait to be prefilled (prefill chunks and drafts are the rows that slow a round
 down on a CPU). While a voice conversation is live (a turn arrived in the last `VOICE_LIVE_S`),
 forwards carry at most `VOICE_ROWS` rows of prefill chunks and other requests go without drafts,
-so its next turn never waits behind a long forward. A cancel (a completion superseded by a newer
+so its next turn never waits behind a long forward; a turn that arrives while a forward without
+it runs stops that forward between two layers (nothing committed, redone in a later round). A cancel (a completion superseded by a newer
 keystroke) or a deadline takes effect at the next round.
 
 Threads: the engine decodes on `threads` (by default every core), and on `shared_threads` (one
@@ -171,6 +172,9 @@ class Scheduler:
         self._order = itertools.count()
         self._steps = {"rounds": 0, "batched": 0, "max_batch": 0}  # engine steps, requests stepped, largest batch
         self._voice_at = -math.inf  # scheduler clock when the last voice turn arrived
+        # Set when a voice turn arrives, cleared once a round carries it: a forward in flight
+        # without it stops between layers (Engine.step's `stop`) instead of making the turn wait.
+        self._voice_waiting = threading.Event()
         self._stop = False
         self._engine_thread = engine_thread or EngineThread()
         self._worker: Future | None = None
@@ -195,6 +199,7 @@ class Scheduler:
             task.order = next(self._order)
             if task.priority == "voice":
                 self._voice_at = self.clock()
+                self._voice_waiting.set()
             self._waiting.append(task)
             self._cv.notify()
 
@@ -288,10 +293,14 @@ class Scheduler:
             st = self._steps
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
                                                             max(st["max_batch"], len(ready)))
+        carries_voice = any(t.priority == "voice" for t in ready)
+        if carries_voice:
+            self._voice_waiting.clear()
         try:
             # (a voice reply's own prompt is never cut: while it is in the batch, no other prompt is)
-            short = live and not any(t.priority == "voice" for t in ready)
-            results = self.engine.step([t.gen for t in ready], VOICE_ROWS if short else None)
+            short = live and not carries_voice
+            results = self.engine.step([t.gen for t in ready], VOICE_ROWS if short else None,
+                                       stop=None if carries_voice else self._voice_waiting.is_set)
         except Exception as e:  # the batch driver itself broke: this round's requests end, the server goes on
             log.exception("engine step failed")
             results = [e] * len(ready)

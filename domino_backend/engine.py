@@ -18,7 +18,7 @@ from .batch_invariant import BLOCK
 from .cpu import pack_linears
 from .draft_length import AdaptiveDraftLength, DraftGate
 from .draft_model import DraftModel
-from .forward import ForwardOut, Pass
+from .forward import ForwardOut, Pass, Preempted
 from .methods import make_proposer
 from .prefix_cache import PrefixCache
 from .rounds import Rounds
@@ -173,7 +173,7 @@ class Engine:
             pass
         return gen
 
-    def step(self, gens: list["Generation"], max_rows: int | None = None) -> list[str | Exception]:
+    def step(self, gens: list["Generation"], max_rows: int | None = None, stop=None) -> list[str | Exception]:
         """One round of each generation, all of their target rows in one forward; returns each
         one's text delta, or the exception that ended it. `gens` come most urgent first: every
         round's rows go, then prefill chunks as far as the forward's `max_rows` (None:
@@ -181,7 +181,9 @@ class Engine:
         else waiting a round; the most urgent one's chunk always goes, to the next block boundary
         at least. A generation that fails (drafting, verify, or its rows in the forward) is
         finished with `error` and the others go on; waiting, finished or cancelled ones get ""
-        (`finish_reason` says which)."""
+        (`finish_reason` says which). stop: asked between the forward's layers; when it answers
+        True the step ends there with nothing committed (every generation as if it had not run,
+        a seeded one's random stream included) and every result ""."""
         t0 = time.perf_counter()
         results: list[str | Exception] = [""] * len(gens)
         planned: list[tuple[int, Pass]] = []
@@ -211,7 +213,12 @@ class Engine:
                 chunks += bool(chunk)
         if not planned:
             return results
-        outs, forward_s = self._forward([p for _, p in planned])
+        try:
+            outs, forward_s = self._forward([p for _, p in planned], stop)
+        except Preempted:
+            for i, _ in planned:
+                gens[i].unplan()
+            return results
         for (i, p), out in zip(planned, outs):
             g = gens[i]
             if isinstance(out, Exception):
@@ -230,12 +237,15 @@ class Engine:
             gate.update(len(decoding), drafts, tokens, time.perf_counter() - t0)
         return results
 
-    def _forward(self, passes: list[Pass]) -> tuple[list[ForwardOut | Exception], float]:
+    def _forward(self, passes: list[Pass], stop=None) -> tuple[list[ForwardOut | Exception], float]:
         """One forward for all passes; if it fails, each pass alone, so that only the ones that
-        fail by themselves fail (a session's length moves only when its forward succeeded)."""
+        fail by themselves fail (a session's length moves only when its forward succeeded).
+        `Preempted` (stop said so) goes to the caller."""
         t0 = time.perf_counter()
         try:
-            outs: list[ForwardOut | Exception] = list(self.target.forward_batch(passes))
+            outs: list[ForwardOut | Exception] = list(self.target.forward_batch(passes, stop))
+        except Preempted:
+            raise
         except Exception as e:
             if len(passes) == 1:
                 return [e], time.perf_counter() - t0
@@ -299,6 +309,11 @@ class Generation:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         return self._rounds.plan(shared, prefill, drafts)
+
+    def unplan(self) -> None:
+        """Forget the planned round (its forward was preempted): the next `plan` starts it again."""
+        if self._rounds is not None:
+            self._rounds.unplan()
 
     def cap_drafts(self, n: int | None) -> None:
         """Verify at most n drafts per round from now on (None: the request's own cap). Any draft

@@ -30,6 +30,11 @@ from .quant import Int8Linear
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+class Preempted(Exception):
+    """A forward stopped between layers because its caller asked (`PackedForward(passes, stop)`);
+    like any failed forward it left every session's length, so every cache, as it was."""
+
+
 @dataclass
 class ForwardOut:
     logits: torch.Tensor  # [T_kept, V] fp32
@@ -140,9 +145,11 @@ class PackedForward:
         return h, mlp.down_proj(rowops.silu_mul(g, u))
 
     @torch.inference_mode()
-    def __call__(self, passes: list[Pass]) -> list[ForwardOut]:
+    def __call__(self, passes: list[Pass], stop=None) -> list[ForwardOut]:
         """Run every pass in one forward, append their rows' K/V to their sessions (a session's
-        length moves only once the whole forward succeeded) and return each pass's output."""
+        length moves only once the whole forward succeeded) and return each pass's output.
+        stop: a callable asked before each layer; when it answers True the forward raises
+        `Preempted` (a more urgent request should not wait for the rest of it)."""
         dev = self.embed.weight.device
         plans, positions, offset = [], [], 0
         for p in passes:
@@ -167,6 +174,8 @@ class PackedForward:
         delta = None  # the previous layer's MLP output, added to h by the next norm
         masks: dict = {}  # prefill blocks' attention masks, the same in every layer
         for li, layer in enumerate(self.layers):
+            if stop is not None and stop():
+                raise Preempted(f"stopped before layer {li}")
             h, q, k, v = self._qkv(li, h, delta, cos, sin, fast, whole)
             if li - 1 in wanted:
                 captured[li - 1] = h

@@ -39,6 +39,7 @@ class Rounds:
         self.produced = 0
         self.draft_cap: int | None = None  # most drafts per round, set by a scheduler (None: the request's own)
         self._round = None  # what plan() decided, for absorb()
+        self._rng_state = None  # the random stream before plan(), for unplan()
         self._plan_s = 0.0
 
     def prefill_rows(self, room: int | None = None) -> int:
@@ -68,6 +69,7 @@ class Rounds:
         the prompt's next chunk to run, a `prefill_rows` answer (None: the whole chunk); drafts:
         False verifies the anchor alone this round if the request drafts adaptively."""
         t0 = time.perf_counter()
+        self._rng_state = self.rng.get_state() if self.rng is not None else None
         try:
             return self._plan(int(shared), prefill, drafts)
         finally:
@@ -98,6 +100,14 @@ class Rounds:
         draft = proposer.propose(self.anchor, pos, k, self.params, self.rng)  # a chain or a tree (drafts.py)
         self._round = (draft, pos, policy)
         return Pass(self.sess, draft.verify_input(self.anchor, t.device), proposer.layer_ids, parents=draft.parents)
+
+    def unplan(self) -> None:
+        """Undo `plan` once its forward was preempted: nothing was committed (the cache's length
+        did not move); the random stream goes back to where the round began, so a seeded request
+        draws the same drafts when the round runs again."""
+        if self._rng_state is not None:
+            self.rng.set_state(self._rng_state)
+        self._round = None
 
     def _restore(self) -> None:
         """Start from the longest cached prefix of this prompt (an earlier request's snapshot)."""

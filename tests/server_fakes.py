@@ -175,7 +175,7 @@ class FakeEngine:
         self.started += 1
         return FakeGeneration(prompt_ids, req, self.round_s)
 
-    def step(self, gens, max_rows=None) -> list:
+    def step(self, gens, max_rows=None, stop=None) -> list:
         """One batched round: every generation's next word after one round's time."""
         time.sleep(self.round_s)
         return [g.advance() for g in gens]

@@ -387,3 +387,27 @@ def test_a_drafter_context_that_fails_to_extend_ends_only_its_request():
     for g in gens[1:]:
         assert g.finish_reason == "length"
         assert g.token_ids == alone(engine, g.prompt_ids, max_new_tokens=30, method="ar")
+
+
+def test_a_step_stopped_between_layers_commits_nothing_and_every_sequence_stays_exact():
+    """Every third step is stopped mid-forward (as a voice turn arriving does): prompts mid-prefill,
+    chains, trees and a seeded sampled request all end with exactly what they make unstopped."""
+    engine = make_engine()
+    sampled = dict(max_new_tokens=25, method="domino", temperature=0.9, seed=5, adaptive_drafts=False)
+    kws = [dict(max_new_tokens=30, method=m, **kw) for m, kw in
+           (("ar", {}), ("domino", {}), ("domino+ngram", {}), ("domino", dict(draft_tree=False)))]
+    refs = [alone(engine, PROMPTS[i], **kw) for i, kw in enumerate(kws)] + [alone(engine, PROMPTS[4], **sampled)]
+    gens = [engine.stream(PROMPTS[i], GenerationRequest(**kw)) for i, kw in enumerate(kws)]
+    gens.append(engine.stream(PROMPTS[4], GenerationRequest(**sampled)))
+    steps, stopped = 0, 0
+    while any(g.finish_reason is None for g in gens):
+        calls = []
+        stop = (lambda: calls.append(1) or len(calls) > 2) if steps % 3 == 2 else None  # after layer 2
+        before = [(len(g.token_ids), g.stats.rounds) for g in gens]
+        results = engine.step(gens, stop=stop)
+        if stop is not None and len(calls) > 2:
+            stopped += 1
+            assert results == [""] * len(gens) and [(len(g.token_ids), g.stats.rounds) for g in gens] == before
+        steps += 1
+    assert stopped >= 5
+    assert [g.token_ids for g in gens] == refs

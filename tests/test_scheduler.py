@@ -50,6 +50,8 @@ class RecordingEngine:
     def __init__(self):
         self.rounds: list[list[str]] = []
         self.budgets: list[int | None] = []  # each round's max_rows
+        self.stops: list = []  # each round's stop callable
+        self.during_step = None  # called inside the next steps (a request arriving mid-forward)
         self.gens: dict[str, Gen] = {}
         self.started: list[str] = []
 
@@ -59,9 +61,14 @@ class RecordingEngine:
         self.gens[name] = Gen(name, req, prefill=len(prompt_ids) // 512)
         return self.gens[name]
 
-    def step(self, gens, max_rows=None):
+    def step(self, gens, max_rows=None, stop=None):
         self.budgets.append(max_rows)
         self.rounds.append([g.name for g in gens])
+        self.stops.append(stop)
+        if self.during_step:
+            self.during_step()
+        if stop is not None and stop():  # preempted: nothing moves
+            return [""] * len(gens)
         out = []
         for g in gens:
             if g.boom:
@@ -155,9 +162,9 @@ def test_rounds_take_every_core_except_while_speech_work_runs_when_speaking_repl
     from app.scheduler import SideWork
 
     class ThreadsSeen(RecordingEngine):
-        def step(self, gens, max_rows=None):
+        def step(self, gens, max_rows=None, stop=None):
             self.threads = getattr(self, "threads", []) + [torch.get_num_threads()]
-            return super().step(gens, max_rows)
+            return super().step(gens, max_rows, stop)
 
     loop, clock, side = asyncio.new_event_loop(), Clock(), SideWork()
     before = torch.get_num_threads()
@@ -274,3 +281,17 @@ def test_while_a_voice_conversation_is_live_forwards_stay_short(sched):
     # others' prompts prefill a block per forward; the turn's own prompt is not cut
     assert sched.engine.budgets == [None, None, VOICE_ROWS, None]
     assert caps_live == [0] and sched.engine.gens["fim3"].caps == [None]  # and no drafts
+
+
+def test_a_voice_turn_arriving_mid_forward_stops_that_forward_which_is_redone_after_it(sched):
+    a = add(sched, "a", "interactive", tokens=3)
+    sched.run_round()
+    sched.engine.during_step = lambda: (add(sched, "voice", "voice", tokens=1),
+                                        setattr(sched.engine, "during_step", None))
+    rounds = run(sched)
+    # round 2 of "a" was stopped by the turn (nothing committed), the turn ran, then "a" went on
+    assert rounds == [["a"], ["a"], ["voice"], ["a"], ["a"]]
+    assert a.job.result.text == "a a a "
+    stops = sched.engine.stops
+    assert stops[2] is None  # a round carrying the turn is never stopped for it
+    assert not any(s() for s in stops if s is not None)  # once it ran, no forward stops for it
