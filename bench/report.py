@@ -296,6 +296,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("load_coder_whole_avx2", ("avx2/load_coder_whole.json",),
           "python bench/load_completions.py --spawn --profile coder --clients 1,16 --requests 1 --whole "
           "--max-tokens 96 --voice-turns 0 --speed-runs 0 --json bench/results/avx2/load_coder_whole.json", load_table),
+    Table("load_coder_voice_avx2", ("avx2/load_coder_voice.json",),
+          "python bench/load_completions.py --spawn --profile coder --clients 1 --requests 1 --passes 1 "
+          "--max-tokens 24 --voice-turns 10 --speed-runs 0 --json bench/results/avx2/load_coder_voice.json", load_table),
     Table("cpu_attention", ("cpu_attention.json",), "python bench/cpu_attention.py", rows_table),
     Table("quant_quality", ("quant_quality.json",), "python bench/quant_quality.py", rows_table),
 )}
