@@ -172,7 +172,7 @@ class Scheduler:
         self._order = itertools.count()
         self._steps = {"rounds": 0, "batched": 0, "max_batch": 0}  # engine steps, requests stepped, largest batch
         self._voice_at = -math.inf  # scheduler clock when the last voice turn arrived
-        # Set when a voice turn arrives, cleared once a round carries it: a forward in flight
+        # Set when a voice turn arrives, cleared once none waits to start: a forward in flight
         # without it stops between layers (Engine.step's `stop`) instead of making the turn wait.
         self._voice_waiting = threading.Event()
         self._stop = False
@@ -272,6 +272,8 @@ class Scheduler:
                 if t in self._waiting:
                     self._waiting.remove(t)
                     self._running.append(t)
+            if not any(t.priority == "voice" and t not in ended for t in self._waiting):  # run now, or ended
+                self._voice_waiting.clear()
         for t in ended:
             self._finish(t, "cancelled" if t.job.cancelled.is_set() else "deadline")
         if batch and self.side_work.busy and all(t.priority == "voice" and t.spoken for t in batch):
@@ -294,8 +296,6 @@ class Scheduler:
             st["rounds"], st["batched"], st["max_batch"] = (st["rounds"] + 1, st["batched"] + len(ready),
                                                             max(st["max_batch"], len(ready)))
         carries_voice = any(t.priority == "voice" for t in ready)
-        if carries_voice:
-            self._voice_waiting.clear()
         try:
             # (a voice reply's own prompt is never cut: while it is in the batch, no other prompt is)
             short = live and not carries_voice

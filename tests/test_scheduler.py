@@ -295,3 +295,12 @@ def test_a_voice_turn_arriving_mid_forward_stops_that_forward_which_is_redone_af
     stops = sched.engine.stops
     assert stops[2] is None  # a round carrying the turn is never stopped for it
     assert not any(s() for s in stops if s is not None)  # once it ran, no forward stops for it
+
+
+def test_a_voice_turn_cancelled_before_it_ran_stops_no_later_forward(sched):
+    add(sched, "a", "interactive", tokens=3)
+    voice = add(sched, "voice", "voice", tokens=1)
+    voice.job.cancel()
+    rounds = run(sched)
+    assert rounds == [["a"], ["a"], ["a"]]
+    assert not any(s() for s in sched.engine.stops if s is not None)
