@@ -14,8 +14,8 @@ while other prompts wait to be prefilled (prefill chunks and drafts are the rows
 down on a CPU). While a voice conversation is live (a turn arrived in the last `VOICE_LIVE_S`),
 forwards carry at most `VOICE_ROWS` rows of prefill chunks and other requests go without drafts,
 so its next turn never waits behind a long forward; a turn that arrives while a forward without
-it runs stops that forward between two layers (nothing committed, redone in a later round). A cancel (a completion superseded by a newer
-keystroke) or a deadline takes effect at the next round.
+it runs stops that forward between two layers (nothing committed, redone in a later round). A
+cancel (a completion superseded by a newer keystroke) or a deadline takes effect at the next round.
 
 Threads: the engine decodes on `threads` (by default every core), and on `shared_threads` (one
 core fewer) while other CPU work of the server (`SIDE_WORK`: ASR, TTS) is in flight: OpenMP

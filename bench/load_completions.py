@@ -449,7 +449,6 @@ def main(argv=None) -> int:
         for name, cs, scale in zip(names, got, scales):
             cells += [{"method": name, **c} for c in cs]
             scaling.append({"method": name, **scale})
-        print(table(cells), file=sys.stderr, flush=True)
         for name, (_, sent) in zip(names, methods):
             if args.spawn and args.speed_runs:
                 alone = alone or EngineAlone(args)
